@@ -1,0 +1,557 @@
+"""The engine: ``prune()`` calibrates, scores, masks and reports, block by block or in one shot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .blocks import BlockStack, find_block_stack
+from .calibration import ForwardFn, batch_size_of, default_forward, input_device, move_to, prepare_batches, token_mask_of
+from .methods import PruningMethod, get_method
+from .report import LayerReport, PruningReport, SkippedLayer
+from .statistics import LayerStatistics
+from .structure import SparsityStructure, parse_structure
+from .targets import TargetLayer, find_targets
+
+__all__ = ["prune"]
+
+StatisticsSync = Callable[[list[Tensor]], None]
+LayerCallback = Callable[[str, Tensor], None]
+
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every layer of interest has seen its input, to skip the rest of the forward."""
+
+
+class _BlockInputsCaptured(Exception):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args = args
+        self.kwargs = kwargs
+
+
+@dataclass
+class _BlockInput:
+    """Everything one calibration batch feeds the current block; ``hidden`` is replaced block after block."""
+
+    hidden: Tensor
+    hidden_positional: bool
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    token_mask: Tensor | None
+    num_sequences: int
+
+
+class _StatisticsCollector:
+    """Forward pre-hooks that feed each target layer's input to its statistics."""
+
+    def __init__(self, layers: Sequence[TargetLayer], method: PruningMethod, stop_when_done: bool) -> None:
+        self.layers = list(layers)
+        self.statistics: dict[str, LayerStatistics] = {}
+        for layer in self.layers:
+            stats = method.new_statistics(layer.in_features, layer.module.weight.device)
+            if stats is None:
+                raise TypeError(f"method {method.describe()!r} needs calibration but made no statistics")
+            self.statistics[layer.name] = stats
+        self.stop_when_done = stop_when_done
+        self.token_mask: Tensor | None = None
+        self.num_sequences = 0
+        self._seen: set[str] = set()
+
+    def start_batch(self, token_mask: Tensor | None, num_sequences: int) -> None:
+        self.token_mask = token_mask
+        self.num_sequences = num_sequences
+        self._seen.clear()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs = args[0] if args else next(iter(kwargs.values()))
+            self.statistics[name].update(inputs.detach(), self.token_mask, self.num_sequences)
+            self._seen.add(name)
+            if self.stop_when_done and len(self._seen) == len(self.layers):
+                raise _StopForward
+
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator[_StatisticsCollector]:
+        handles = [
+            layer.module.register_forward_pre_hook(self._hook(layer.name), with_kwargs=True) for layer in self.layers
+        ]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _sanitize(value: Any) -> Any:
+    """Drops key/value caches from captured block arguments: calibration never caches."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is optional
+        return value
+    return None if isinstance(value, Cache) else value
+
+
+def _first_output(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"a block returned {type(output).__name__}; expected a tensor or a tuple starting with one")
+
+
+def _run_block(block: nn.Module, record: _BlockInput, device: torch.device) -> Tensor:
+    hidden = record.hidden.to(device, non_blocking=True)
+    args = move_to(record.args, device)
+    kwargs = move_to(record.kwargs, device)
+    if record.hidden_positional:
+        return _first_output(block(hidden, *args, **kwargs))
+    return _first_output(block(*args, hidden_states=hidden, **kwargs))
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+def _as_device(value: str | torch.device | None, argument: str) -> torch.device | None:
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`{argument}` must be a torch device such as 'cpu' or 'cuda:0', got {value!r}") from None
+
+
+def _check_positive(value: int | None, argument: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{argument}` must be a positive integer or None, got {value!r}")
+
+
+class _Pruner:
+    """One ``prune()`` call's state; see :func:`prune` for the semantics."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: PruningMethod,
+        structure: SparsityStructure,
+        targets: list[TargetLayer],
+        report: PruningReport,
+        forward_fn: ForwardFn,
+        device: torch.device | None,
+        offload_device: torch.device | None,
+        progress: bool,
+        sync_statistics: StatisticsSync | None,
+        on_layer_pruned: LayerCallback | None,
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.structure = structure
+        self.targets = targets
+        self.report = report
+        self.forward_fn = forward_fn
+        self.device = device
+        self.offload_device = offload_device
+        self.progress = progress
+        self.sync_statistics = sync_statistics
+        self.on_layer_pruned = on_layer_pruned
+        self.pruned_blocks = 0
+
+    # --- pruning ---------------------------------------------------------------------------------------------------
+
+    def _validate_statistics(self, collector: _StatisticsCollector, where: str) -> None:
+        unreached = [name for name, stats in collector.statistics.items() if stats.num_tokens == 0]
+        if unreached:
+            raise ValueError(
+                f"no calibration token reached target layer(s) {unreached}{where}; leave them out with `ignore`, or "
+                "check that `forward_fn` runs them (a layer is never silently pruned by magnitude instead)"
+            )
+        for name, stats in collector.statistics.items():
+            for tensor in stats.state_tensors():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise FloatingPointError(
+                        f"the calibration statistics of layer {name!r} contain NaN or Inf{where}: its inputs overflow "
+                        "or are not finite (try float32 or bfloat16 instead of float16)"
+                    )
+
+    def _sync(self, collector: _StatisticsCollector) -> None:
+        if self.sync_statistics is not None:
+            self.sync_statistics([t for stats in collector.statistics.values() for t in stats.state_tensors()])
+
+    def _prune_layers(
+        self, layers: Sequence[TargetLayer], statistics: dict[str, LayerStatistics] | None, blocks: BlockStack | None
+    ) -> None:
+        start = time.perf_counter()
+        for layer in layers:
+            stats = statistics[layer.name] if statistics is not None else None
+            weight = layer.weight_2d
+            sparsity = self.structure.sparsity
+            try:
+                keep = self.method.prune_layer(weight, stats, self.structure, sparsity)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"layer {layer.name!r}: {error}") from None
+            num_pruned = int(keep.numel() - keep.sum())
+            if self.on_layer_pruned is not None:
+                self.on_layer_pruned(layer.name, keep)
+            self.report.layers.append(
+                LayerReport(
+                    name=layer.name,
+                    kind=layer.kind,
+                    shape=(layer.out_features, layer.in_features),
+                    sparsity=num_pruned / keep.numel(),
+                    target_sparsity=sparsity,
+                    num_pruned=num_pruned,
+                    num_tokens=stats.num_tokens if stats is not None else 0,
+                    block=blocks.index_of(layer.name) if blocks is not None else None,
+                )
+            )
+            del keep
+        self.report.scoring_seconds += time.perf_counter() - start
+
+    # --- calibration -----------------------------------------------------------------------------------------------
+
+    def _forward(self, batch: Any) -> None:
+        self.forward_fn(self.model, move_to(batch, input_device(self.model)))
+
+    def _one_shot_statistics(self, layers: Sequence[TargetLayer], batches: list[Any]) -> _StatisticsCollector:
+        start = time.perf_counter()
+        collector = _StatisticsCollector(layers, self.method, stop_when_done=True)
+        with collector.attached():
+            for batch in tqdm(batches, desc="calibrating", disable=not self.progress, leave=False):
+                collector.start_batch(token_mask_of(batch), batch_size_of(batch))
+                try:
+                    self._forward(batch)
+                except _StopForward:
+                    pass
+        self.report.calibration_seconds += time.perf_counter() - start
+        return collector
+
+    def run_without_data(self, blocks: BlockStack | None) -> None:
+        self._prune_layers(self.targets, None, blocks)
+
+    def run_one_shot(self, batches: list[Any], blocks: BlockStack | None) -> None:
+        collector = self._one_shot_statistics(self.targets, batches)
+        self._sync(collector)
+        self._validate_statistics(collector, "")
+        self._prune_layers(self.targets, collector.statistics, blocks)
+
+    def _capture(self, stack: BlockStack, batches: list[Any], before: Sequence[TargetLayer]) -> tuple[
+        list[_BlockInput], _StatisticsCollector | None
+    ]:
+        first = stack.blocks[0]
+
+        def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            raise _BlockInputsCaptured(args, kwargs)
+
+        collector = _StatisticsCollector(before, self.method, stop_when_done=False) if before else None
+        records: list[_BlockInput] = []
+        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for batch in batches:
+                if collector is not None:
+                    collector.start_batch(token_mask_of(batch), batch_size_of(batch))
+                try:
+                    if collector is not None:
+                        with collector.attached():
+                            self._forward(batch)
+                    else:
+                        self._forward(batch)
+                except _BlockInputsCaptured as captured:
+                    records.append(self._record(captured, batch))
+                else:
+                    raise ValueError(
+                        f"the calibration forward never reached the first block `{stack.block_name(0)}`; pass "
+                        "`forward_fn` to run the model on your batches, or sequential=False"
+                    )
+        finally:
+            handle.remove()
+        return records, collector
+
+    def _record(self, captured: _BlockInputsCaptured, batch: Any) -> _BlockInput:
+        args = tuple(_sanitize(a) for a in captured.args)
+        kwargs = {k: _sanitize(v) for k, v in captured.kwargs.items()}
+        for key in _CACHE_KWARGS:
+            if key in kwargs:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if "output_attentions" in kwargs:
+            kwargs["output_attentions"] = False
+        if args:
+            hidden, rest, positional = args[0], args[1:], True
+        elif isinstance(kwargs.get("hidden_states"), Tensor):
+            hidden, rest, positional = kwargs.pop("hidden_states"), (), False
+        else:
+            raise TypeError("could not find the hidden states among the first block's arguments")
+        return _BlockInput(
+            hidden=move_to(hidden, self.offload_device),
+            hidden_positional=positional,
+            args=move_to(rest, self.offload_device),
+            kwargs=move_to(kwargs, self.offload_device),
+            token_mask=token_mask_of(batch),
+            num_sequences=batch_size_of(batch),
+        )
+
+    def run_sequential(self, stack: BlockStack, batches: list[Any]) -> None:
+        by_block: dict[int, list[TargetLayer]] = {}
+        outside: list[TargetLayer] = []
+        for layer in self.targets:
+            index = stack.index_of(layer.name)
+            if index is None:
+                outside.append(layer)
+            else:
+                by_block.setdefault(index, []).append(layer)
+
+        # Layers outside the stack that run before it see their (dense) inputs during the capture pass.
+        start = time.perf_counter()
+        records, before = self._capture(stack, batches, outside)
+        self.report.calibration_seconds += time.perf_counter() - start
+        after = list(outside)
+        if before is not None:
+            reached = {name for name, stats in before.statistics.items() if stats.num_tokens > 0}
+            early = [layer for layer in outside if layer.name in reached]
+            after = [layer for layer in outside if layer.name not in reached]
+            before.layers = early
+            before.statistics = {layer.name: before.statistics[layer.name] for layer in early}
+            self._sync(before)
+            self._validate_statistics(before, "")
+            self._prune_layers(early, before.statistics, stack)
+
+        last = len(stack.blocks) - 1
+        for index, block in enumerate(tqdm(stack.blocks, desc="pruning blocks", disable=not self.progress)):
+            layers = by_block.get(index, [])
+            home = _module_device(block)
+            compute = self.device or home or records[0].hidden.device
+            if self.device is not None and home is not None and home != self.device:
+                block.to(self.device)
+            try:
+                if layers:
+                    self._calibrate_and_prune_block(block, index, layers, records, compute, stack)
+                if index < last:
+                    start = time.perf_counter()
+                    for record in records:
+                        record.hidden = move_to(_run_block(block, record, compute), self.offload_device)
+                    self.report.calibration_seconds += time.perf_counter() - start
+            finally:
+                if self.device is not None and home is not None and home != self.device:
+                    block.to(home)
+            self.pruned_blocks = index + 1
+        del records
+
+        if after:
+            # Layers after the stack (say an explicitly targeted head) are calibrated on the pruned model.
+            collector = self._one_shot_statistics(after, batches)
+            self._sync(collector)
+            self._validate_statistics(collector, self._already_pruned())
+            self._prune_layers(after, collector.statistics, stack)
+
+    def _already_pruned(self) -> str:
+        if not self.report.layers:
+            return ""
+        return f" (blocks 0-{self.pruned_blocks - 1} were already pruned; no later weight was changed)"
+
+    def _calibrate_and_prune_block(
+        self,
+        block: nn.Module,
+        index: int,
+        layers: list[TargetLayer],
+        records: list[_BlockInput],
+        compute: torch.device,
+        stack: BlockStack,
+    ) -> None:
+        start = time.perf_counter()
+        collector = _StatisticsCollector(layers, self.method, stop_when_done=True)
+        with collector.attached():
+            for record in records:
+                collector.start_batch(record.token_mask, record.num_sequences)
+                try:
+                    _run_block(block, record, compute)
+                except _StopForward:
+                    pass
+        self.report.calibration_seconds += time.perf_counter() - start
+        self._sync(collector)
+        self._validate_statistics(collector, f" in block {index}" + self._already_pruned())
+        self._prune_layers(layers, collector.statistics, stack)
+
+
+def prune(
+    model: nn.Module,
+    calibration: Iterable[Any] | None = None,
+    *,
+    sparsity: float | None = None,
+    structure: str = "unstructured",
+    method: str | PruningMethod = "wanda",
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    sequential: bool = True,
+    blocks: str | None = None,
+    num_samples: int | None = 128,
+    batch_size: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = None,
+    progress: bool = False,
+    sync_statistics: StatisticsSync | None = None,
+    on_layer_pruned: LayerCallback | None = None,
+) -> PruningReport:
+    """Prunes ``model`` in place with Wanda (or another method) and reports what it did.
+
+    Block-sequential calibration (the default when a stack of repeated blocks is found) follows the Wanda reference
+    code: the first block's inputs are captured by running the model up to it; then, for each block, the statistics
+    of all its target layers come from one pass of the dense block, they are all pruned, and the pruned block runs
+    again to make the next block's inputs. One-shot calibration (``sequential=False``, or no block stack) runs the
+    model once with hooks on every target layer, then prunes them all. Data-free methods (``"magnitude"``) ignore
+    ``calibration``.
+
+    Args:
+        model: Any module: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-NeoX, GPT-2, Phi, ...), a
+            LightningModule wrapping one, or a plain module built of ``nn.Linear`` layers.
+        calibration: Iterable of batches or a ``DataLoader``. Batches are fed as ``model(**batch)`` (mapping),
+            ``model(batch[0])`` (tuple or list) or ``model(batch)`` (tensor) unless ``forward_fn`` is given. Tokens
+            whose ``attention_mask`` is 0 in a mapping batch do not count.
+        sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
+            implied by N:M structures.
+        structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
+        method: ``"wanda"``, ``"magnitude"``, another registered name, or a :class:`PruningMethod` instance such as
+            ``Wanda(variant=True)``.
+        targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
+            transformers ``Conv1D``.
+        ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
+            left alone. Skipped layers and reasons are in the report.
+        sequential: Block-sequential calibration when a block stack exists (default); ``False`` for one-shot.
+        blocks: Module name of the block stack (``"model.layers"``); found automatically when ``None``.
+        num_samples: Most calibration sequences used (default 128, as the reference code); ``None`` for all.
+        batch_size: Sequences per forward pass; ``None`` keeps the calibration iterable's batches.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch, for models whose forward does not take
+            the batch as is.
+        device: Compute device for blocks; a block living elsewhere is moved there while it is pruned and moved back.
+            ``None`` runs each block where it is.
+        offload_device: Where captured block inputs wait between blocks (say ``"cpu"``); ``None`` keeps them where
+            they were computed.
+        progress: Show a progress bar over blocks.
+        sync_statistics: Called with each block's statistic tensors (sums) before masks are computed; distributed
+            callers pass an in-place all-reduce so that every process computes the same masks.
+        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer is pruned.
+
+    Returns:
+        A :class:`PruningReport`.
+
+    Raises:
+        ValueError, TypeError: For bad arguments, before any weight changes (see the messages). Calibration
+            problems (a target layer no token reached, non-finite statistics) are found block by block: an error
+            raised for block *k* leaves blocks after it untouched, while blocks before *k* (and layers before the
+            stack) are already pruned; the message says so. In one-shot mode no weight has changed.
+
+    The model keeps its train/eval modes, dtype and devices, also when an error is raised; hooks are always removed
+    and no autograd graph is built.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> report = prune(net, [torch.randn(4, 8)], sparsity=0.5)
+        >>> report.global_sparsity
+        0.5
+        >>> (net[0].weight == 0).sum(dim=1).tolist() == [4] * 16
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    total_start = time.perf_counter()
+    parsed = parse_structure(structure, sparsity)
+    pruning_method = get_method(method)
+    _check_positive(num_samples, "num_samples")
+    _check_positive(batch_size, "batch_size")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), got {forward_fn!r}")
+    if not isinstance(sequential, bool):
+        raise TypeError(f"`sequential` must be a bool, got {sequential!r}")
+    compute_device = _as_device(device, "device")
+    offload = _as_device(offload_device, "offload_device")
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"parameters on the meta device cannot be pruned: {meta[:5]}{' ...' if len(meta) > 5 else ''}; load or "
+            "materialise the weights first"
+        )
+    layers, skipped = find_targets(model, targets, ignore)
+    if parsed.is_n_m:
+        assert parsed.m is not None
+        bad = [f"{t.name} (in_features={t.in_features})" for t in layers if t.in_features % parsed.m]
+        if bad:
+            raise ValueError(
+                f"`structure`={parsed.name!r} needs in_features to be a multiple of {parsed.m}; not so for {bad}; "
+                "leave these layers out with `ignore`"
+            )
+    stack = find_block_stack(model, layers, blocks) if (sequential or blocks is not None) else None
+    use_sequential = sequential and stack is not None
+    batches: list[Any] = []
+    if pruning_method.requires_calibration:
+        if calibration is None:
+            raise ValueError(f"method {pruning_method.describe()!r} needs `calibration` batches, got None")
+        batches = prepare_batches(calibration, num_samples, batch_size)
+
+    report = PruningReport(
+        method=pruning_method.describe(),
+        structure=parsed.name,
+        target_sparsity=parsed.sparsity,
+        sequential=use_sequential and pruning_method.requires_calibration,
+        block_stack=stack.name if use_sequential and stack is not None else None,
+        num_samples=sum(batch_size_of(b) for b in batches),
+        num_batches=len(batches),
+        skipped=[SkippedLayer(name, reason) for name, reason in skipped],
+    )
+    pruner = _Pruner(
+        model=model,
+        method=pruning_method,
+        structure=parsed,
+        targets=layers,
+        report=report,
+        forward_fn=forward_fn or default_forward,
+        device=compute_device,
+        offload_device=offload,
+        progress=progress,
+        sync_statistics=sync_statistics,
+        on_layer_pruned=on_layer_pruned,
+    )
+    modes = [(module, module.training) for module in model.modules()]
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
+    caches = [config.use_cache for config in configs]
+    try:
+        model.eval()
+        for config in configs:
+            config.use_cache = False
+        with torch.no_grad():
+            if not pruning_method.requires_calibration:
+                pruner.run_without_data(stack)
+            elif use_sequential and stack is not None:
+                pruner.run_sequential(stack, batches)
+            else:
+                pruner.run_one_shot(batches, stack)
+    finally:
+        for module, training in modes:
+            module.training = training
+        for config, cached in zip(configs, caches, strict=True):
+            config.use_cache = cached
+    report.total_seconds = time.perf_counter() - total_start
+    return report
