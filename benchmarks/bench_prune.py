@@ -15,8 +15,8 @@ import os
 import time
 
 import torch
-
 from _common import machine, print_table, read_rss_mib, reset_peak_rss, write_json
+
 from wanda_lightning import Wanda, prune
 from wanda_lightning.corpus import split_tokens
 from wanda_lightning.evaluation import perplexity
@@ -66,8 +66,17 @@ def main() -> None:
     dense_forward_seconds(model, batches[:1])  # warm-up
     results = []
     dense_ppl = perplexity(model, splits.heldout)
-    results.append(dict(name="dense", perplexity=dense_ppl, sparsity=0.0, prune_seconds=None, dense_forward_seconds=None,
-                        ratio=None, peak_rss_mib=None))
+    results.append(
+        dict(
+            name="dense",
+            perplexity=dense_ppl,
+            sparsity=0.0,
+            prune_seconds=None,
+            dense_forward_seconds=None,
+            ratio=None,
+            peak_rss_mib=None,
+        )
+    )
     print(f"dense perplexity {dense_ppl:.2f}")
     for name, options in CONFIGS:
         if args.only and not any(name.startswith(o) for o in args.only):
@@ -92,21 +101,26 @@ def main() -> None:
                 peak_rss_mib=peak,
             )
         )
-        print(f"{name}: ppl {ppl:.2f}, prune {report.total_seconds:.2f} s = {report.total_seconds / forward:.2f} x "
-              f"dense forward ({forward:.2f} s), peak +{peak:.0f} MiB", flush=True)
+        print(
+            f"{name}: ppl {ppl:.2f}, prune {report.total_seconds:.2f} s = {report.total_seconds / forward:.2f} x "
+            f"dense forward ({forward:.2f} s), peak +{peak:.0f} MiB",
+            flush=True,
+        )
 
     print()
     rows = []
     for r in results:
-        rows.append([
-            r["name"],
-            f"{r['perplexity']:.2f}",
-            f"{r['sparsity']:.2%}",
-            "-" if r["prune_seconds"] is None else f"{r['prune_seconds']:.2f}",
-            "-" if r["dense_forward_seconds"] is None else f"{r['dense_forward_seconds']:.2f}",
-            "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-            "-" if r["peak_rss_mib"] is None else f"{max(r['peak_rss_mib'], 0):.0f}",
-        ])
+        rows.append(
+            [
+                r["name"],
+                f"{r['perplexity']:.2f}",
+                f"{r['sparsity']:.2%}",
+                "-" if r["prune_seconds"] is None else f"{r['prune_seconds']:.2f}",
+                "-" if r["dense_forward_seconds"] is None else f"{r['dense_forward_seconds']:.2f}",
+                "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                "-" if r["peak_rss_mib"] is None else f"{max(r['peak_rss_mib'], 0):.0f}",
+            ]
+        )
     print_table(["config", "held-out ppl", "sparsity", "prune s", "dense fwd s", "prune/fwd", "peak +MiB"], rows)
     write_json(args.json, dict(benchmark="bench_prune", args=vars(args), machine=machine(), results=results))
 

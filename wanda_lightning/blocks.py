@@ -46,9 +46,7 @@ def _is_stack(module: nn.Module) -> bool:
     return all(type(child) is first for child in children) and not isinstance(children[0], nn.Linear)
 
 
-def find_block_stack(
-    model: nn.Module, targets: Sequence[TargetLayer], blocks: str | None = None
-) -> BlockStack | None:
+def find_block_stack(model: nn.Module, targets: Sequence[TargetLayer], blocks: str | None = None) -> BlockStack | None:
     """The block stack that holds the most target weights, or the one named by ``blocks``.
 
     A stack is an ``nn.ModuleList`` or ``nn.Sequential`` whose children all have the same class (decoder layers).
@@ -93,7 +91,7 @@ def find_block_stack(
         if not _is_stack(module):
             continue
         prefix = f"{name}." if name else ""
-        weight = sum(t.module.weight.numel() for t in targets if t.name.startswith(prefix))
+        weight = sum(t.weight_2d.numel() for t in targets if t.name.startswith(prefix))
         if weight > best_weight:
             best, best_weight = BlockStack(name=name, blocks=list(module)), weight
     return best

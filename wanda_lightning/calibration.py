@@ -24,9 +24,9 @@ def move_to(obj: Any, device: torch.device | None) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(move_to(v, device) for v in obj)
     if isinstance(obj, Mapping):
-        return type(obj)({k: move_to(v, device) for k, v in obj.items()}) if type(obj) is not dict else {
-            k: move_to(v, device) for k, v in obj.items()
-        }
+        moved = {k: move_to(v, device) for k, v in obj.items()}
+        # Keep mapping subclasses such as transformers' BatchEncoding.
+        return moved if type(obj) is dict else type(obj)(moved)  # type: ignore[call-arg]
     return obj
 
 

@@ -41,7 +41,9 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
             logits = output.logits if hasattr(output, "logits") else output
             logits = logits[:, :-1].float()  # (B, T - 1, V)
             targets = ids[:, 1:]
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
             total_nll += float(nll.double())
             total_tokens += targets.numel()
     finally:

@@ -93,7 +93,12 @@ def _variant_prune_for_alpha(
 
 
 def variant_keep_mask(
-    scores: Tensor, sparsity: float, *, alpha: float = 0.4, alpha_range: tuple[float, float] = (0.0, 0.8), tol: float = 1e-3
+    scores: Tensor,
+    sparsity: float,
+    *,
+    alpha: float = 0.4,
+    alpha_range: tuple[float, float] = (0.0, 0.8),
+    tol: float = 1e-3,
 ) -> Tensor:
     """The Wanda reference code's ``--use_variant`` mask.
 

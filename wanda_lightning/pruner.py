@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .blocks import BlockStack, find_block_stack
-from .calibration import ForwardFn, batch_size_of, default_forward, input_device, move_to, prepare_batches, token_mask_of
+from .calibration import (
+    ForwardFn,
+    batch_size_of,
+    default_forward,
+    input_device,
+    move_to,
+    prepare_batches,
+    token_mask_of,
+)
 from .methods import PruningMethod, get_method
 from .report import LayerReport, PruningReport, SkippedLayer
 from .statistics import LayerStatistics
@@ -58,7 +66,7 @@ class _StatisticsCollector:
         self.layers = list(layers)
         self.statistics: dict[str, LayerStatistics] = {}
         for layer in self.layers:
-            stats = method.new_statistics(layer.in_features, layer.module.weight.device)
+            stats = method.new_statistics(layer.in_features, layer.weight_2d.device)
             if stats is None:
                 raise TypeError(f"method {method.describe()!r} needs calibration but made no statistics")
             self.statistics[layer.name] = stats
@@ -123,10 +131,10 @@ def _run_block(block: nn.Module, record: _BlockInput, device: torch.device) -> T
 
 
 def _module_device(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return None
 
 
@@ -238,10 +246,8 @@ class _Pruner:
         with collector.attached():
             for batch in tqdm(batches, desc="calibrating", disable=not self.progress, leave=False):
                 collector.start_batch(token_mask_of(batch), batch_size_of(batch))
-                try:
+                with suppress(_StopForward):
                     self._forward(batch)
-                except _StopForward:
-                    pass
         self.report.calibration_seconds += time.perf_counter() - start
         return collector
 
@@ -254,9 +260,9 @@ class _Pruner:
         self._validate_statistics(collector, "")
         self._prune_layers(self.targets, collector.statistics, blocks)
 
-    def _capture(self, stack: BlockStack, batches: list[Any], before: Sequence[TargetLayer]) -> tuple[
-        list[_BlockInput], _StatisticsCollector | None
-    ]:
+    def _capture(
+        self, stack: BlockStack, batches: list[Any], before: Sequence[TargetLayer]
+    ) -> tuple[list[_BlockInput], _StatisticsCollector | None]:
         first = stack.blocks[0]
 
         def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -383,10 +389,8 @@ class _Pruner:
         with collector.attached():
             for record in records:
                 collector.start_batch(record.token_mask, record.num_sequences)
-                try:
+                with suppress(_StopForward):
                     _run_block(block, record, compute)
-                except _StopForward:
-                    pass
         self.report.calibration_seconds += time.perf_counter() - start
         self._sync(collector)
         self._validate_statistics(collector, f" in block {index}" + self._already_pruned())
@@ -535,7 +539,7 @@ def prune(
         on_layer_pruned=on_layer_pruned,
     )
     modes = [(module, module.training) for module in model.modules()]
-    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
+    configs: list[Any] = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
     caches = [config.use_cache for config in configs]
     try:
         model.eval()

@@ -151,8 +151,10 @@ class PruningReport:
         lines = ["| | |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in self._summary_lines()]
         lines += ["", "| " + " | ".join(self._HEADER) + " |", "|" + "---|" * len(self._HEADER)]
-        lines += ["| " + " | ".join(f"`{row[0]}`" if i == 0 else row[i] for i in range(len(row))) + " |"
-                  for row in self._layer_rows()]
+        lines += [
+            "| " + " | ".join(f"`{row[0]}`" if i == 0 else row[i] for i in range(len(row))) + " |"
+            for row in self._layer_rows()
+        ]
         if self.skipped:
             lines += ["", "| skipped | reason |", "|---|---|"]
             lines += [f"| `{s.name}` | {s.reason} |" for s in self.skipped]
@@ -165,8 +167,12 @@ class PruningReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADER))]
         lines.append("")
         for index, row in enumerate(rows):
-            lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                                   enumerate(zip(row, widths, strict=True))))
+            lines.append(
+                "  ".join(
+                    cell.ljust(w) if i == 0 else cell.rjust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
             if index == 0:
                 lines.append("  ".join("-" * w for w in widths))
         for skipped in self.skipped:

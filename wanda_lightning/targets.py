@@ -6,6 +6,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -31,7 +32,7 @@ class TargetLayer:
     @property
     def weight_2d(self) -> Tensor:
         """The weight as ``(out_features, in_features)``: a view that writes through to the parameter."""
-        weight: Tensor = self.module.weight.data
+        weight = cast(Tensor, self.module.weight).data
         return weight.t() if self.transposed else weight
 
     @property

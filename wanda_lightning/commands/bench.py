@@ -49,9 +49,13 @@ def run(args: argparse.Namespace) -> int:
     )
     pruned = perplexity(model, splits.heldout)
     if args.json:
-        print(json.dumps({"dense_perplexity": dense, "pruned_perplexity": pruned, "report": report.to_dict()}, indent=2))
+        print(
+            json.dumps({"dense_perplexity": dense, "pruned_perplexity": pruned, "report": report.to_dict()}, indent=2)
+        )
     else:
         print(report)
-        print(f"\nheld-out perplexity ({splits.heldout.shape[0]} x {splits.heldout.shape[1]} tokens): "
-              f"dense {dense:.2f} -> pruned {pruned:.2f}")
+        print(
+            f"\nheld-out perplexity ({splits.heldout.shape[0]} x {splits.heldout.shape[1]} tokens): "
+            f"dense {dense:.2f} -> pruned {pruned:.2f}"
+        )
     return 0
