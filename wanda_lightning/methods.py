@@ -12,6 +12,7 @@ Register new methods with :func:`register_method`; :func:`get_method` resolves n
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -20,10 +21,11 @@ import torch
 from torch import Tensor
 
 from .masks import keep_mask, variant_keep_mask
-from .statistics import InputNormStatistics, LayerStatistics
+from .sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from .statistics import GramStatistics, InputNormStatistics, LayerStatistics
 from .structure import SparsityStructure
 
-__all__ = ["Magnitude", "PruningMethod", "Wanda", "available_methods", "get_method", "register_method"]
+__all__ = ["RIA", "Magnitude", "PruningMethod", "SparseGPT", "Wanda", "available_methods", "get_method", "register_method"]
 
 
 class PruningMethod(ABC):
@@ -150,6 +152,105 @@ class Magnitude(PruningMethod):
         return weight.abs().float()
 
 
+class SparseGPT(PruningMethod):
+    """SparseGPT (Frantar & Alistarh, 2023): adaptive mask selection with OBS updates of the kept weights.
+
+    Collects each layer's input Gram matrix (float32, freed with the layer's statistics once the layer is pruned),
+    dampens it by ``percdamp`` of its mean diagonal (10x more, up to 3 times, if it is still singular) and runs the
+    blocked solver of :func:`~wanda_lightning.sparsegpt.sparsegpt_prune`.
+
+    Args:
+        blocksize: Columns per lazy-update block (default 128).
+        percdamp: Dampening as a fraction of the mean Hessian diagonal (default 0.01).
+
+    Example::
+
+        >>> SparseGPT().describe()
+        'sparsegpt'
+    """
+
+    name = "sparsegpt"
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+            raise ValueError(f"`blocksize` must be a positive integer, got {blocksize!r}")
+        if not 0.0 < percdamp < 1.0:
+            raise ValueError(f"`percdamp` must be in (0, 1), got {percdamp!r}")
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
+        return GramStatistics(in_features, device)
+
+    def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
+        """SparseGPT's saliency before any update: ``w^2 / [H^-1]_jj^2``."""
+        if not isinstance(statistics, GramStatistics):
+            raise TypeError("SparseGPT needs GramStatistics from calibration")
+        factor, _ = inverse_hessian_factor(statistics.gram, self.percdamp)
+        return weight.float().square() / torch.diagonal(factor).square().unsqueeze(0)
+
+    def prune_layer(
+        self, weight: Tensor, statistics: LayerStatistics | None, structure: SparsityStructure, sparsity: float
+    ) -> Tensor:
+        if not isinstance(statistics, GramStatistics):
+            raise TypeError("SparseGPT needs GramStatistics from calibration")
+        if not bool(torch.isfinite(weight).all()):
+            raise FloatingPointError("the weight is not finite")
+        new_weight, keep = sparsegpt_prune(
+            weight, statistics.gram, sparsity, structure.n, structure.m, blocksize=self.blocksize,
+            percdamp=self.percdamp,
+        )
+        weight.copy_(new_weight)
+        return keep
+
+    def __repr__(self) -> str:
+        return f"SparseGPT(blocksize={self.blocksize}, percdamp={self.percdamp})"
+
+
+class RIA(PruningMethod):
+    """Relative Importance and Activations (Zhang et al., ICLR 2024).
+
+    ``S_ij = (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||^a``: a weight's share of its input column plus
+    its share of its output row, times the input feature's L2 norm to the power ``a``. Channel permutation for N:M is
+    not offered: it only pays off when inference permutes every layer's inputs, which exports and 2:4 kernels here
+    do not.
+
+    Args:
+        a: Exponent of the activation norm (default 0.5).
+
+    Example::
+
+        >>> RIA(a=0.5).describe()
+        'ria (a=0.5)'
+    """
+
+    name = "ria"
+
+    def __init__(self, a: float = 0.5) -> None:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise ValueError(f"`a` must be a finite number, got {a!r}")
+        self.a = float(a)
+
+    def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
+        return InputNormStatistics(in_features, device)
+
+    def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
+        if not isinstance(statistics, InputNormStatistics):
+            raise TypeError("RIA needs InputNormStatistics from calibration")
+        magnitude = weight.abs().float()  # (out, in)
+        tiny = torch.finfo(torch.float32).tiny
+        relative = magnitude / magnitude.sum(dim=0, keepdim=True).clamp_min(tiny)
+        relative += magnitude / magnitude.sum(dim=1, keepdim=True).clamp_min(tiny)
+        norms = statistics.mean_sq_norm.sqrt().to(weight.device).pow(self.a)  # (in,)
+        return relative * norms.unsqueeze(0)
+
+    def describe(self) -> str:
+        return f"ria (a={self.a:g})"
+
+    def __repr__(self) -> str:
+        return f"RIA(a={self.a})"
+
+
 _REGISTRY: dict[str, Callable[..., PruningMethod]] = {}
 
 
@@ -201,3 +302,5 @@ def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:
 
 register_method("wanda", Wanda)
 register_method("magnitude", Magnitude)
+register_method("sparsegpt", SparseGPT)
+register_method("ria", RIA)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .allocation import OWL, get_allocation, owl_outlier_ratio, owl_sparsities
 from .blocks import BlockStack, find_block_stack
 from .calibration import (
     ForwardFn,
@@ -22,9 +23,10 @@ from .calibration import (
     prepare_batches,
     token_mask_of,
 )
-from .methods import PruningMethod, get_method
+from .methods import PruningMethod, Wanda, get_method
+from .refinement import DSnoT, get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
-from .statistics import LayerStatistics
+from .statistics import InputNormStatistics, LayerStatistics, flatten_tokens
 from .structure import SparsityStructure, parse_structure
 from .targets import TargetLayer, find_targets
 
@@ -32,6 +34,7 @@ __all__ = ["prune"]
 
 StatisticsSync = Callable[[list[Tensor]], None]
 LayerCallback = Callable[[str, Tensor], None]
+StatisticsFactory = Callable[[int, torch.device], LayerStatistics | None]
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
@@ -60,30 +63,51 @@ class _BlockInput:
 
 
 class _StatisticsCollector:
-    """Forward pre-hooks that feed each target layer's input to its statistics."""
+    """Forward pre-hooks that feed each target layer's input to its statistics.
 
-    def __init__(self, layers: Sequence[TargetLayer], method: PruningMethod, stop_when_done: bool) -> None:
+    Every layer gets one statistics object per factory (the method's, then the refinement's). Layers that receive the
+    very same input tensor share the summary of it (one ``x^T x`` for ``q``/``k``/``v``); the cache holds a reference to
+    the tensor, so its memory cannot be reused by another tensor while the cache lives.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[TargetLayer],
+        factories: dict[str, StatisticsFactory],
+        stop_when_done: bool,
+    ) -> None:
         self.layers = list(layers)
-        self.statistics: dict[str, LayerStatistics] = {}
+        self.statistics: dict[str, dict[str, LayerStatistics]] = {}
         for layer in self.layers:
-            stats = method.new_statistics(layer.in_features, layer.weight_2d.device)
-            if stats is None:
-                raise TypeError(f"method {method.describe()!r} needs calibration but made no statistics")
-            self.statistics[layer.name] = stats
+            made = {key: factory(layer.in_features, layer.weight_2d.device) for key, factory in factories.items()}
+            self.statistics[layer.name] = {key: stats for key, stats in made.items() if stats is not None}
         self.stop_when_done = stop_when_done
         self.token_mask: Tensor | None = None
         self.num_sequences = 0
         self._seen: set[str] = set()
+        self._cache: list[tuple[Tensor, int, type, tuple[Tensor, ...]]] = []
 
     def start_batch(self, token_mask: Tensor | None, num_sequences: int) -> None:
         self.token_mask = token_mask
         self.num_sequences = num_sequences
         self._seen.clear()
+        self._cache.clear()
+
+    def _summary(self, stats: LayerStatistics, inputs: Tensor, version: int) -> tuple[Tensor, ...]:
+        for tensor, seen_version, kind, summary in self._cache:
+            if tensor is inputs and seen_version == version and kind is type(stats):
+                return summary
+        tokens, mask = flatten_tokens(inputs, self.token_mask, stats.in_features)
+        summary = stats.summarize(tokens, mask)
+        self._cache.append((inputs, version, type(stats), summary))
+        return summary
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            inputs = args[0] if args else next(iter(kwargs.values()))
-            self.statistics[name].update(inputs.detach(), self.token_mask, self.num_sequences)
+            inputs = (args[0] if args else next(iter(kwargs.values()))).detach()
+            version = inputs._version
+            for stats in self.statistics[name].values():
+                stats.accumulate(self._summary(stats, inputs, version), self.num_sequences)
             self._seen.add(name)
             if self.stop_when_done and len(self._seen) == len(self.layers):
                 raise _StopForward
@@ -100,6 +124,14 @@ class _StatisticsCollector:
         finally:
             for handle in handles:
                 handle.remove()
+            self._cache.clear()
+
+    def tensors(self) -> list[Tensor]:
+        """All statistic tensors, in a fixed order, for an all-reduce."""
+        return [t for group in self.statistics.values() for stats in group.values() for t in stats.state_tensors()]
+
+    def num_tokens(self, name: str) -> int:
+        return max((stats.num_tokens for stats in self.statistics[name].values()), default=0)
 
 
 def _sanitize(value: Any) -> Any:
@@ -170,9 +202,17 @@ class _Pruner:
         progress: bool,
         sync_statistics: StatisticsSync | None,
         on_layer_pruned: LayerCallback | None,
+        allocation: OWL | None = None,
+        refinement: DSnoT | None = None,
     ) -> None:
         self.model = model
         self.method = method
+        self.allocation = allocation
+        self.refinement = refinement
+        self.layer_sparsity: dict[str, float] | None = None
+        self.factories: dict[str, StatisticsFactory] = {"method": method.new_statistics}
+        if refinement is not None:
+            self.factories["refine"] = refinement.new_statistics
         self.structure = structure
         self.targets = targets
         self.report = report
@@ -187,14 +227,14 @@ class _Pruner:
     # --- pruning ---------------------------------------------------------------------------------------------------
 
     def _validate_statistics(self, collector: _StatisticsCollector, where: str) -> None:
-        unreached = [name for name, stats in collector.statistics.items() if stats.num_tokens == 0]
+        unreached = [name for name in collector.statistics if collector.num_tokens(name) == 0]
         if unreached:
             raise ValueError(
                 f"no calibration token reached target layer(s) {unreached}{where}; leave them out with `ignore`, or "
                 "check that `forward_fn` runs them (a layer is never silently pruned by magnitude instead)"
             )
-        for name, stats in collector.statistics.items():
-            for tensor in stats.state_tensors():
+        for name, group in collector.statistics.items():
+            for tensor in (t for stats in group.values() for t in stats.state_tensors()):
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise FloatingPointError(
                         f"the calibration statistics of layer {name!r} contain NaN or Inf{where}: its inputs overflow "
@@ -203,20 +243,37 @@ class _Pruner:
 
     def _sync(self, collector: _StatisticsCollector) -> None:
         if self.sync_statistics is not None:
-            self.sync_statistics([t for stats in collector.statistics.values() for t in stats.state_tensors()])
+            self.sync_statistics(collector.tensors())
+
+    def _layer_sparsity(self, layer: TargetLayer, blocks: BlockStack | None) -> float:
+        if self.layer_sparsity is not None and layer.name in self.layer_sparsity:
+            return self.layer_sparsity[layer.name]
+        return self.structure.sparsity
 
     def _prune_layers(
-        self, layers: Sequence[TargetLayer], statistics: dict[str, LayerStatistics] | None, blocks: BlockStack | None
+        self,
+        layers: Sequence[TargetLayer],
+        statistics: dict[str, dict[str, LayerStatistics]] | None,
+        blocks: BlockStack | None,
     ) -> None:
-        start = time.perf_counter()
         for layer in layers:
-            stats = statistics[layer.name] if statistics is not None else None
+            start = time.perf_counter()
+            group = statistics.pop(layer.name, {}) if statistics is not None else {}
             weight = layer.weight_2d
-            sparsity = self.structure.sparsity
+            sparsity = self._layer_sparsity(layer, blocks)
+            dense = weight.float().clone() if self.refinement is not None else None
             try:
-                keep = self.method.prune_layer(weight, stats, self.structure, sparsity)
+                keep = self.method.prune_layer(weight, group.get("method"), self.structure, sparsity)
             except FloatingPointError as error:
                 raise FloatingPointError(f"layer {layer.name!r}: {error}") from None
+            except torch.linalg.LinAlgError as error:
+                raise ValueError(f"layer {layer.name!r}: {error}; exclude it with `ignore`") from None
+            self.report.scoring_seconds += time.perf_counter() - start
+            if self.refinement is not None and dense is not None:
+                start = time.perf_counter()
+                keep = self.refinement.refine(dense, weight, keep, group["refine"], self.structure)
+                del dense
+                self.report.refine_seconds += time.perf_counter() - start
             num_pruned = int(keep.numel() - keep.sum())
             if self.on_layer_pruned is not None:
                 self.on_layer_pruned(layer.name, keep)
@@ -228,21 +285,22 @@ class _Pruner:
                     sparsity=num_pruned / keep.numel(),
                     target_sparsity=sparsity,
                     num_pruned=num_pruned,
-                    num_tokens=stats.num_tokens if stats is not None else 0,
+                    num_tokens=max((s.num_tokens for s in group.values()), default=0),
                     block=blocks.index_of(layer.name) if blocks is not None else None,
                 )
             )
-            del keep
-        self.report.scoring_seconds += time.perf_counter() - start
+            del keep, group
 
     # --- calibration -----------------------------------------------------------------------------------------------
 
     def _forward(self, batch: Any) -> None:
         self.forward_fn(self.model, move_to(batch, input_device(self.model)))
 
-    def _one_shot_statistics(self, layers: Sequence[TargetLayer], batches: list[Any]) -> _StatisticsCollector:
+    def _one_shot_statistics(
+        self, layers: Sequence[TargetLayer], batches: list[Any], factories: dict[str, StatisticsFactory] | None = None
+    ) -> _StatisticsCollector:
         start = time.perf_counter()
-        collector = _StatisticsCollector(layers, self.method, stop_when_done=True)
+        collector = _StatisticsCollector(layers, factories or self.factories, stop_when_done=True)
         with collector.attached():
             for batch in tqdm(batches, desc="calibrating", disable=not self.progress, leave=False):
                 collector.start_batch(token_mask_of(batch), batch_size_of(batch))
@@ -250,6 +308,37 @@ class _Pruner:
                     self._forward(batch)
         self.report.calibration_seconds += time.perf_counter() - start
         return collector
+
+    def allocate(self, batches: list[Any], stack: BlockStack | None) -> None:
+        """OWL: per-block sparsities from the outlier share of Wanda scores in one dense calibration pass."""
+        assert self.allocation is not None
+        start = time.perf_counter()
+        seconds = self.report.calibration_seconds
+        collector = self._one_shot_statistics(self.targets, batches, {"owl": InputNormStatistics})
+        self.report.calibration_seconds = seconds
+        self._sync(collector)
+        self._validate_statistics(collector, "")
+        groups: dict[str, list[TargetLayer]] = {}
+        for layer in self.targets:
+            index = stack.index_of(layer.name) if stack is not None else None
+            if stack is not None and index is None:
+                continue  # layers outside the block stack keep the target sparsity
+            key = stack.block_name(index) if stack is not None and index is not None else layer.name
+            groups.setdefault(key, []).append(layer)
+        scorer = Wanda()
+        ratios = []
+        for layers in groups.values():
+            scores = [scorer.score(layer.weight_2d, collector.statistics[layer.name]["owl"]) for layer in layers]
+            ratios.append(owl_outlier_ratio(scores, self.allocation.m))
+            del scores
+        sparsities = owl_sparsities(ratios, self.structure.sparsity, self.allocation.lam)
+        self.layer_sparsity = {}
+        for (key, layers), sparsity, ratio in zip(groups.items(), sparsities, ratios, strict=True):
+            self.report.block_sparsity[key] = sparsity
+            self.report.outlier_ratios[key] = ratio
+            for layer in layers:
+                self.layer_sparsity[layer.name] = sparsity
+        self.report.allocation_seconds += time.perf_counter() - start
 
     def run_without_data(self, blocks: BlockStack | None) -> None:
         self._prune_layers(self.targets, None, blocks)
@@ -268,7 +357,7 @@ class _Pruner:
         def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             raise _BlockInputsCaptured(args, kwargs)
 
-        collector = _StatisticsCollector(before, self.method, stop_when_done=False) if before else None
+        collector = _StatisticsCollector(before, self.factories, stop_when_done=False) if before else None
         records: list[_BlockInput] = []
         handle = first.register_forward_pre_hook(catch, with_kwargs=True)
         try:
@@ -333,7 +422,7 @@ class _Pruner:
         self.report.calibration_seconds += time.perf_counter() - start
         after = list(outside)
         if before is not None:
-            reached = {name for name, stats in before.statistics.items() if stats.num_tokens > 0}
+            reached = {name for name in before.statistics if before.num_tokens(name) > 0}
             early = [layer for layer in outside if layer.name in reached]
             after = [layer for layer in outside if layer.name not in reached]
             before.layers = early
@@ -385,7 +474,7 @@ class _Pruner:
         stack: BlockStack,
     ) -> None:
         start = time.perf_counter()
-        collector = _StatisticsCollector(layers, self.method, stop_when_done=True)
+        collector = _StatisticsCollector(layers, self.factories, stop_when_done=True)
         with collector.attached():
             for record in records:
                 collector.start_batch(record.token_mask, record.num_sequences)
@@ -404,6 +493,8 @@ def prune(
     sparsity: float | None = None,
     structure: str = "unstructured",
     method: str | PruningMethod = "wanda",
+    allocation: str | OWL | None = None,
+    refine: str | DSnoT | None = None,
     targets: Sequence[str] | None = None,
     ignore: Sequence[str] | None = None,
     sequential: bool = True,
@@ -435,8 +526,13 @@ def prune(
         sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
             implied by N:M structures.
         structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
-        method: ``"wanda"``, ``"magnitude"``, another registered name, or a :class:`PruningMethod` instance such as
-            ``Wanda(variant=True)``.
+        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"ria"``, another registered name, or a
+            :class:`PruningMethod` instance such as ``Wanda(variant=True)`` or ``RIA(a=0.5)``.
+        allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
+            sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
+            unstructured only). The per-block values are in the report.
+        refine: ``None`` or ``"dsnot"`` / ``DSnoT(...)``: training-free swaps of pruned and kept weights after each
+            layer's mask, accepted only when they lower the layer's reconstruction error.
         targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
             transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
@@ -484,6 +580,8 @@ def prune(
     total_start = time.perf_counter()
     parsed = parse_structure(structure, sparsity)
     pruning_method = get_method(method)
+    owl = get_allocation(allocation)
+    refinement = get_refinement(refine)
     _check_positive(num_samples, "num_samples")
     _check_positive(batch_size, "batch_size")
     if forward_fn is not None and not callable(forward_fn):
@@ -509,17 +607,27 @@ def prune(
             )
     stack = find_block_stack(model, layers, blocks) if (sequential or blocks is not None) else None
     use_sequential = sequential and stack is not None
+    if owl is not None and parsed.is_n_m:
+        raise ValueError(
+            f"`allocation`='owl' gives blocks different sparsities, which `structure`={parsed.name!r} fixes at "
+            f"{parsed.sparsity:g} for every group of {parsed.m}; use structure='unstructured' with OWL"
+        )
+    needs_data = pruning_method.requires_calibration or owl is not None or refinement is not None
     batches: list[Any] = []
-    if pruning_method.requires_calibration:
+    if needs_data:
         if calibration is None:
-            raise ValueError(f"method {pruning_method.describe()!r} needs `calibration` batches, got None")
+            wanted = [pruning_method.describe()] if pruning_method.requires_calibration else []
+            wanted += [x.describe() for x in (owl, refinement) if x is not None]
+            raise ValueError(f"{' + '.join(wanted)} needs `calibration` batches, got None")
         batches = prepare_batches(calibration, num_samples, batch_size)
 
     report = PruningReport(
         method=pruning_method.describe(),
+        allocation=owl.describe() if owl is not None else None,
+        refinement=refinement.describe() if refinement is not None else None,
         structure=parsed.name,
         target_sparsity=parsed.sparsity,
-        sequential=use_sequential and pruning_method.requires_calibration,
+        sequential=use_sequential and needs_data,
         block_stack=stack.name if use_sequential and stack is not None else None,
         num_samples=sum(batch_size_of(b) for b in batches),
         num_batches=len(batches),
@@ -537,6 +645,8 @@ def prune(
         progress=progress,
         sync_statistics=sync_statistics,
         on_layer_pruned=on_layer_pruned,
+        allocation=owl,
+        refinement=refinement,
     )
     modes = [(module, module.training) for module in model.modules()]
     configs: list[Any] = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
@@ -546,7 +656,9 @@ def prune(
         for config in configs:
             config.use_cache = False
         with torch.no_grad():
-            if not pruning_method.requires_calibration:
+            if owl is not None:
+                pruner.allocate(batches, stack if use_sequential else None)
+            if not needs_data:
                 pruner.run_without_data(stack)
             elif use_sequential and stack is not None:
                 pruner.run_sequential(stack, batches)

@@ -59,8 +59,14 @@ class PruningReport:
         num_batches: Calibration batches used.
         layers: Per-layer results, in pruning order.
         skipped: Prunable layers left alone, with the reason.
+        allocation: Layer-wise allocation (``"owl (...)"``) or ``None`` for uniform sparsity.
+        refinement: Mask refinement (``"dsnot"``) or ``None``.
+        block_sparsity: Sparsity given to each block by the allocation.
+        outlier_ratios: OWL's outlier share of each block.
         calibration_seconds: Wall time of forward passes (capture, statistics, propagation).
-        scoring_seconds: Wall time of scoring, mask selection and masking.
+        scoring_seconds: Wall time of scoring, mask selection, weight updates and masking.
+        allocation_seconds: Wall time of the allocation (its dense calibration pass included).
+        refine_seconds: Wall time of mask refinement.
         total_seconds: Wall time of the whole call.
 
     Example::
@@ -73,14 +79,20 @@ class PruningReport:
     method: str
     structure: str
     target_sparsity: float
+    allocation: str | None = None
+    refinement: str | None = None
     sequential: bool = False
     block_stack: str | None = None
     num_samples: int = 0
     num_batches: int = 0
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
+    block_sparsity: dict[str, float] = field(default_factory=dict)
+    outlier_ratios: dict[str, float] = field(default_factory=dict)
     calibration_seconds: float = 0.0
     scoring_seconds: float = 0.0
+    allocation_seconds: float = 0.0
+    refine_seconds: float = 0.0
     total_seconds: float = 0.0
 
     @property
@@ -119,6 +131,8 @@ class PruningReport:
     def _summary_lines(self) -> list[tuple[str, str]]:
         return [
             ("method", self.method),
+            ("allocation", self.allocation or "uniform"),
+            ("refinement", self.refinement or "none"),
             ("structure", self.structure),
             ("target sparsity", f"{self.target_sparsity:.2%}"),
             ("global sparsity", f"{self.global_sparsity:.2%} ({self.num_pruned:,} of {self.num_parameters:,})"),
@@ -128,7 +142,10 @@ class PruningReport:
             (
                 "time",
                 f"{self.total_seconds:.2f} s (calibration {self.calibration_seconds:.2f} s, "
-                f"scoring {self.scoring_seconds:.2f} s)",
+                f"scoring {self.scoring_seconds:.2f} s"
+                + (f", allocation {self.allocation_seconds:.2f} s" if self.allocation else "")
+                + (f", refinement {self.refine_seconds:.2f} s" if self.refinement else "")
+                + ")",
             ),
         ]
 

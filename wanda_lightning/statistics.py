@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["InputNormStatistics", "LayerStatistics", "flatten_tokens"]
+__all__ = ["GramStatistics", "InputNormStatistics", "LayerStatistics", "flatten_tokens"]
 
 
 def flatten_tokens(inputs: Tensor, token_mask: Tensor | None, in_features: int) -> tuple[Tensor, Tensor | None]:
@@ -31,13 +31,31 @@ def flatten_tokens(inputs: Tensor, token_mask: Tensor | None, in_features: int) 
 class LayerStatistics(ABC):
     """What a pruning method accumulates about one layer's inputs during calibration.
 
+    An update happens in two moves so that layers fed the same input tensor (``q``/``k``/``v``, ``gate``/``up``) share
+    the expensive part: :meth:`summarize` reduces one batch of inputs to a few tensors (cached by the caller per input
+    tensor and statistics class), :meth:`accumulate` adds such a summary.
+
     Subclasses hold only float32/int64 *sums* in :meth:`state_tensors`, so that summing them across processes (an
     all-reduce under DDP) gives the statistics of the union of all processes' calibration data.
     """
 
     @abstractmethod
+    def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
+        """Reduces ``(N, in_features)`` token inputs (``mask``: ``(N,)`` bool or ``None``) to addends."""
+
+    @abstractmethod
+    def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
+        """Adds what :meth:`summarize` returned for a batch of ``num_sequences`` sequences."""
+
     def update(self, inputs: Tensor, token_mask: Tensor | None, num_sequences: int) -> None:
         """Adds one batch of inputs ``(..., in_features)``; ``token_mask`` is ``(...)``, True where a token counts."""
+        tokens, mask = flatten_tokens(inputs, token_mask, self.in_features)
+        self.accumulate(self.summarize(tokens, mask), num_sequences)
+
+    @property
+    @abstractmethod
+    def in_features(self) -> int:
+        """Input features of the layer."""
 
     @abstractmethod
     def state_tensors(self) -> list[Tensor]:
@@ -47,6 +65,14 @@ class LayerStatistics(ABC):
     @abstractmethod
     def num_tokens(self) -> int:
         """Calibration tokens seen."""
+
+
+def _masked_tokens(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+    """Float32 tokens with masked-out rows zeroed, and the number of tokens that count."""
+    values = tokens.float()
+    if mask is None:
+        return values, tokens.shape[0]
+    return values * mask.to(values.dtype).unsqueeze(1), int(mask.sum())
 
 
 class InputNormStatistics(LayerStatistics):
@@ -68,21 +94,25 @@ class InputNormStatistics(LayerStatistics):
     """
 
     def __init__(self, in_features: int, device: torch.device) -> None:
-        self.in_features = in_features
+        self._in_features = in_features
         self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)  # (in,)
         self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # (sequences, tokens)
 
-    def update(self, inputs: Tensor, token_mask: Tensor | None, num_sequences: int) -> None:
-        tokens, mask = flatten_tokens(inputs, token_mask, self.in_features)
+    @property
+    def in_features(self) -> int:
+        return self._in_features
+
+    def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
         squares = tokens.float().square()  # (N, in) in float32
         if mask is None:
-            self.sum_sq += squares.sum(dim=0)
-            num_tokens = tokens.shape[0]
-        else:
-            self.sum_sq += mask.to(squares.dtype) @ squares
-            num_tokens = int(mask.sum())
+            return squares.sum(dim=0), torch.tensor(tokens.shape[0])
+        return mask.to(squares.dtype) @ squares, mask.sum()
+
+    def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
+        sum_sq, num_tokens = summary
+        self.sum_sq += sum_sq
         self.counts[0] += num_sequences
-        self.counts[1] += num_tokens
+        self.counts[1] += num_tokens.to(self.counts.device)
 
     def state_tensors(self) -> list[Tensor]:
         return [self.sum_sq, self.counts]
@@ -100,3 +130,48 @@ class InputNormStatistics(LayerStatistics):
     def mean_sq_norm(self) -> Tensor:
         """``(in_features,)`` float32: mean over sequences of the per-sequence squared norm of each feature."""
         return self.sum_sq / max(self.num_sequences, 1)
+
+
+class GramStatistics(InputNormStatistics):
+    """Everything :class:`InputNormStatistics` holds plus the input Gram matrix and the per-feature sums.
+
+    ``gram = sum_t x_t x_t^T`` (float32, ``(in, in)``) is SparseGPT's Hessian up to a constant factor and gives the
+    exact reconstruction error ``||dW X||^2 = sum_r dW_r gram dW_r^T``; ``sum`` and the Gram diagonal give the
+    per-feature mean and variance that DSnoT uses.
+
+    Example::
+
+        >>> stats = GramStatistics(2, torch.device("cpu"))
+        >>> stats.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), None, num_sequences=1)
+        >>> stats.gram.tolist(), stats.mean.tolist()
+        ([[10.0, 14.0], [14.0, 20.0]], [2.0, 3.0])
+    """
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        super().__init__(in_features, device)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # (in, in)
+        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)  # (in,)
+
+    def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
+        values, num_tokens = _masked_tokens(tokens, mask)  # (N, in)
+        gram = values.t() @ values  # (in, in)
+        return torch.diagonal(gram).clone(), torch.tensor(num_tokens), gram, values.sum(dim=0)
+
+    def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
+        sum_sq, num_tokens, gram, total = summary
+        super().accumulate((sum_sq, num_tokens), num_sequences)
+        self.gram += gram
+        self.sum += total
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.sum_sq, self.counts, self.gram, self.sum]
+
+    @property
+    def mean(self) -> Tensor:
+        """``(in_features,)`` mean of each input feature over tokens."""
+        return self.sum / max(self.num_tokens, 1)
+
+    @property
+    def variance(self) -> Tensor:
+        """``(in_features,)`` population variance of each input feature over tokens."""
+        return (self.sum_sq / max(self.num_tokens, 1) - self.mean.square()).clamp_min(0.0)

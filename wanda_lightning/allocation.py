@@ -1,0 +1,110 @@
+"""Layer-wise sparsity allocation: OWL (Outlier-Weighed Layerwise sparsity, Yin et al., ICML 2024)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["OWL", "get_allocation", "owl_outlier_ratio", "owl_sparsities"]
+
+
+def owl_outlier_ratio(scores: Sequence[Tensor], m: float) -> float:
+    """Share of scores above ``m`` times the mean score of a group of layers (one decoder block).
+
+    The mean is taken over all the group's scores together, as OWL does on their concatenation (computed here
+    without concatenating).
+
+    Example::
+
+        >>> owl_outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 9.0])], m=2.0)
+        0.25
+    """
+    total = sum(float(s.double().sum()) for s in scores)
+    count = sum(s.numel() for s in scores)
+    threshold = m * total / count
+    return sum(int((s > threshold).sum()) for s in scores) / count
+
+
+def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
+    """OWL's per-group sparsities: more outliers, lower sparsity; the mean equals ``sparsity``.
+
+    Ratios are min-max normalised to ``[0, 2 * lam]``, centred, and subtracted from ``sparsity``.
+
+    Raises:
+        ValueError: If a group would get a sparsity outside ``[0, 1)``.
+
+    Example::
+
+        >>> [round(s, 3) for s in owl_sparsities([0.01, 0.02, 0.03], 0.5, 0.08)]
+        [0.58, 0.5, 0.42]
+    """
+    values = torch.tensor(list(ratios), dtype=torch.float64)
+    spread = float(values.max() - values.min()) if values.numel() else 0.0
+    if values.numel() == 0 or spread == 0.0:
+        return [sparsity] * values.numel()
+    normalised = (values - values.min()) / spread * (2 * lam)
+    result = (sparsity - (normalised - normalised.mean())).tolist()
+    low, high = min(result), max(result)
+    if low < 0.0 or high >= 1.0:
+        raise ValueError(
+            f"OWL with lam={lam} around sparsity={sparsity} gives block sparsities from {low:.3f} to {high:.3f}, outside "
+            f"[0, 1): lower `lam` (at most {min(sparsity, 1 - sparsity) / 2:.3f} is always safe)"
+        )
+    return result
+
+
+class OWL:
+    """Outlier-Weighed Layerwise sparsity: each block's sparsity from its share of outlier Wanda scores.
+
+    A block whose Wanda scores (``|W| * ||X||`` from a dense calibration pass) hold more values above ``m`` times
+    their mean keeps more weights; block sparsities span at most ``2 * lam`` and average to the target. Works with
+    every method; N:M structures fix the sparsity of every group, so OWL refuses them.
+
+    Args:
+        m: Outlier threshold as a multiple of the block's mean score (default 5).
+        lam: Half-width of the sparsity range (default 0.08).
+
+    Example::
+
+        >>> OWL(m=5, lam=0.08).describe()
+        'owl (M=5, lambda=0.08)'
+    """
+
+    name = "owl"
+
+    def __init__(self, m: float = 5.0, lam: float = 0.08) -> None:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0:
+            raise ValueError(f"OWL `m` must be a positive number, got {m!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam < 0.5:
+            raise ValueError(f"OWL `lam` must be in [0, 0.5), got {lam!r}")
+        self.m = float(m)
+        self.lam = float(lam)
+
+    def allocate(self, group_scores: Sequence[Sequence[Tensor]], sparsity: float) -> tuple[list[float], list[float]]:
+        """``(sparsities, outlier_ratios)`` for groups of score matrices (one group per block)."""
+        ratios = [owl_outlier_ratio(scores, self.m) for scores in group_scores]
+        return owl_sparsities(ratios, sparsity, self.lam), ratios
+
+    def describe(self) -> str:
+        return f"owl (M={self.m:g}, lambda={self.lam:g})"
+
+    def __repr__(self) -> str:
+        return f"OWL(m={self.m}, lam={self.lam})"
+
+
+def get_allocation(allocation: str | OWL | None) -> OWL | None:
+    """Resolves ``allocation`` (``None``, ``"uniform"``, ``"owl"`` or an :class:`OWL` instance).
+
+    Example::
+
+        >>> get_allocation("owl")
+        OWL(m=5.0, lam=0.08)
+    """
+    if allocation is None or isinstance(allocation, OWL):
+        return allocation
+    if isinstance(allocation, str) and allocation.lower() in ("uniform", "owl"):
+        return OWL() if allocation.lower() == "owl" else None
+    raise ValueError(f"`allocation` must be one of ['uniform', 'owl'] or an OWL instance, got {allocation!r}")
