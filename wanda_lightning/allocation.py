@@ -50,8 +50,8 @@ def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float) -> list
     low, high = min(result), max(result)
     if low < 0.0 or high >= 1.0:
         raise ValueError(
-            f"OWL with lam={lam} around sparsity={sparsity} gives block sparsities from {low:.3f} to {high:.3f}, outside "
-            f"[0, 1): lower `lam` (at most {min(sparsity, 1 - sparsity) / 2:.3f} is always safe)"
+            f"OWL with lam={lam} around sparsity={sparsity} gives block sparsities from {low:.3f} to {high:.3f}, "
+            f"outside [0, 1): lower `lam` (at most {min(sparsity, 1 - sparsity) / 2:.3f} is always safe)"
         )
     return result
 

@@ -25,7 +25,16 @@ from .sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from .statistics import GramStatistics, InputNormStatistics, LayerStatistics
 from .structure import SparsityStructure
 
-__all__ = ["RIA", "Magnitude", "PruningMethod", "SparseGPT", "Wanda", "available_methods", "get_method", "register_method"]
+__all__ = [
+    "RIA",
+    "Magnitude",
+    "PruningMethod",
+    "SparseGPT",
+    "Wanda",
+    "available_methods",
+    "get_method",
+    "register_method",
+]
 
 
 class PruningMethod(ABC):
@@ -94,8 +103,9 @@ class Wanda(PruningMethod):
 
     Args:
         variant: Use the reference code's ``--use_variant`` selection (per-row cumulative-score threshold with one
-            ratio per layer found by bisection) for unstructured sparsity. The achieved sparsity is then within
-            0.1 % of the target rather than exact.
+            ratio per layer found by bisection) for unstructured sparsity. The achieved sparsity is then close to the
+            target rather than exact: the bisection stops within 0.1 % of it, or when its bracket (ratios in
+            [0, 0.8]) narrows below 0.001, which for very high or very low targets can leave it further away.
 
     Example::
 
@@ -197,7 +207,12 @@ class SparseGPT(PruningMethod):
         if not bool(torch.isfinite(weight).all()):
             raise FloatingPointError("the weight is not finite")
         new_weight, keep = sparsegpt_prune(
-            weight, statistics.gram, sparsity, structure.n, structure.m, blocksize=self.blocksize,
+            weight,
+            statistics.gram,
+            sparsity,
+            structure.n,
+            structure.m,
+            blocksize=self.blocksize,
             percdamp=self.percdamp,
         )
         weight.copy_(new_weight)

@@ -556,10 +556,11 @@ def prune(
         A :class:`PruningReport`.
 
     Raises:
-        ValueError, TypeError: For bad arguments, before any weight changes (see the messages). Calibration
-            problems (a target layer no token reached, non-finite statistics) are found block by block: an error
-            raised for block *k* leaves blocks after it untouched, while blocks before *k* (and layers before the
-            stack) are already pruned; the message says so. In one-shot mode no weight has changed.
+        ValueError, TypeError: For bad arguments, before any weight changes (see the messages).
+        FloatingPointError: For non-finite target weights (before any change) or non-finite calibration statistics.
+            Calibration problems (a target layer no token reached, non-finite statistics) are found block by
+            block: an error raised for block *k* leaves blocks after it untouched, while blocks before *k* (and
+            layers before the stack) are already pruned; the message says so. In one-shot mode no weight has changed.
 
     The model keeps its train/eval modes, dtype and devices, also when an error is raised; hooks are always removed
     and no autograd graph is built.
@@ -597,6 +598,12 @@ def prune(
             "materialise the weights first"
         )
     layers, skipped = find_targets(model, targets, ignore)
+    not_finite = [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
+    if not_finite:
+        raise FloatingPointError(
+            f"target layer(s) {not_finite} have weights that are not finite (NaN or Inf); fix them or leave them "
+            "out with `ignore`"
+        )
     if parsed.is_n_m:
         assert parsed.m is not None
         bad = [f"{t.name} (in_features={t.in_features})" for t in layers if t.in_features % parsed.m]
