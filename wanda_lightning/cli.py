@@ -10,7 +10,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `handler=callable(args) -> int`.
-SUBCOMMANDS: tuple[str, ...] = ("bench",)
+SUBCOMMANDS: tuple[str, ...] = ("bench", "prune", "eval", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, FloatingPointError) as error:
+    except (ValueError, TypeError, OSError, ModuleNotFoundError, FloatingPointError) as error:
         print(f"wanda-lightning {args.command}: error: {error}", file=sys.stderr)
         return 2
 

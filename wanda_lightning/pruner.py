@@ -290,6 +290,9 @@ class _Pruner:
                 )
             )
             del keep, group
+        # Under a caller's torch.autocast with its weight cache on, cached low-precision copies of the weights just
+        # pruned would keep feeding later passes with dense values.
+        torch.clear_autocast_cache()
 
     # --- calibration -----------------------------------------------------------------------------------------------
 

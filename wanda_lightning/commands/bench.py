@@ -18,7 +18,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--sparsity", type=float, default=None, help="fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="'unstructured' or N:M such as 2:4")
-    parser.add_argument("--method", default="wanda", help="'wanda' or 'magnitude'")
+    parser.add_argument("--method", default="wanda", help="'wanda', 'magnitude', 'sparsegpt' or 'ria'")
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="uniform or OWL")
+    parser.add_argument("--refine", default="none", choices=["none", "dsnot"], help="none or DSnoT")
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         structure=args.structure,
         method=args.method,
+        allocation=args.allocation,
+        refine=args.refine,
         num_samples=None,
         progress=not args.json,
     )

@@ -1,0 +1,146 @@
+"""``WandaPruningCallback`` configured from YAML through ``LightningCLI`` (``trainer.callbacks`` entries)."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from wanda_lightning.callback import WandaPruningCallback
+from wanda_lightning.lightning_module import CausalLMModule
+
+pytest.importorskip("jsonargparse")
+pytest.importorskip("transformers")
+from lightning.pytorch.cli import LightningCLI
+
+MODEL = """
+model:
+  config:
+    model_type: llama
+    vocab_size: 128
+    hidden_size: 64
+    intermediate_size: 128
+    num_hidden_layers: 2
+    num_attention_heads: 4
+    num_key_value_heads: 2
+  learning_rate: 0.01
+"""
+
+
+class TokenData(pl.LightningDataModule):
+    """Random token windows, batched as ``{"input_ids": (B, T)}``.
+
+    Args:
+        train_size: Training windows.
+        val_size: Validation windows.
+        batch_size: Windows per batch.
+    """
+
+    def __init__(self, train_size: int = 8, val_size: int = 8, batch_size: int = 4) -> None:
+        super().__init__()
+        self.train_size, self.val_size, self.batch_size = train_size, val_size, batch_size
+
+    def _loader(self, count: int, seed: int) -> DataLoader:
+        ids = torch.randint(0, 128, (count, 16), generator=torch.Generator().manual_seed(seed))
+        return DataLoader([{"input_ids": row} for row in ids], batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_size, 1)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_size, 2)
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when it sees both ``args`` and pytest's own command line."""
+    monkeypatch.setattr("sys.argv", ["wanda"])
+
+
+def _config(tmp_path, callback: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args:
+      save_dir: {tmp_path}
+      name: logs
+      version: 0
+  callbacks:
+    - class_path: wanda_lightning.callback.WandaPruningCallback
+      init_args:
+{callback}
+{MODEL}
+"""
+    )
+    return str(path)
+
+
+def test_callback_is_configured_from_yaml_and_prunes(tmp_path):
+    callback = """        sparsity: 0.5
+        structure: "2:4"
+        prune_on: train_epoch_end
+        epoch: 0
+        targets: ["*.mlp.*"]
+        num_samples: 8
+        num_eval_batches: 1
+        calibration: val"""
+    cli = LightningCLI(
+        CausalLMModule,
+        TokenData,
+        args=["fit", "--config", _config(tmp_path, callback)],
+        save_config_kwargs={"overwrite": True},
+    )
+    (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
+    assert (pruning.prune_on, pruning.epoch, pruning.structure, pruning.targets) == (
+        "train_epoch_end",
+        0,
+        "2:4",
+        ("*.mlp.*",),
+    )
+    # Only the MLP layers were pruned, 2 of every 4, at the end of epoch 0; training went on sparse.
+    assert sorted(pruning.masks) == sorted(
+        f"model.model.layers.{i}.mlp.{p}_proj.weight" for i in range(2) for p in ("gate", "up", "down")
+    )
+    parameters = dict(cli.model.named_parameters())
+    for name, keep in pruning.masks.items():
+        assert (keep.view(keep.shape[0], -1, 4).sum(dim=-1) == 2).all()
+        assert torch.equal(parameters[name].detach() == 0, ~keep)
+    assert cli.trainer.current_epoch == 2
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["wanda/sparsity"] for row in rows if row["wanda/sparsity"]] == ["0.5"]
+    assert any(row.get("val_loss/delta") for row in rows)
+
+
+def test_help_shows_the_docstrings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(
+            CausalLMModule,
+            TokenData,
+            args=["fit", "--trainer.callbacks.help", "wanda_lightning.callback.WandaPruningCallback"],
+        )
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--trainer.callbacks.prune_on {fit_end,train_epoch_end,validate,checkpoint}" in text
+    assert "When to prune" in text and "the zero-based epoch after which to prune" in text
+
+
+def test_bad_yaml_value_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(CausalLMModule, TokenData, args=["fit", "--config", _config(tmp_path, "        prune_on: later")])
+    assert exit_info.value.code != 0
+    assert "prune_on" in capsys.readouterr().err
