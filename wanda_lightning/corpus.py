@@ -31,6 +31,7 @@ def token_windows(ids: Tensor, seqlen: int, count: int | None = None) -> Tensor:
 
     Example::
 
+        >>> import torch
         >>> token_windows(torch.arange(10), 4).tolist()
         [[0, 1, 2, 3], [4, 5, 6, 7]]
     """

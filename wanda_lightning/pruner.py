@@ -66,8 +66,8 @@ class _StatisticsCollector:
     """Forward pre-hooks that feed each target layer's input to its statistics.
 
     Every layer gets one statistics object per factory (the method's, then the refinement's). Layers that receive the
-    very same input tensor share the summary of it (one ``x^T x`` for ``q``/``k``/``v``); the cache holds a reference to
-    the tensor, so its memory cannot be reused by another tensor while the cache lives.
+    very same input tensor one after the other share the summary of it (one ``x^T x`` for ``q``/``k``/``v``); the cache
+    holds a reference to that one tensor, so its memory cannot be reused by another tensor while it is cached.
     """
 
     def __init__(
@@ -97,6 +97,9 @@ class _StatisticsCollector:
         for tensor, seen_version, kind, summary in self._cache:
             if tensor is inputs and seen_version == version and kind is type(stats):
                 return summary
+        # Layers sharing an input run back to back (q/k/v, gate/up): keep only the current input's summaries, so the
+        # cache never holds a whole forward's activations alive.
+        self._cache = [entry for entry in self._cache if entry[0] is inputs and entry[1] == version]
         tokens, mask = flatten_tokens(inputs, self.token_mask, stats.in_features)
         summary = stats.summarize(tokens, mask)
         self._cache.append((inputs, version, type(stats), summary))
