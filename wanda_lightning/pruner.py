@@ -248,7 +248,7 @@ class _Pruner:
         if self.sync_statistics is not None:
             self.sync_statistics(collector.tensors())
 
-    def _layer_sparsity(self, layer: TargetLayer, blocks: BlockStack | None) -> float:
+    def _layer_sparsity(self, layer: TargetLayer) -> float:
         if self.layer_sparsity is not None and layer.name in self.layer_sparsity:
             return self.layer_sparsity[layer.name]
         return self.structure.sparsity
@@ -263,7 +263,7 @@ class _Pruner:
             start = time.perf_counter()
             group = statistics.pop(layer.name, {}) if statistics is not None else {}
             weight = layer.weight_2d
-            sparsity = self._layer_sparsity(layer, blocks)
+            sparsity = self._layer_sparsity(layer)
             dense = weight.float().clone() if self.refinement is not None else None
             try:
                 keep = self.method.prune_layer(weight, group.get("method"), self.structure, sparsity)
