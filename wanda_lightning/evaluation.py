@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from .metrics import _perplexity_compute, _perplexity_update
 
 __all__ = ["perplexity"]
 
@@ -32,20 +32,17 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.int64)
     try:
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
             output = model(input_ids=ids)
             logits = output.logits if hasattr(output, "logits") else output
-            logits = logits[:, :-1].float()  # (B, T - 1, V)
-            targets = ids[:, 1:]
-            nll = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
-            total_nll += float(nll.double())
-            total_tokens += targets.numel()
+            # The same shifted, float32 log-softmax NLL as the torchmetrics metric (one implementation of the math).
+            nll, tokens = _perplexity_update(logits, ids, ignore_index=None)
+            total += nll.cpu()
+            count += tokens.cpu()
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return float(_perplexity_compute(total, count))
