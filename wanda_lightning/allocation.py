@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -11,21 +11,34 @@ from torch import Tensor
 __all__ = ["OWL", "get_allocation", "owl_outlier_ratio", "owl_sparsities"]
 
 
-def owl_outlier_ratio(scores: Sequence[Tensor], m: float) -> float:
+def owl_outlier_ratio(scores: Sequence[Tensor], m: float, all_reduce: Callable[[Tensor], None] | None = None) -> float:
     """Share of scores above ``m`` times the mean score of a group of layers (one decoder block).
 
     The mean is taken over all the group's scores together, as OWL does on their concatenation (computed here
     without concatenating).
+
+    Args:
+        scores: The group's score matrices.
+        m: Outlier threshold as a multiple of the mean.
+        all_reduce: For row shards of the scores spread over processes: an in-place sum across them, so that the
+            mean and the count are those of the whole matrices.
 
     Example::
 
         >>> owl_outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 9.0])], m=2.0)
         0.25
     """
-    total = sum(float(s.double().sum()) for s in scores)
-    count = sum(s.numel() for s in scores)
+    totals = torch.tensor(
+        [sum(float(s.double().sum()) for s in scores), float(sum(s.numel() for s in scores))], dtype=torch.float64
+    )
+    if all_reduce is not None:
+        all_reduce(totals)
+    total, count = float(totals[0]), float(totals[1])
     threshold = m * total / count
-    return sum(int((s > threshold).sum()) for s in scores) / count
+    outliers = torch.tensor([float(sum(int((s > threshold).sum()) for s in scores))], dtype=torch.float64)
+    if all_reduce is not None:
+        all_reduce(outliers)
+    return float(outliers[0]) / count
 
 
 def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:

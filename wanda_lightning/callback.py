@@ -39,6 +39,7 @@ from .metrics import Sparsity
 from .pruner import prune
 from .refinement import get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
+from .sharding import is_dtensor, local_tensor
 from .structure import SparsityStructure, parse_structure
 from .targets import _validate_patterns, find_targets
 
@@ -48,9 +49,7 @@ PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint"]
 _PRUNE_ON: tuple[str, ...] = ("fit_end", "train_epoch_end", "validate", "checkpoint")
 _CALIBRATION: tuple[str, ...] = ("val", "train")
 # Checked by name so that none of them has to be importable; DeepSpeedStrategy subclasses DDPStrategy.
-_UNSUPPORTED_STRATEGIES = frozenset(
-    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy"}
-)
+_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy"})
 # Top-level checkpoint key of the dense weights that `prune_on="checkpoint"` replaced by pruned ones.
 DENSE_WEIGHTS_KEY = "wanda_dense_weights"
 _STATE_VERSION = 1
@@ -290,6 +289,7 @@ class WandaPruningCallback(Callback):
         self._packed: dict[str, dict[str, Any]] | None = None
         self._handles: list[RemovableHandle] = []
         self._pruned_in_this_run = False
+        self._masks_from_weights = False  # FSDP2: masks are this process's shards, not saved in the state
         self._wrapped_save = False
         self._when = "a restored checkpoint"
 
@@ -338,6 +338,12 @@ class WandaPruningCallback(Callback):
         weights-only checkpoints (which call no callback hook) are pruned too."""
         if stage in ("fit", "validate"):
             _check_strategy(trainer)
+            if _is_sharded_strategy(trainer) and self.prune_on == "checkpoint":
+                raise MisconfigurationException(
+                    "`prune_on`='checkpoint' prunes temporary copies of the weights, which FSDP2 "
+                    f"({type(trainer.strategy).__name__}) does not allow for its sharded parameters: use 'fit_end', "
+                    "'train_epoch_end' or 'validate', or prune a saved checkpoint with `wanda-lightning prune`"
+                )
         if stage == "fit" and self.prune_on == "checkpoint" and not self._wrapped_save:
             original = pl_module.on_save_checkpoint
 
@@ -437,7 +443,7 @@ class WandaPruningCallback(Callback):
             return
         for param, drop in self._masked_parameters(pl_module, optimizer):
             if param.grad is not None:
-                param.grad.masked_fill_(drop, 0)
+                local_tensor(param.grad).masked_fill_(drop, 0)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -470,12 +476,15 @@ class WandaPruningCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The configuration, the bit-packed masks, the report and the measured metrics."""
-        if self._pruned_masks is not None and self._packed is None:
+        if self._pruned_masks is not None and self._packed is None and not self._masks_from_weights:
             self._packed = {name: _pack(drop) for name, drop in self._pruned_masks.items()}
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
-            "masks": self._packed,
+            # Under FSDP2 each process holds masks of its own shards only, and checkpoints keep one callback state:
+            # the masks are read back from the zeros of the restored weights instead.
+            "masks": None if self._masks_from_weights else self._packed,
+            "masks_from_weights": self._masks_from_weights and self._pruned_masks is not None,
             "report": self.report.to_dict() if self.report is not None else None,
             "metrics": deepcopy(self.metrics),
             "global_sparsity": self.global_sparsity,
@@ -495,6 +504,9 @@ class WandaPruningCallback(Callback):
         packed = state_dict.get("masks")
         self._packed = packed
         self._pruned_masks = {name: _unpack(entry) for name, entry in packed.items()} if packed else None
+        self._masks_from_weights = bool(state_dict.get("masks_from_weights", False))
+        if self._masks_from_weights:
+            self._pruned_masks = {}  # filled from the restored weights when the masks are attached
         report = state_dict.get("report")
         self.report = _report_from_dict(report) if report else None
         self.metrics = deepcopy(state_dict.get("metrics", {}))
@@ -544,6 +556,7 @@ class WandaPruningCallback(Callback):
         """Prunes the live module in place, keeps the masks, logs, and (when training) keeps the masks applied."""
         report, drops, before, after = self._run(trainer, pl_module, temporary=False)
         self._pruned_masks = drops
+        self._masks_from_weights = any(is_dtensor(p) for p in pl_module.parameters())
         self._packed = None
         self._record(trainer, report, before, after, when)
         self._pruned_in_this_run = True
@@ -556,16 +569,35 @@ class WandaPruningCallback(Callback):
         """Rank zero writes the compressed export of the pruned module to ``export_dir`` and logs its size."""
         from .export import save_compressed, save_pruned
 
+        full_state: dict[str, Tensor] | None = None
+        hf_state: dict[str, Tensor] | None = None
+        if any(is_dtensor(p) for p in pl_module.parameters()):
+            # FSDP2: every process takes part in gathering the full weights, which end up on rank zero's CPU only.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_state = cast(dict[str, Tensor], get_model_state_dict(pl_module, options=options))
+            prefix = _hf_prefix(pl_module)
+            if prefix is not None:
+                start = f"{prefix}." if prefix else ""
+                hf_state = {k.removeprefix(start): v for k, v in full_state.items() if k.startswith(start)}
         if trainer.is_global_zero:
             assert self.export_dir is not None
             # Masks come from the zeros of the weights: pruned weights are exactly 0 and the export is bit-exact.
             try:
-                summary = save_pruned(pl_module, self.export_dir, getattr(pl_module, "tokenizer", None), overwrite=True)
+                summary = save_pruned(
+                    pl_module,
+                    self.export_dir,
+                    getattr(pl_module, "tokenizer", None),
+                    overwrite=True,
+                    state_dict=hf_state,
+                )
             except (TypeError, ValueError) as error:
                 if "PreTrainedModel" not in str(error):
                     raise
                 # Not a transformers model: export the LightningModule's own state dict.
-                summary = save_compressed(pl_module.state_dict(), self.export_dir, overwrite=True)
+                state = full_state if full_state is not None else pl_module.state_dict()
+                summary = save_compressed(state, self.export_dir, overwrite=True)
             self.export_summary = summary
             metrics = {"wanda/export_bytes": float(summary.disk_bytes), "wanda/export_ratio": summary.compressed_ratio}
             for logger in trainer.loggers:
@@ -631,12 +663,13 @@ class WandaPruningCallback(Callback):
 
         drops: dict[str, Tensor] = {}
         layer_params = {layer.name: f"{layer.name}.weight" for layer in layers}
+        transposed = {layer.name for layer in layers if layer.transposed}
         progress = _Progress(trainer, "Wanda pruning", len(layers))
 
         def on_layer_pruned(name: str, keep: Tensor) -> None:
-            param = parameters[layer_params[name]]
+            # Shaped like the parameter (Conv1D stores (in, out)); under FSDP2, like this rank's shard of it.
             drop = ~keep
-            drops[layer_params[name]] = drop.t().contiguous() if drop.shape != param.shape else drop
+            drops[layer_params[name]] = drop.t().contiguous() if name in transposed else drop
             progress.advance()
 
         live = {name: param.data for name, param in parameters.items()}
@@ -751,10 +784,18 @@ class WandaPruningCallback(Callback):
                 batches = prepare_batches(moved(), self.num_samples, self.batch_size)[rank::world]
         except (ValueError, TypeError) as caught:
             error = caught
-        fewest = len(batches)
+        fewest = most = len(batches)
         if world > 1:
             count = torch.tensor(len(batches), device=trainer.strategy.root_device)
             fewest = int(trainer.strategy.reduce(count, reduce_op="min"))
+            most = int(trainer.strategy.reduce(count, reduce_op="max"))
+        if _is_sharded_strategy(trainer) and fewest != most and fewest > 0:
+            # FSDP2 all-gathers each block's weights in every forward: all processes must run as many.
+            rank_zero_warn(
+                f"WandaPruningCallback: the processes have {fewest} to {most} calibration batches; each uses its "
+                f"first {fewest} so that the sharded forwards stay in step"
+            )
+            batches = batches[:fewest]
         if error is not None and not isinstance(error, ValueError):
             raise MisconfigurationException(f"`calibration`={_describe(self.calibration)}: {error}") from error
         if fewest == 0:
@@ -826,10 +867,12 @@ class WandaPruningCallback(Callback):
         """Checks the masks against the module, moves them to its devices, applies them and hooks every optimizer."""
         assert self._pruned_masks is not None
         parameters = dict(pl_module.named_parameters())
+        if self._masks_from_weights:
+            self._pruned_masks = self._masks_of_zeros(pl_module)
         for name, drop in list(self._pruned_masks.items()):
             param = parameters.get(name)
-            if param is None or tuple(param.shape) != tuple(drop.shape):
-                found = "missing" if param is None else f"shape {tuple(param.shape)}"
+            if param is None or tuple(local_tensor(param).shape) != tuple(drop.shape):
+                found = "missing" if param is None else f"shape {tuple(local_tensor(param).shape)}"
                 raise MisconfigurationException(
                     f"the pruning mask of {name!r} (shape {tuple(drop.shape)}) does not fit the module ({found}): the "
                     "checkpoint was made for another model"
@@ -844,15 +887,22 @@ class WandaPruningCallback(Callback):
         if not trainer.optimizers:
             self._enforce(pl_module, None)
 
+    def _masks_of_zeros(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Drop masks read from the zeros of the target weights (this process's shards): pruned weights are exactly 0
+        (a kept weight that happens to be exactly 0 is then held at 0 too)."""
+        layers, _ = find_targets(pl_module, self.targets, self.ignore)
+        weights = {f"{layer.name}.weight": cast(Tensor, layer.module.weight).detach() for layer in layers}
+        return {name: local_tensor(weight) == 0 for name, weight in weights.items()}
+
     def _enforce(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> None:
         """Re-applies the masks after an optimizer step and zeroes the optimizer state of pruned entries."""
         with torch.no_grad():
             for param, drop in self._masked_parameters(pl_module, optimizer):
-                param.masked_fill_(drop, 0)
+                local_tensor(param).masked_fill_(drop, 0)
                 state = optimizer.state.get(param) if optimizer is not None else None
                 for value in (state or {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
-                        value.masked_fill_(drop, 0)
+                        local_tensor(value).masked_fill_(drop, 0)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -927,15 +977,48 @@ def _describe(calibration: Any) -> str:
     return repr(calibration) if isinstance(calibration, str) else type(calibration).__name__
 
 
+def _is_sharded_strategy(trainer: pl.Trainer) -> bool:
+    return type(trainer.strategy).__name__ == "ModelParallelStrategy"
+
+
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     names = {cls.__name__ for cls in type(strategy).__mro__}
+    supported = "a single device, DDP (`strategy`='ddp', 'ddp_spawn', ...) or ModelParallelStrategy with FSDP2"
+    if "DeepSpeedStrategy" in names:
+        raise MisconfigurationException(
+            f"WandaPruningCallback does not support DeepSpeed ({type(strategy).__name__}) yet: ZeRO keeps flattened "
+            f"parameter partitions that pruning cannot address by rows. Use {supported}, or prune the consolidated "
+            "model after training with `wanda_lightning.prune`"
+        )
+    if "ModelParallelStrategy" in names:
+        try:
+            mesh = strategy.device_mesh  # type: ignore[attr-defined]
+        except RuntimeError:  # before the processes are set up: checked again when pruning
+            return
+        names_of_dims = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if "tensor_parallel" in names_of_dims and mesh["tensor_parallel"].size() > 1:
+            raise MisconfigurationException(
+                f"WandaPruningCallback prunes FSDP2 row shards; tensor parallelism (`tensor_parallel_size`="
+                f"{mesh['tensor_parallel'].size()}) splits weights by columns too and is not supported yet: use "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard"
+            )
+        return
     if names & _UNSUPPORTED_STRATEGIES or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise MisconfigurationException(
-            f"WandaPruningCallback does not support the {type(strategy).__name__} strategy yet: use a single device "
-            "or DDP (`strategy`='ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'), or prune the model after training "
-            "with `wanda_lightning.prune`"
+            f"WandaPruningCallback does not support the {type(strategy).__name__} strategy yet: use {supported}, "
+            "or prune the model after training with `wanda_lightning.prune`"
         )
+
+
+def _hf_prefix(pl_module: nn.Module) -> str | None:
+    """Module name of the one transformers model inside ``pl_module`` (``""`` for itself), or ``None``."""
+    from .export.hf import _hf_model
+
+    try:
+        return _hf_model(pl_module)[1]
+    except (ImportError, TypeError):
+        return None
 
 
 def _first_loader(loaders: Any) -> Iterable[Any] | None:
@@ -963,14 +1046,15 @@ def _safe_len(loader: Any) -> int | None:
 
 
 def _measure_sparsity(parameters: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
-    """Overall and per-layer sparsity through :class:`Sparsity`, whose states are summed across processes (every
-    process holds the same weights, so the fractions are those of one process)."""
+    """Overall and per-layer sparsity through :class:`Sparsity`, whose states are summed across processes (under DDP
+    every process holds the same weights, so the fractions are those of one process; under FSDP2 each holds its own
+    rows, so the sums are those of the whole weights)."""
     overall = Sparsity()
     per_layer: dict[str, float] = {}
     for name, weight in parameters.items():
         metric = Sparsity()
-        metric.update(weight)
-        overall.update(weight)
+        metric.update(local_tensor(weight.detach()))
+        overall.update(local_tensor(weight.detach()))
         per_layer[name.removesuffix(".weight")] = float(metric.compute())
     return float(overall.compute()), per_layer
 

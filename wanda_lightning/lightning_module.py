@@ -9,7 +9,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from .blocks import find_block_stack
 from .metrics import Perplexity
+from .targets import find_targets
 
 __all__ = ["CausalLMModule"]
 
@@ -96,6 +98,25 @@ class CausalLMModule(pl.LightningModule):
         self.val_ppl.update(output.logits, labels)
         self.log("val_loss", output.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("val_ppl", self.val_ppl, prog_bar=True)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shards every decoder block and then the whole model with FSDP2
+        (``fully_shard`` over the data-parallel mesh dimension); under any other strategy, does nothing.
+
+        Tensor parallelism is not applied: use ``ModelParallelStrategy(tensor_parallel_size=1)``.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return  # configure_model runs again for each trainer entry point
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        stack = find_block_stack(self.model, find_targets(self.model, ignore=[])[0])
+        for block in stack.blocks if stack is not None else []:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)

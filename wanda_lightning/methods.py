@@ -90,6 +90,12 @@ class PruningMethod(ABC):
         weight.masked_fill_(~keep, 0)
         return keep
 
+    def shard_local(self, structure: SparsityStructure) -> bool:
+        """Whether each output row's mask depends only on that row and the statistics, so that a rank holding some
+        rows of a weight (FSDP2's ``Shard(0)``) can prune them alone; ``False`` (the safe default) refuses sharded
+        weights."""
+        return False
+
     def describe(self) -> str:
         """Short human-readable name, including options."""
         return self.name
@@ -136,6 +142,10 @@ class Wanda(PruningMethod):
             return variant_keep_mask(scores, sparsity)
         return super().select(scores, structure, sparsity)
 
+    def shard_local(self, structure: SparsityStructure) -> bool:
+        # The variant's bisection hits the target sparsity of the whole layer, which needs every row.
+        return not (self.variant and not structure.is_n_m)
+
     def describe(self) -> str:
         return "wanda (variant)" if self.variant else "wanda"
 
@@ -160,6 +170,9 @@ class Magnitude(PruningMethod):
 
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         return weight.abs().float()
+
+    def shard_local(self, structure: SparsityStructure) -> bool:
+        return True
 
 
 class SparseGPT(PruningMethod):
@@ -217,6 +230,10 @@ class SparseGPT(PruningMethod):
         )
         weight.copy_(new_weight)
         return keep
+
+    def shard_local(self, structure: SparsityStructure) -> bool:
+        # Rows are updated independently, but the unstructured mask is chosen over all rows of each column block.
+        return structure.is_n_m
 
     def __repr__(self) -> str:
         return f"SparseGPT(blocksize={self.blocksize}, percdamp={self.percdamp})"

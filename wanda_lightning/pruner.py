@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .calibration import (
 from .methods import PruningMethod, Wanda, get_method
 from .refinement import DSnoT, get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
+from .sharding import ShardedLayout, reshard_fsdp_modules, sharded_layout
 from .statistics import InputNormStatistics, LayerStatistics, flatten_tokens
 from .structure import SparsityStructure, parse_structure
 from .targets import TargetLayer, find_targets
@@ -207,8 +209,13 @@ class _Pruner:
         on_layer_pruned: LayerCallback | None,
         allocation: OWL | None = None,
         refinement: DSnoT | None = None,
+        layout: ShardedLayout | None = None,
     ) -> None:
         self.model = model
+        self.layout = layout
+        # Under FSDP2 every rank must run every block forward to its end: the all-gathers stay in lock-step, and a
+        # forward cut short by an exception would leave the block unsharded.
+        self.stop_early = layout is None
         self.method = method
         self.allocation = allocation
         self.refinement = refinement
@@ -259,6 +266,8 @@ class _Pruner:
         statistics: dict[str, dict[str, LayerStatistics]] | None,
         blocks: BlockStack | None,
     ) -> None:
+        if self.layout is not None:
+            reshard_fsdp_modules(self.model)  # masks go to the sharded parameters, not to unsharded copies
         for layer in layers:
             start = time.perf_counter()
             group = statistics.pop(layer.name, {}) if statistics is not None else {}
@@ -284,7 +293,7 @@ class _Pruner:
                 LayerReport(
                     name=layer.name,
                     kind=layer.kind,
-                    shape=(layer.out_features, layer.in_features),
+                    shape=layer.shape,
                     sparsity=num_pruned / keep.numel(),
                     target_sparsity=sparsity,
                     num_pruned=num_pruned,
@@ -306,7 +315,7 @@ class _Pruner:
         self, layers: Sequence[TargetLayer], batches: list[Any], factories: dict[str, StatisticsFactory] | None = None
     ) -> _StatisticsCollector:
         start = time.perf_counter()
-        collector = _StatisticsCollector(layers, factories or self.factories, stop_when_done=True)
+        collector = _StatisticsCollector(layers, factories or self.factories, stop_when_done=self.stop_early)
         with collector.attached():
             for batch in tqdm(batches, desc="calibrating", disable=not self.progress, leave=False):
                 collector.start_batch(token_mask_of(batch), batch_size_of(batch))
@@ -335,7 +344,7 @@ class _Pruner:
         ratios = []
         for layers in groups.values():
             scores = [scorer.score(layer.weight_2d, collector.statistics[layer.name]["owl"]) for layer in layers]
-            ratios.append(owl_outlier_ratio(scores, self.allocation.m))
+            ratios.append(owl_outlier_ratio(scores, self.allocation.m, self.layout.sum_ if self.layout else None))
             del scores
         sparsities = owl_sparsities(ratios, self.structure.sparsity, self.allocation.lam)
         self.layer_sparsity = {}
@@ -385,6 +394,8 @@ class _Pruner:
                     )
         finally:
             handle.remove()
+            if self.layout is not None:
+                reshard_fsdp_modules(self.model)  # the capture stopped the root's forward inside it
         return records, collector
 
     def _record(self, captured: _BlockInputsCaptured, batch: Any) -> _BlockInput:
@@ -480,7 +491,7 @@ class _Pruner:
         stack: BlockStack,
     ) -> None:
         start = time.perf_counter()
-        collector = _StatisticsCollector(layers, self.factories, stop_when_done=True)
+        collector = _StatisticsCollector(layers, self.factories, stop_when_done=self.stop_early)
         with collector.attached():
             for record in records:
                 collector.start_batch(record.token_mask, record.num_sequences)
@@ -604,11 +615,18 @@ def prune(
             "materialise the weights first"
         )
     layers, skipped = find_targets(model, targets, ignore)
+    layout = sharded_layout(layers)
+    if layout is not None:
+        _check_shardable(layout, pruning_method, parsed, compute_device)
     not_finite = [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
-    if not_finite:
+    flag = torch.tensor([float(len(not_finite))])
+    if layout is not None:
+        layout.all_reduce([flag], "max")  # every rank raises, or none does
+    if float(flag) > 0:
+        where = not_finite or "(in another process's shards)"
         raise FloatingPointError(
-            f"target layer(s) {not_finite} have weights that are not finite (NaN or Inf); fix them or leave them "
-            "out with `ignore`"
+            f"target layer(s) {where} have weights that are not finite (NaN or "
+            "Inf); fix them or leave them out with `ignore`"
         )
     if parsed.is_n_m:
         assert parsed.m is not None
@@ -633,6 +651,10 @@ def prune(
             wanted += [x.describe() for x in (owl, refinement) if x is not None]
             raise ValueError(f"{' + '.join(wanted)} needs `calibration` batches, got None")
         batches = prepare_batches(calibration, num_samples, batch_size)
+        if layout is not None:
+            batches = _same_count_on_every_rank(batches, layout)
+    if layout is not None and sync_statistics is None:
+        sync_statistics = layout.sum_all
 
     report = PruningReport(
         method=pruning_method.describe(),
@@ -660,6 +682,7 @@ def prune(
         on_layer_pruned=on_layer_pruned,
         allocation=owl,
         refinement=refinement,
+        layout=layout,
     )
     modes = [(module, module.training) for module in model.modules()]
     configs: list[Any] = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
@@ -682,5 +705,53 @@ def prune(
             module.training = training
         for config, cached in zip(configs, caches, strict=True):
             config.use_cache = cached
+    if layout is not None and layout.sharded_layers:
+        _gather_layer_counts(report, layout)
     report.total_seconds = time.perf_counter() - total_start
     return report
+
+
+def _check_shardable(
+    layout: ShardedLayout, method: PruningMethod, structure: SparsityStructure, device: torch.device | None
+) -> None:
+    if layout.sharded_layers and not method.shard_local(structure):
+        raise ValueError(
+            f"`method`={method.describe()!r} with `structure`={structure.name!r} compares weights across output rows, "
+            f"and layer(s) {layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes "
+            "(FSDP2); use 'wanda', 'magnitude' or an N:M structure with 'sparsegpt', or prune before sharding"
+        )
+    if device is not None:
+        raise ValueError(
+            f"`device`={str(device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
+            "leave `device` at None"
+        )
+
+
+def _same_count_on_every_rank(batches: list[Any], layout: ShardedLayout) -> list[Any]:
+    """Truncates to the fewest batches any rank has: FSDP2 all-gathers every block's weights in each forward, so a
+    rank running one more forward than the others would wait for them forever."""
+    counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64)
+    layout.all_reduce([counts], "min")
+    fewest, most = int(counts[0]), -int(counts[1])
+    if fewest == 0:
+        raise ValueError(
+            f"calibration gave no batch on at least one of {layout.world_size} processes; every process needs some"
+        )
+    if fewest != most:
+        warnings.warn(
+            f"calibration batch counts differ across processes ({fewest} to {most}); every process uses its first "
+            f"{fewest} so that sharded forwards stay in step",
+            stacklevel=3,
+        )
+    return batches[:fewest]
+
+
+def _gather_layer_counts(report: PruningReport, layout: ShardedLayout) -> None:
+    """Sums each layer's pruned count over the ranks' row shards, so the report describes whole weights."""
+    sharded = set(layout.sharded_layers)
+    entries = [entry for entry in report.layers if entry.name in sharded]
+    counts = torch.tensor([float(entry.num_pruned) for entry in entries], dtype=torch.float64)
+    layout.all_reduce([counts], "sum")
+    for entry, count in zip(entries, counts.tolist(), strict=True):
+        entry.num_pruned = int(count)
+        entry.sparsity = entry.num_pruned / (entry.shape[0] * entry.shape[1])

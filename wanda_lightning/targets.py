@@ -10,6 +10,8 @@ from typing import cast
 
 from torch import Tensor, nn
 
+from .sharding import local_tensor
+
 __all__ = ["TargetLayer", "find_targets", "matches_any"]
 
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head",)
@@ -31,8 +33,11 @@ class TargetLayer:
 
     @property
     def weight_2d(self) -> Tensor:
-        """The weight as ``(out_features, in_features)``: a view that writes through to the parameter."""
-        weight = cast(Tensor, self.module.weight).data
+        """The weight as ``(out_features, in_features)``: a view that writes through to the parameter.
+
+        For a DTensor weight (FSDP2), this rank's shard: its own output rows under ``Shard(0)``.
+        """
+        weight = local_tensor(cast(Tensor, self.module.weight).data)
         return weight.t() if self.transposed else weight
 
     @property
@@ -44,8 +49,20 @@ class TargetLayer:
         return int(self.weight_2d.shape[0])
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the whole weight (of all shards, for a DTensor)."""
+        rows, columns = (int(d) for d in cast(Tensor, self.module.weight).shape)
+        return (columns, rows) if self.transposed else (rows, columns)
+
+    @property
     def kind(self) -> str:
         return type(self.module).__name__
+
+
+def _storage_key(weight: Tensor) -> int:
+    """Identifies a weight's memory, to find tied weights; a DTensor by its local shard (its own pointer is 0)."""
+    local = local_tensor(weight)
+    return local.data_ptr() if local.numel() else id(weight)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -104,7 +121,7 @@ def _embedding_weights(model: nn.Module) -> dict[int, str]:
     found: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            found[module.weight.data_ptr()] = name
+            found[_storage_key(module.weight)] = name
     get_input = getattr(model, "get_input_embeddings", None)
     if callable(get_input):
         try:
@@ -112,7 +129,7 @@ def _embedding_weights(model: nn.Module) -> dict[int, str]:
         except (NotImplementedError, AttributeError):
             embedding = None
         if embedding is not None and getattr(embedding, "weight", None) is not None:
-            found.setdefault(embedding.weight.data_ptr(), "input embeddings")
+            found.setdefault(_storage_key(embedding.weight), "input embeddings")
     return found
 
 
@@ -155,7 +172,7 @@ def find_targets(
         candidates.append(name)
         if target_patterns is not None and not matches_any(name, target_patterns):
             continue
-        pointer = module.weight.data_ptr()
+        pointer = _storage_key(module.weight)
         if pointer in embeddings:
             skipped.append((name, f"weight shared with embedding `{embeddings[pointer]}`"))
             continue

@@ -100,6 +100,7 @@ def save_pruned(
     masks: Mapping[str, Tensor] | None = None,
     min_sparsity: float = DEFAULT_MIN_SPARSITY,
     progress: bool = False,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> ExportSummary:
     """Exports a pruned transformers model as a compact, Hugging Face-style directory.
 
@@ -125,6 +126,10 @@ def save_pruned(
             (bit-exact all the same).
         min_sparsity: Smallest fraction of zeros for which a 2-D weight is compressed (default 0.25).
         progress: Show a progress bar over tensors.
+        state_dict: The transformers model's full state dict, when ``model`` itself holds shards of it (FSDP2:
+            ``torch.distributed.checkpoint.state_dict.get_model_state_dict(hf_model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))``); keys as in ``hf_model.state_dict()``. ``None`` reads
+            ``model``.
 
     Returns:
         An :class:`~wanda_lightning.export.ExportSummary` with the on-disk and dense sizes. When no weight is sparse
@@ -147,7 +152,7 @@ def save_pruned(
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"`tokenizer` must have save_pretrained(), got {type(tokenizer).__name__}")
     config = _export_config(hf_model, dtype)
-    state: dict[str, Tensor] = dict(hf_model.state_dict())
+    state: dict[str, Tensor] = dict(state_dict) if state_dict is not None else dict(hf_model.state_dict())
     non_persistent = [name for name, _ in hf_model.named_buffers() if name not in state]
     buffers = dict(hf_model.named_buffers())
     for name in non_persistent:

@@ -1,0 +1,175 @@
+"""One process of a 2-process CPU (gloo) run under FSDP2, started by ``test_sharded.py`` (not a test module itself).
+
+Usage: ``python sharded_worker.py SCENARIO OUT_DIR`` with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT`` set. Each rank writes ``OUT_DIR/rank{r}.pt`` with what the test checks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def tiny_llama() -> Any:
+    from conftest import _tiny_llama
+
+    return _tiny_llama()
+
+
+def calibration() -> list[dict[str, torch.Tensor]]:
+    from conftest import make_batches
+
+    return make_batches(num_batches=4, batch=2, seed=3)
+
+
+def _count_full_gathers() -> dict[str, int]:
+    """Counts ``DTensor.full_tensor`` / ``redistribute`` calls (what a full-weight gather for pruning would use)."""
+    from torch.distributed.tensor import DTensor
+
+    counts = {"full_tensor": 0, "redistribute": 0}
+    for name in counts:
+        original = getattr(DTensor, name)
+
+        def wrapped(self: Any, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(DTensor, name, wrapped)
+    return counts
+
+
+def _count_all_reduce_bytes() -> dict[str, int]:
+    counts = {"all_reduce_bytes": 0, "all_reduce_calls": 0}
+    original = dist.all_reduce
+
+    def wrapped(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        counts["all_reduce_bytes"] += tensor.numel() * tensor.element_size()
+        counts["all_reduce_calls"] += 1
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = wrapped
+    return counts
+
+
+def functional(out: str, rank: int, uneven: bool, structure: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from wanda_lightning import prune
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    model = tiny_llama()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    batches = calibration()
+    mine = batches[:3] if (uneven and rank == 0) else batches[rank::2][: (1 if uneven else 2)]
+    gathers = _count_full_gathers()
+    reduced = _count_all_reduce_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune(model, mine, structure=structure, sparsity=None if ":" in structure else 0.5, num_samples=None)
+    counts = {**gathers, **reduced}
+    local = {
+        name: (param.to_local() == 0).float().mean().item()
+        for name, param in model.named_parameters()
+        if name.endswith("proj.weight")
+    }
+    full = {name: param.full_tensor().clone() for name, param in model.named_parameters()}
+    torch.save(
+        dict(
+            counts=counts,
+            local_sparsity=local,
+            full=full,
+            report_sparsity=report.global_sparsity,
+            warnings=[str(w.message) for w in caught],
+        ),
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    from wanda_lightning import WandaPruningCallback
+    from wanda_lightning.lightning_module import CausalLMModule
+
+    batches = calibration()
+    rows = [dict(input_ids=ids) for b in batches for ids in b["input_ids"]]
+    loader = DataLoader(rows, batch_size=2, shuffle=False)
+
+    def make_trainer(**kwargs: Any) -> Trainer:
+        return Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed_checkpoint
+            ),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **kwargs,
+        )
+
+    module = CausalLMModule(tiny_llama(), learning_rate=1e-3)
+    callback = WandaPruningCallback(sparsity=0.5, num_samples=None, verbose=False, num_eval_batches=1)
+    trainer = make_trainer(max_steps=2, callbacks=[callback], enable_checkpointing=False, limit_val_batches=2)
+    trainer.fit(module, loader, loader)
+    weights = {n: p.full_tensor().clone() for n, p in module.named_parameters() if n.endswith("proj.weight")}
+    checkpoint = os.path.join(out, "ckpt")
+    trainer.save_checkpoint(checkpoint)
+
+    # Resume: two more steps of sparse training; the masks come back from the checkpoint's zeros.
+    resumed_module = CausalLMModule(tiny_llama(), learning_rate=1e-3)
+    resumed_callback = WandaPruningCallback(sparsity=0.5, num_samples=None, verbose=False, num_eval_batches=1)
+    prune_calls: list[str] = []
+    original_prune = resumed_callback._prune
+    resumed_callback._prune = lambda *args: (prune_calls.append(args[2]), original_prune(*args))[1]  # type: ignore
+    resumed = make_trainer(max_steps=4, callbacks=[resumed_callback], enable_checkpointing=False, limit_val_batches=2)
+    resumed.fit(resumed_module, loader, loader, ckpt_path=checkpoint)
+    after = {n: p.full_tensor().clone() for n, p in resumed_module.named_parameters() if n.endswith("proj.weight")}
+    torch.save(
+        dict(
+            weights=weights,
+            after_resume=after,
+            global_sparsity=callback.global_sparsity,
+            resumed_step=resumed.global_step,
+            resumed_pruned_again=bool(prune_calls),
+            metrics=callback.metrics,
+            state=resumed_callback.state_dict(),
+        ),
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    scenario, out = sys.argv[1], sys.argv[2]
+    rank = int(os.environ["RANK"])
+    if scenario == "functional":
+        functional(out, rank, uneven=False, structure="unstructured")
+    elif scenario == "functional-2:4":
+        functional(out, rank, uneven=False, structure="2:4")
+    elif scenario == "uneven":
+        functional(out, rank, uneven=True, structure="unstructured")
+    elif scenario == "trainer":
+        trainer_run(out, rank, distributed_checkpoint=True)
+    elif scenario == "trainer-full-checkpoint":
+        trainer_run(out, rank, distributed_checkpoint=False)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""FSDP2 (row-sharded DTensor weights): 2 CPU processes over gloo, compared with one process over the union of
+their calibration batches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import _tiny_llama, make_batches
+
+from wanda_lightning import prune
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+TIMEOUT = 240  # seconds: a hang fails the test instead of the suite
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_two_processes(scenario: str, out: Path) -> list[dict[str, Any]]:
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), scenario, str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"the 2-process {scenario!r} run hung for {TIMEOUT} s")
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-6000:]}"
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def _single_process(llama: Any, batches: list[dict], structure: str) -> dict[str, torch.Tensor]:
+    prune(llama, batches, structure=structure, sparsity=None if ":" in structure else 0.5, num_samples=None)
+    return {name: param.detach().clone() for name, param in llama.named_parameters()}
+
+
+def _agreement(sharded: dict[str, torch.Tensor], single: dict[str, torch.Tensor]) -> float:
+    same = total = 0
+    for name, weight in single.items():
+        if name.endswith("proj.weight"):
+            same += int(((sharded[name] == 0) == (weight == 0)).sum())
+            total += weight.numel()
+    return same / total
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_fsdp2_masks_equal_one_process_over_all_batches(tmp_path, llama, structure):
+    scenario = "functional" if structure == "unstructured" else "functional-2:4"
+    ranks = run_two_processes(scenario, tmp_path)
+    single = _single_process(llama, make_batches(num_batches=4, batch=2, seed=3), structure)
+    for result in ranks:
+        assert _agreement(result["full"], single) >= 0.999
+        # Every rank's own rows are exactly as sparse as asked.
+        assert all(value == 0.5 for value in result["local_sparsity"].values()), result["local_sparsity"]
+        assert result["report_sparsity"] == pytest.approx(0.5)
+        # No weight was gathered to compute masks; only statistics (float32 sums, int64 counts) were all-reduced.
+        assert result["counts"]["full_tensor"] == 0 and result["counts"]["redistribute"] == 0
+        in_features = sum(p.shape[1] for n, p in single.items() if n.endswith("proj.weight"))
+        assert 0 < result["counts"]["all_reduce_bytes"] < 64 * in_features
+    # Kept weights are untouched, so both ranks' gathered models are identical.
+    assert all(torch.equal(ranks[0]["full"][n], ranks[1]["full"][n]) for n in ranks[0]["full"])
+
+
+def test_fsdp2_uneven_batch_counts_are_truncated_not_hung(tmp_path, llama):
+    ranks = run_two_processes("uneven", tmp_path)
+    batches = make_batches(num_batches=4, batch=2, seed=3)
+    single = _single_process(llama, [batches[0], batches[1]], "unstructured")
+    assert any("differ across processes" in w for w in ranks[0]["warnings"])
+    for result in ranks:
+        assert _agreement(result["full"], single) >= 0.999
+
+
+@pytest.mark.parametrize("checkpoint", ["distributed", "full"])
+def test_fsdp2_trainer_prunes_checkpoints_and_resumes_sparse(tmp_path, checkpoint):
+    ranks = run_two_processes("trainer" if checkpoint == "distributed" else "trainer-full-checkpoint", tmp_path)
+    for result in ranks:
+        assert result["global_sparsity"] == pytest.approx(0.5)
+        for name, weight in result["weights"].items():
+            assert (weight == 0).float().mean().item() == pytest.approx(0.5), name
+            # Two more optimizer steps after resuming: pruned weights stay exactly 0, the kept ones moved.
+            after = result["after_resume"][name]
+            assert torch.equal(after == 0, weight == 0), name
+            assert not torch.equal(after, weight), name
+        assert result["resumed_step"] == 4
+        assert not result["resumed_pruned_again"]
+        assert result["state"]["masks"] is None and result["state"]["masks_from_weights"]
+        assert "val_loss" in result["metrics"]
+    assert all(torch.equal(ranks[0]["weights"][n], ranks[1]["weights"][n]) for n in ranks[0]["weights"])
+    if checkpoint == "full":
+        # One file with the whole state dict: loads anywhere, without FSDP, and is as sparse as the live model.
+        from wanda_lightning.lightning_module import CausalLMModule
+
+        state = torch.load(tmp_path / "ckpt", weights_only=False)["state_dict"]
+        for name, weight in ranks[0]["weights"].items():
+            assert torch.equal(state[name], weight), name
+        module = CausalLMModule.load_from_checkpoint(tmp_path / "ckpt", model=_tiny_llama())
+        q_proj = module.model.model.layers[0].self_attn.q_proj.weight
+        assert (q_proj == 0).float().mean().item() == pytest.approx(0.5)

@@ -1,0 +1,177 @@
+"""Row-sharded weights (FSDP2 ``fully_shard``, DTensor ``Shard(0)``): what can be pruned shard-locally, and the few
+collectives that keep every rank's decisions identical.
+
+Wanda decides each output row from that row's weights and the input statistics, so a rank that holds rows
+``[a, b)`` of a weight (``Shard(0)``) prunes them on its own once the statistics are all-reduced: no weight is ever
+gathered. Everything here works on plain tensors too, so the engine calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["ShardedLayout", "is_dtensor", "local_tensor", "reshard_fsdp_modules", "sharded_layout"]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (or a parameter wrapping one).
+
+    Example::
+
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor as a plain tensor view (in-place writes reach the DTensor); a plain tensor as is.
+
+    Example::
+
+        >>> t = torch.ones(2); local_tensor(t) is t
+        True
+    """
+    if is_dtensor(tensor):
+        return tensor.to_local()  # type: ignore[attr-defined]
+    return tensor
+
+
+def reshard_fsdp_modules(model: nn.Module) -> None:
+    """Puts every FSDP2 module of ``model`` back in its sharded state, also after an interrupted forward.
+
+    Block-sequential calibration stops the model's forward with an exception once the first block's inputs are
+    captured; FSDP2's post-forward hooks then never run, leaving the root module "in forward" with unsharded copies
+    as its parameters. Those hooks are run here (innermost modules first), then every module is resharded, so masks
+    go to the sharded parameters and the next forward starts clean.
+
+    Example::
+
+        >>> reshard_fsdp_modules(nn.Linear(2, 2))  # no FSDP module: nothing to do
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for module in reversed(list(model.modules())):
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        if state._training_state == TrainingState.FORWARD:
+            state._post_forward(module, (), None)
+        module.reshard()
+
+
+@dataclass
+class ShardedLayout:
+    """How a model's target weights are distributed.
+
+    Attributes:
+        group: The process group of the data-parallel mesh dimension the weights are sharded over.
+        world_size: Ranks in ``group``.
+        sharded_layers: Target layers whose weights are split by rows (``Shard(0)``) across ``group``.
+    """
+
+    group: Any
+    world_size: int
+    sharded_layers: list[str]
+    device_type: str = "cpu"
+
+    def all_reduce(self, tensors: Iterable[Tensor], op: str = "sum") -> None:
+        """In-place all-reduce (``"sum"``, ``"min"`` or ``"max"``) over the data-parallel group.
+
+        Tensors are moved to the mesh's device type for the collective (NCCL needs CUDA tensors) and back.
+        """
+        reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+        for tensor in tensors:
+            wire = tensor
+            if tensor.device.type != self.device_type:
+                cuda = self.device_type == "cuda"
+                wire = tensor.to(torch.device("cuda", torch.cuda.current_device()) if cuda else self.device_type)
+            dist.all_reduce(wire, op=reduce_op, group=self.group)
+            if wire is not tensor:
+                tensor.copy_(wire)
+
+    def sum_(self, tensor: Tensor) -> None:
+        """In-place sum of one tensor across the group."""
+        self.all_reduce([tensor], "sum")
+
+    def sum_all(self, tensors: list[Tensor]) -> None:
+        """In-place sums across the group: the default ``sync_statistics`` for sharded models."""
+        self.all_reduce(tensors, "sum")
+
+
+def _describe_mesh(mesh: Any) -> str:
+    names = getattr(mesh, "mesh_dim_names", None)
+    return f"{mesh.ndim}-D mesh {tuple(names) if names else tuple(mesh.shape)}"
+
+
+def sharded_layout(layers: Sequence[Any]) -> ShardedLayout | None:
+    """Checks that every DTensor target weight can be pruned shard-locally and returns their common layout.
+
+    Supported: ``Shard(0)`` (rows; FSDP2's ``fully_shard``) or ``Replicate()`` on a one-dimensional device mesh, the
+    same mesh for all layers. Tensor parallelism (a second mesh dimension, or ``Shard(1)``), and transposed GPT-2
+    ``Conv1D`` weights sharded along their stored rows (the input dimension) are refused: their output rows are not
+    local to one rank.
+
+    Args:
+        layers: :class:`~wanda_lightning.targets.TargetLayer` objects.
+
+    Returns:
+        ``None`` when no weight is a DTensor, else the layout.
+
+    Raises:
+        ValueError: Naming the first layer whose placement cannot be pruned shard-locally, and its placement.
+
+    Example::
+
+        >>> from wanda_lightning.targets import find_targets
+        >>> sharded_layout(find_targets(nn.Sequential(nn.Linear(4, 4)))[0]) is None
+        True
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh: Any = None
+    sharded: list[str] = []
+    for layer in layers:
+        weight = layer.module.weight
+        if not is_dtensor(weight):
+            continue
+        placements = tuple(weight.placements)
+        row_dim = 1 if layer.transposed else 0
+        row_sharded = placements == (Shard(row_dim),)
+        if weight.device_mesh.ndim != 1 or not (row_sharded or placements == (Replicate(),)):
+            raise ValueError(
+                f"layer {layer.name!r} is sharded as {placements} on a {_describe_mesh(weight.device_mesh)}; pruning "
+                f"works on weights split by output rows (Shard({row_dim}), as FSDP2's fully_shard does) or replicated, "
+                "on one data-parallel mesh dimension. Tensor parallelism is not supported yet: apply only "
+                "fully_shard (ModelParallelStrategy(tensor_parallel_size=1)), or leave the layer out with `ignore`"
+            )
+        if mesh is None:
+            mesh = weight.device_mesh
+        elif weight.device_mesh != mesh:
+            raise ValueError(
+                f"layer {layer.name!r} lives on another device mesh ({_describe_mesh(weight.device_mesh)}) than the "
+                "first sharded target layer; all sharded target layers must share one data-parallel mesh"
+            )
+        if row_sharded:
+            sharded.append(layer.name)
+    if mesh is None:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("target weights are DTensors but torch.distributed is not initialized")
+    group = mesh.get_group()
+    return ShardedLayout(
+        group=group, world_size=dist.get_world_size(group), sharded_layers=sharded, device_type=mesh.device_type
+    )
