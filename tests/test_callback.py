@@ -613,12 +613,43 @@ def test_train_calibration_outside_fit_is_refused(tmp_path):
     assert all(torch.equal(module.state_dict()[k], v) for k, v in initial.items())
 
 
-@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy"])
-def test_unsupported_strategies_are_named(name):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("FSDPStrategy", "does not support the FSDPStrategy strategy"), ("DeepSpeedStrategy", r"DeepSpeed \(Deep")],
+)
+def test_unsupported_strategies_are_named(name, message):
     strategy = type(name, (DDPStrategy,), {})()  # DeepSpeedStrategy subclasses DDPStrategy: refused by name
     trainer = SimpleNamespace(strategy=strategy)
-    with pytest.raises(MisconfigurationException, match=f"does not support the {name} strategy"):
+    with pytest.raises(MisconfigurationException, match=message):
         WandaPruningCallback().setup(trainer, make_module(), "fit")  # type: ignore[arg-type]
+
+
+class _Mesh:
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, tensor_parallel: int) -> None:
+        self.sizes = {"data_parallel": 2, "tensor_parallel": tensor_parallel}
+
+    def __getitem__(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(size=lambda: self.sizes[name])
+
+
+def _model_parallel_trainer(tensor_parallel: int) -> SimpleNamespace:
+    mesh = _Mesh(tensor_parallel)
+    strategy = type("ModelParallelStrategy", (DDPStrategy,), {"device_mesh": property(lambda self: mesh)})()
+    return SimpleNamespace(strategy=strategy)
+
+
+def test_model_parallel_with_tensor_parallelism_is_refused():
+    with pytest.raises(MisconfigurationException, match=r"tensor parallelism \(`tensor_parallel_size`=2\)"):
+        WandaPruningCallback().setup(_model_parallel_trainer(2), make_module(), "fit")  # type: ignore[arg-type]
+    WandaPruningCallback().setup(_model_parallel_trainer(1), make_module(), "fit")  # type: ignore[arg-type]
+
+
+def test_model_parallel_refuses_prune_on_checkpoint():
+    callback = WandaPruningCallback(prune_on="checkpoint")
+    with pytest.raises(MisconfigurationException, match=r"`prune_on`='checkpoint' prunes temporary copies"):
+        callback.setup(_model_parallel_trainer(1), make_module(), "fit")  # type: ignore[arg-type]
 
 
 # --- the demo command -------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from .refinement import DSnoT, get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
 from .sharding import ShardedLayout, reshard_fsdp_modules, sharded_layout
 from .statistics import InputNormStatistics, LayerStatistics, flatten_tokens
+from .streaming import SafetensorsCheckpoint, meta_tensor_names
 from .structure import SparsityStructure, parse_structure
 from .targets import TargetLayer, find_targets
 
@@ -36,6 +38,7 @@ __all__ = ["prune"]
 
 StatisticsSync = Callable[[list[Tensor]], None]
 LayerCallback = Callable[[str, Tensor], None]
+BlockCallback = Callable[[str, nn.Module], None]
 StatisticsFactory = Callable[[int, torch.device], LayerStatistics | None]
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
@@ -210,9 +213,13 @@ class _Pruner:
         allocation: OWL | None = None,
         refinement: DSnoT | None = None,
         layout: ShardedLayout | None = None,
+        source: SafetensorsCheckpoint | None = None,
+        on_block_pruned: BlockCallback | None = None,
     ) -> None:
         self.model = model
         self.layout = layout
+        self.source = source
+        self.on_block_pruned = on_block_pruned
         # Under FSDP2 every rank must run every block forward to its end: the all-gathers stay in lock-step, and a
         # forward cut short by an exception would leave the block unsharded.
         self.stop_early = layout is None
@@ -451,7 +458,14 @@ class _Pruner:
         last = len(stack.blocks) - 1
         for index, block in enumerate(tqdm(stack.blocks, desc="pruning blocks", disable=not self.progress)):
             layers = by_block.get(index, [])
-            home = _module_device(block)
+            streamed = self.source is not None and bool(meta_tensor_names(block))
+            if streamed:
+                assert self.source is not None
+                home = self.device or input_device(self.model)
+                self.source.materialize(block, f"{stack.block_name(index)}.", home)
+                _check_finite(layers, f" (read from the checkpoint for block {index}){self._already_pruned()}")
+            else:
+                home = _module_device(block)
             compute = self.device or home or records[0].hidden.device
             if self.device is not None and home is not None and home != self.device:
                 block.to(self.device)
@@ -464,9 +478,13 @@ class _Pruner:
                         record.hidden = move_to(_run_block(block, record, compute), self.offload_device)
                     self.report.calibration_seconds += time.perf_counter() - start
             finally:
-                if self.device is not None and home is not None and home != self.device:
+                if streamed and self.offload_device is not None:
+                    block.to(self.offload_device)
+                elif not streamed and self.device is not None and home is not None and home != self.device:
                     block.to(home)
             self.pruned_blocks = index + 1
+            if self.on_block_pruned is not None:
+                self.on_block_pruned(stack.block_name(index), block)
         del records
 
         if after:
@@ -524,6 +542,8 @@ def prune(
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
     on_layer_pruned: LayerCallback | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    on_block_pruned: BlockCallback | None = None,
 ) -> PruningReport:
     """Prunes ``model`` in place with Wanda (or another method) and reports what it did.
 
@@ -567,7 +587,17 @@ def prune(
         progress: Show a progress bar over blocks.
         sync_statistics: Called with each block's statistic tensors (sums) before masks are computed; distributed
             callers pass an in-place all-reduce so that every process computes the same masks.
-        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer is pruned.
+        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer is pruned (for a weight
+            sharded by FSDP2, the mask of this process's rows).
+        checkpoint: For a model built on the meta device (``accelerate.init_empty_weights()``), the ``.safetensors``
+            file or folder its weights come from, named as in ``model.state_dict()``. Tensors outside the block stack
+            are read first (onto ``device``, default CPU); each block's just before it is calibrated, so memory holds
+            the calibration activations, the non-block tensors and the blocks not yet released. With
+            ``offload_device`` a pruned block moves there; :class:`~wanda_lightning.streaming.BlockSaver` as
+            ``on_block_pruned`` writes it out and releases it instead. Needs block-sequential calibration and no
+            ``allocation``.
+        on_block_pruned: Block-sequential mode: called as ``on_block_pruned(block_name, block)`` once a block is
+            pruned and has produced the next block's inputs (say, to save it and free its memory).
 
     Returns:
         A :class:`PruningReport`.
@@ -608,17 +638,33 @@ def prune(
         raise TypeError(f"`sequential` must be a bool, got {sequential!r}")
     compute_device = _as_device(device, "device")
     offload = _as_device(offload_device, "offload_device")
-    meta = [name for name, p in model.named_parameters() if p.is_meta]
-    if meta:
+    meta = meta_tensor_names(model)
+    source: SafetensorsCheckpoint | None = None
+    if meta and checkpoint is None:
         raise ValueError(
             f"parameters on the meta device cannot be pruned: {meta[:5]}{' ...' if len(meta) > 5 else ''}; load or "
-            "materialise the weights first"
+            "materialise the weights first, or pass `checkpoint` (their safetensors file or folder)"
+        )
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"`checkpoint` must be a path to a .safetensors file or folder, got {checkpoint!r}")
+        source = SafetensorsCheckpoint(checkpoint)
+        missing = source.missing(model)
+        if missing:
+            raise ValueError(
+                f"`checkpoint`={str(checkpoint)!r} has no tensor {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                "for the model's meta parameters or buffers (names as in model.state_dict()); build the model with "
+                "accelerate's init_empty_weights(), which keeps buffers such as rotary tables real"
+            )
+    if on_block_pruned is not None and not callable(on_block_pruned):
+        raise TypeError(
+            f"`on_block_pruned` must be callable as on_block_pruned(block_name, block), got {on_block_pruned!r}"
         )
     layers, skipped = find_targets(model, targets, ignore)
     layout = sharded_layout(layers)
     if layout is not None:
         _check_shardable(layout, pruning_method, parsed, compute_device)
-    not_finite = [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
+    not_finite = [t.name for t in layers if not t.weight_2d.is_meta and not bool(torch.isfinite(t.weight_2d).all())]
     flag = torch.tensor([float(len(not_finite))])
     if layout is not None:
         layout.all_reduce([flag], "max")  # every rank raises, or none does
@@ -644,6 +690,18 @@ def prune(
             f"{parsed.sparsity:g} for every group of {parsed.m}; use structure='unstructured' with OWL"
         )
     needs_data = pruning_method.requires_calibration or owl is not None or refinement is not None
+    if source is not None and meta:
+        if owl is not None:
+            raise ValueError(
+                "`allocation`='owl' scores every block on the dense model before pruning the first, which a model "
+                "read block by block from `checkpoint` cannot do; load the model, or use allocation=None"
+            )
+        if not (use_sequential and needs_data):
+            source.materialize(model, "", compute_device)  # no block-by-block pass to stream into: read everything
+            _check_finite(layers, " (read from the checkpoint)")
+        else:
+            assert stack is not None
+            source.materialize(model, "", compute_device, exclude=f"{stack.name}." if stack.name else None)
     batches: list[Any] = []
     if needs_data:
         if calibration is None:
@@ -683,6 +741,8 @@ def prune(
         allocation=owl,
         refinement=refinement,
         layout=layout,
+        source=source if use_sequential and needs_data else None,
+        on_block_pruned=on_block_pruned,
     )
     modes = [(module, module.training) for module in model.modules()]
     configs: list[Any] = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
@@ -709,6 +769,15 @@ def prune(
         _gather_layer_counts(report, layout)
     report.total_seconds = time.perf_counter() - total_start
     return report
+
+
+def _check_finite(layers: Sequence[TargetLayer], where: str) -> None:
+    bad = [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
+    if bad:
+        raise FloatingPointError(
+            f"target layer(s) {bad} have weights that are not finite (NaN or Inf){where}; fix them or leave them out "
+            "with `ignore`"
+        )
 
 
 def _check_shardable(

@@ -62,7 +62,7 @@ class TargetLayer:
 def _storage_key(weight: Tensor) -> int:
     """Identifies a weight's memory, to find tied weights; a DTensor by its local shard (its own pointer is 0)."""
     local = local_tensor(weight)
-    return local.data_ptr() if local.numel() else id(weight)
+    return local.data_ptr() if local.numel() and not local.is_meta else id(weight)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
