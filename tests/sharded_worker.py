@@ -97,6 +97,44 @@ def functional(out: str, rank: int, uneven: bool, structure: str) -> None:
     dist.destroy_process_group()
 
 
+def options(out: str, rank: int) -> None:
+    """Refusals for methods that compare across rows; OWL (all-reduced outlier counts) and DSnoT under FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from wanda_lightning import Wanda, prune
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    mine = calibration()[rank::2]
+    errors = {}
+    results = {}
+    for label, kwargs in {
+        "sparsegpt": dict(method="sparsegpt"),
+        "ria": dict(method="ria"),
+        "variant": dict(method=Wanda(variant=True)),
+        "device": dict(device="cpu"),
+        "owl": dict(allocation="owl"),
+        "dsnot": dict(refine="dsnot"),
+        "sparsegpt-2:4": dict(method="sparsegpt", structure="2:4", sparsity=None),
+    }.items():
+        model = tiny_llama()
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        try:
+            report = prune(model, mine, **{"sparsity": 0.5, **kwargs}, num_samples=None)
+        except ValueError as error:
+            errors[label] = str(error)
+            continue
+        results[label] = dict(
+            full={n: p.full_tensor().clone() for n, p in model.named_parameters()},
+            block_sparsity=dict(report.block_sparsity),
+        )
+    torch.save(dict(errors=errors, results=results), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -163,6 +201,8 @@ def main() -> None:
         functional(out, rank, uneven=False, structure="2:4")
     elif scenario == "uneven":
         functional(out, rank, uneven=True, structure="unstructured")
+    elif scenario == "options":
+        options(out, rank)
     elif scenario == "trainer":
         trainer_run(out, rank, distributed_checkpoint=True)
     elif scenario == "trainer-full-checkpoint":

@@ -3,6 +3,7 @@ their calibration batches."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -95,6 +96,30 @@ def test_fsdp2_masks_equal_one_process_over_all_batches(tmp_path, llama, structu
         assert 0 < result["counts"]["all_reduce_bytes"] < 64 * in_features
     # Kept weights are untouched, so both ranks' gathered models are identical.
     assert all(torch.equal(ranks[0]["full"][n], ranks[1]["full"][n]) for n in ranks[0]["full"])
+
+
+def test_fsdp2_methods_comparing_across_rows_are_refused_and_owl_dsnot_match(tmp_path, llama):
+    ranks = run_two_processes("options", tmp_path)
+    batches = make_batches(num_batches=4, batch=2, seed=3)
+    for result in ranks:
+        errors = result["errors"]
+        assert set(errors) == {"sparsegpt", "ria", "variant", "device"}
+        assert "compares weights across output rows" in errors["sparsegpt"] and "'sparsegpt'" in errors["sparsegpt"]
+        assert "'ria (a=0.5)'" in errors["ria"] and "'wanda (variant)'" in errors["variant"]
+        assert "`device`='cpu'" in errors["device"]
+        for label, kwargs in {
+            "owl": dict(allocation="owl"),
+            "dsnot": dict(refine="dsnot"),
+            "sparsegpt-2:4": dict(method="sparsegpt", structure="2:4", sparsity=None),
+        }.items():
+            single = copy.deepcopy(llama)
+            report = prune(single, batches, **{"sparsity": 0.5, **kwargs}, num_samples=None)
+            expected = {name: param.detach() for name, param in single.named_parameters()}
+            assert _agreement(result["results"][label]["full"], expected) >= 0.999, label
+            if label == "owl":
+                got = result["results"][label]["block_sparsity"]
+                assert got.keys() == report.block_sparsity.keys()
+                assert all(abs(got[k] - v) < 1e-9 for k, v in report.block_sparsity.items())
 
 
 def test_fsdp2_uneven_batch_counts_are_truncated_not_hung(tmp_path, llama):
