@@ -719,3 +719,20 @@ def test_export_dir_writes_a_compressed_export_that_loads_back(tmp_path):
 def test_bad_issue5_and_export_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         WandaPruningCallback(**kwargs)
+
+
+def test_gpt2_conv1d_masks_follow_the_stored_layout_also_when_square(tmp_path):
+    """Conv1D stores (in, out): a square weight's mask must be transposed too, or training would zero the wrong
+    entries after every optimizer step."""
+    torch.manual_seed(0)
+    module = CausalLMModule(
+        config={"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 1, "n_head": 4}, learning_rate=1e-2
+    )
+    callback = WandaPruningCallback(sparsity=0.5, prune_on="train_epoch_end", epoch=0, evaluate=False, verbose=False)
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[callback])
+    trainer.fit(module, loader(8, seed=1), loader(4, seed=2))
+    square = module.model.transformer.h[0].attn.c_proj.weight  # Conv1D (64, 64)
+    assert square.shape[0] == square.shape[1]
+    assert torch.equal(callback.masks["model.transformer.h.0.attn.c_proj.weight"], square != 0)
+    # Each input column of the stored (in, out) weight feeds every output: rows of the (out, in) view are 50 % sparse.
+    assert ((square.t() == 0).sum(dim=1) == 32).all()
