@@ -40,12 +40,15 @@ def _data(samples: int, seqlen: int) -> tuple[Any, torch.Tensor]:
 
 def _counting(counts: dict[str, float]) -> None:
     """Wraps the collectives that pruning can use, to count their bytes."""
-    for name in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
+    for name in ("all_reduce", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "broadcast"):
+        if not hasattr(dist, name):
+            continue
         original = getattr(dist, name)
 
         def wrapped(tensor: torch.Tensor, *args: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
             if counts.get("active"):
-                source = args[0] if _name == "all_gather_into_tensor" and args else tensor
+                gather = _name.startswith("all_gather")
+                source = args[0] if gather and args else tensor  # an all-gather's input is its second argument
                 counts[_name] = counts.get(_name, 0) + source.numel() * source.element_size()
             return _original(tensor, *args, **kw)
 
@@ -161,7 +164,7 @@ def main() -> None:
                 f"{result['seconds'] / report.total_seconds:.2f}",
                 f"{result['peak_rss_mib']:.0f}",
                 f"{collectives.get('all_reduce', 0) / 2**20:.2f}",
-                f"{collectives.get('all_gather_into_tensor', 0) / 2**20:.1f}",
+                f"{sum(v for k, v in collectives.items() if k.startswith('all_gather')) / 2**20:.1f}",
                 f"{result['sparsity']:.4f}",
             ]
         )

@@ -95,6 +95,15 @@ class WandaPruningCallback(Callback):
     counts) are all-reduced, so every process computes the same masks as one process would over the union of all
     processes' calibration batches.
 
+    Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``, ``tensor_parallel_size=1``)
+    each process prunes its own rows of every weight (``Shard(0)``) from the all-reduced statistics: no weight is
+    gathered. Every process runs as many calibration batches (the fewest any has, with a warning when they differ), so
+    the sharded forwards stay in step. The masks are not kept in the callback state (each process holds only its
+    shards'); a resumed run reads them back from the zeros of the restored weights. ``prune_on="checkpoint"`` is
+    refused there; ``export_dir`` gathers the full weights on rank zero's CPU. Methods that compare weights across
+    rows (SparseGPT unstructured, RIA, Wanda's variant) are refused with sharded weights. FSDP1 (``FSDPStrategy``),
+    DeepSpeed and tensor parallelism get a clear error.
+
     Args:
         sparsity: Fraction of weights zeroed in every output row, in ``[0, 1)``; default 0.5 when unstructured and
             implied by an ``N:M`` structure.
@@ -142,7 +151,8 @@ class WandaPruningCallback(Callback):
         MisconfigurationException: For an invalid argument (the message names it, the value and what is allowed), or
             later, before any weight changes, when the run cannot be pruned: no validation dataloader for
             ``calibration="val"``, a calibration dataloader that yields nothing, batches the module's forward cannot
-            take, an unsupported strategy (FSDP, DeepSpeed, ...), target patterns that match no layer.
+            take, an unsupported strategy (FSDP1, DeepSpeed, tensor parallelism, ...), target patterns that match no
+            layer.
 
     Example::
 
