@@ -79,9 +79,9 @@ def _reference_sparsegpt(weight, hessian, sparsity, prune_n=0, prune_m=0, blocks
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "4:8"])
-@pytest.mark.parametrize("blocksize", [8, 128])
-def test_sparsegpt_matches_slow_reference(structure, blocksize):
-    weight, _, stats = _layer_data()
+@pytest.mark.parametrize(("blocksize", "cols"), [(8, 32), (128, 32), (24, 56), (128, 72)])
+def test_sparsegpt_matches_slow_reference(structure, blocksize, cols):
+    weight, _, stats = _layer_data(cols=cols, tokens=512)
     parsed = parse_structure(structure, 0.5 if structure == "unstructured" else None)
     new, keep = sparsegpt_prune(weight, stats.gram, parsed.sparsity, parsed.n, parsed.m, blocksize=blocksize)
     ref_w, ref_keep = _reference_sparsegpt(
