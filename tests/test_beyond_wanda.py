@@ -338,7 +338,7 @@ def _reference_dsnot(dense, current, keep, stats, n, m, guard, max_cycles, thres
         kept = [j for j in range(cols) if kp[j]]
         score = {j: float(d[j] * s[j]) / max(float(var[j]), 1e-12) ** power for j in pruned}
         regrow = sorted(pruned, key=lambda j: -direction * score[j])
-        opposite = [j for j in kept if (float(w[j] * s[j]) < 0) == (direction > 0)]
+        opposite = [j for j in kept if float(w[j] * s[j]) * direction < 0]
         same = [j for j in kept if j not in opposite]
         cut_order = sorted(opposite, key=lambda j: wanda[j]) + sorted(same, key=lambda j: -wanda[j])
         prunable = set(kept)

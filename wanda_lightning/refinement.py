@@ -107,43 +107,41 @@ def dsnot_refine(
     per_sequence_sum = (statistics.sum / num_sequences).to(device)  # (in,)
     tokens_per_sequence = max(statistics.num_tokens, 1) / num_sequences
     variance = statistics.variance.to(device)  # (in,)
-    signal = dense * per_sequence_sum  # (out, in): DSnoT's W_j * s_j, what regrowing a pruned j takes off e
-    cut_signal = current * per_sequence_sum  # (out, in): what pruning a kept j adds to e
-    error = signal.sum(dim=1) - cut_signal.sum(dim=1)  # (out,)
+    error = dense @ per_sequence_sum - current @ per_sequence_sum  # (out,): e = sum_j dW_j s_j
     initial_sign = torch.sign(error)
     # A row's e never changes sign (a swap that would flip it ends the row), so each row needs one end of each
     # candidate order only: regrow the weights that take most off e, prune first those that add the opposite sign.
     direction = torch.where(error > 0, 1.0, -1.0).unsqueeze(1)  # (out, 1)
     row_index = torch.arange(rows, device=device)
-    limit = torch.minimum((~keep).sum(dim=1), keep.sum(dim=1))  # (out,): swaps a row can make at most
+    kept_count = keep.sum(dim=1)
+    limit = torch.minimum(columns - kept_count, kept_count)  # (out,): swaps a row can make at most
     k = max(min(max_cycles, columns), 1)
     inf = torch.tensor(math.inf, device=device)
-    regrow_key = -direction * signal / variance.clamp_min(1e-12).pow(variance_power)
-    grow_list = _first(torch.where(keep, inf, regrow_key), k)  # (out, k)
-    del regrow_key
+    regrow_scale = per_sequence_sum / variance.clamp_min(1e-12).pow(variance_power)  # (in,)
+    grow_list = _first(torch.where(keep, inf, dense * (-direction * regrow_scale)), k)  # (out, k): by -d W_j s_j/var_j
     grown_dense = dense.gather(1, grow_list)
-    removed = grown_dense * per_sequence_sum[grow_list]  # (out, k)
+    removed = grown_dense * per_sequence_sum[grow_list]  # (out, k): what each regrowth takes off e
     if guard == "expected":
         grow_cost = grown_dense.square() * variance[grow_list]
-    wanda = dense.abs() * statistics.mean_sq_norm.to(device).sqrt()
+    wanda = dense.abs().mul_(statistics.mean_sq_norm.to(device).sqrt())
     if m is None:
-        # Kept weights whose signal opposes e, weakest (Wanda score) first, then the others strongest first.
+        # Kept weights whose signal W_j s_j opposes e's sign, weakest (Wanda score) first, then the others strongest
+        # first (a key above every Wanda score, decreasing with it).
         ceiling = 2 * float(wanda.max()) + 1.0
-        opposite = torch.where(direction > 0, cut_signal < 0, cut_signal >= 0)
+        opposite = (current * (direction * per_sequence_sum)) < 0
         cut_list = _first(torch.where(keep, torch.where(opposite, wanda, ceiling - wanda), inf), k)  # (out, k)
         del opposite
-        step = cut_signal.gather(1, cut_list) - removed  # (out, k): change of e per candidate swap
+        kept = current.gather(1, cut_list)
+        step = kept * per_sequence_sum[cut_list] - removed  # (out, k): change of e per candidate swap
         if guard == "expected":
-            kept = current.gather(1, cut_list)
             dense_cut = dense.gather(1, cut_list)
             step_cost = (dense_cut.square() - (dense_cut - kept).square()) * variance[cut_list] - grow_cost
-            del kept, dense_cut
+            del dense_cut
+        del kept
     else:
         # Only weights kept by the starting mask may be pruned, each at most once, from the regrown weight's group.
         prunable = torch.where(keep, wanda, inf)
         group_offsets = torch.arange(m, device=device)
-        if guard == "expected":
-            cost_matrix = (dense.square() - (dense - current).square()) * variance
     del wanda
     if guard == "exact":
         assert isinstance(statistics, GramStatistics)
@@ -161,7 +159,8 @@ def dsnot_refine(
         else:
             start = grow - grow % m  # (out,)
             cut = start + prunable.gather(1, start.unsqueeze(1) + group_offsets).argmin(dim=1)
-            after = error + cut_signal[row_index, cut] - removed[:, cycle]
+            cut_weight = current[row_index, cut]
+            after = error + cut_weight * per_sequence_sum[cut] - removed[:, cycle]
             active &= torch.isfinite(prunable[row_index, cut])
         # A row stops once |e| is small, e would change sign, or it runs out of candidates.
         active &= (error.abs() > update_threshold) & (torch.sign(after) == initial_sign) & (limit > cycle)
@@ -169,7 +168,11 @@ def dsnot_refine(
             break
         accept = active
         if guard == "expected":
-            cost = step_cost[:, cycle] if m is None else cost_matrix[row_index, cut] - grow_cost[:, cycle]
+            if m is None:
+                cost = step_cost[:, cycle]
+            else:
+                cut_dense = dense[row_index, cut]
+                cost = (cut_dense.square() - (cut_dense - cut_weight).square()) * variance[cut] - grow_cost[:, cycle]
             accept = accept & ((after.square() - error.square()) / tokens_per_sequence**2 + cost < 0)
         elif guard == "exact":
             c = cut_list[:, cycle] if m is None else cut
@@ -191,11 +194,14 @@ def dsnot_refine(
             cuts[:, cycle] = cut
             prunable.scatter_(1, cut.unsqueeze(1), torch.where(accept, inf, prunable[row_index, cut]).unsqueeze(1))
 
-    rows_of = row_index.unsqueeze(1).expand(rows, k)[accepted]
-    new_keep = keep.clone()
-    new_keep[rows_of, grow_list[accepted]] = True
-    new_keep[rows_of, (cut_list if m is None else cuts)[accepted]] = False
-    weights = torch.where(new_keep, torch.where(keep, current, dense), torch.zeros_like(dense))
+    # Each accepted swap regrows one initially pruned weight and prunes one initially kept one (counts, since an N:M
+    # row may list the same rejected cut in several cycles).
+    accepted_count = accepted.to(torch.int32)
+    grown = torch.zeros(rows, columns, dtype=torch.int32, device=device).scatter_add_(1, grow_list, accepted_count) > 0
+    cut_off = torch.zeros(rows, columns, dtype=torch.int32, device=device)
+    cut_off = cut_off.scatter_add_(1, cut_list if m is None else cuts, accepted_count) > 0
+    new_keep = (keep & ~cut_off) | grown
+    weights = torch.where(cut_off, 0.0, torch.where(grown, dense, current))
     return new_keep, weights
 
 
