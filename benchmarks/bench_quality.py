@@ -41,6 +41,8 @@ UNSTRUCTURED = [
     ("ria", dict(method="ria")),
     ("wanda+owl", dict(allocation="owl")),
     ("wanda+dsnot", dict(refine="dsnot")),
+    ("wanda+dsnot(exact)", dict(refine="dsnot-exact")),
+    ("wanda+dsnot(unguarded)", dict(refine="dsnot-unguarded")),
     ("wanda+owl+dsnot", dict(allocation="owl", refine="dsnot")),
     ("ria+owl", dict(method="ria", allocation="owl")),
     ("ria+dsnot", dict(method="ria", refine="dsnot")),
@@ -51,6 +53,8 @@ N_M = [
     ("sparsegpt", dict(method="sparsegpt")),
     ("ria", dict(method="ria")),
     ("wanda+dsnot", dict(refine="dsnot")),
+    ("wanda+dsnot(exact)", dict(refine="dsnot-exact")),
+    ("wanda+dsnot(unguarded)", dict(refine="dsnot-unguarded")),
     ("ria+dsnot", dict(method="ria", refine="dsnot")),
 ]
 
@@ -186,7 +190,7 @@ def main() -> None:
             )
             results.append(row)
             print(
-                f"{row['setting']:>4} {name:<20} ppl {ppl:8.2f} ({row['vs_wanda']:+.1%} vs wanda)  "
+                f"{row['setting']:>4} {name:<24} ppl {ppl:8.2f} ({row['vs_wanda']:+.1%} vs wanda)  "
                 f"{seconds:6.1f} s ({row['time_vs_wanda']:.2f}x wanda)  peak +{peak:.0f} MiB",
                 flush=True,
             )

@@ -676,7 +676,12 @@ def test_demo_command_fine_tunes_prunes_and_saves(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(method="sparsegpt"), dict(method="ria", allocation="owl", refine="dsnot", sparsity=0.6)]
+    "options",
+    [
+        dict(method="sparsegpt"),
+        dict(method="ria", allocation="owl", refine="dsnot", sparsity=0.6),
+        dict(method="wanda", refine="dsnot-exact", structure="2:4"),
+    ],
 )
 def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
     module, val = make_module(), loader(8, seed=2)
@@ -686,6 +691,8 @@ def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
     make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
     assert_masks_equal(pruning.masks, expected)
     assert pruning.report is not None and pruning.report.method.startswith(options["method"])
+    if options.get("refine") == "dsnot-exact":
+        assert pruning.report.refinement == "dsnot (exact guard)"
     if "allocation" in options:
         assert pruning.report.allocation.startswith("owl") and pruning.report.refinement == "dsnot"
         assert sum(pruning.report.block_sparsity.values()) / 2 == pytest.approx(0.6)

@@ -354,6 +354,7 @@ def test_prune_the_real_smollm2_gguf(tmp_path: Path, capsys, monkeypatch: pytest
     ("options", "method", "allocation", "refinement"),
     [
         (["--method", "sparsegpt", "--refine", "dsnot"], "sparsegpt", None, "dsnot"),
+        (["--refine", "dsnot-exact", "--structure", "2:4"], "wanda", None, "dsnot (exact guard)"),
         (["--method", "ria", "--allocation", "owl", "--sparsity", "0.6"], "ria (a=0.5)", "owl", None),
     ],
 )

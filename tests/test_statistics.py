@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanda_lightning import InputNormStatistics
-from wanda_lightning.statistics import flatten_tokens
+from wanda_lightning.statistics import GramStatistics, InputNormStatistics, MomentStatistics, flatten_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -141,3 +140,20 @@ def test_flatten_tokens_drops_a_mask_that_cannot_be_aligned():
     assert tokens.shape == (6, 4) and mask is None
     tokens, mask = flatten_tokens(torch.ones(2, 3, 4), torch.tensor([[1, 0, 1], [0, 0, 1]]), 4)
     assert mask is not None and mask.dtype == torch.bool and mask.tolist() == [True, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("kind", ["moment", "gram"])
+def test_moment_and_gram_statistics_match_float64_reference(kind):
+    batches = random_batches(3, masked=True)
+    cls = MomentStatistics if kind == "moment" else GramStatistics
+    stats = cls(6, torch.device("cpu"))
+    for inputs, mask in batches:
+        stats.update(inputs, mask, num_sequences=inputs.shape[0])
+    tokens = torch.cat([x.double().reshape(-1, 6)[m.reshape(-1)] for x, m in batches])  # only unmasked tokens
+    torch.testing.assert_close(stats.mean.double(), tokens.mean(dim=0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.variance.double(), tokens.var(dim=0, unbiased=False), rtol=1e-4, atol=1e-6)
+    assert stats.num_tokens == tokens.shape[0]
+    if kind == "gram":
+        assert isinstance(stats, GramStatistics)
+        torch.testing.assert_close(stats.gram.double(), tokens.t() @ tokens, rtol=1e-5, atol=1e-4)
+    assert len(stats.state_tensors()) == (3 if kind == "moment" else 4)

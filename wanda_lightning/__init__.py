@@ -22,7 +22,7 @@ from .methods import RIA, Magnitude, PruningMethod, SparseGPT, Wanda, available_
 from .pruner import prune
 from .refinement import DSnoT
 from .report import LayerReport, PruningReport, SkippedLayer
-from .statistics import GramStatistics, InputNormStatistics, LayerStatistics
+from .statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
 from .structure import SparsityStructure, parse_structure
 from .targets import TargetLayer, find_targets
 
@@ -39,6 +39,7 @@ __all__ = [
     "LayerReport",
     "LayerStatistics",
     "Magnitude",
+    "MomentStatistics",
     "PruningMethod",
     "PruningReport",
     "SkippedLayer",

@@ -114,8 +114,11 @@ class WandaPruningCallback(Callback):
         variant: For ``"wanda"``, the reference code's per-row cumulative-score selection (``--use_variant``).
         allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: per-block sparsities from the outlier
             share of Wanda scores (unstructured only; see :class:`~wanda_lightning.OWL`).
-        refine: ``"none"`` or ``"dsnot"``: DSnoT swaps of pruned and kept weights, accepted only when they lower a
-            layer's reconstruction error (see :class:`~wanda_lightning.DSnoT`).
+        refine: ``"none"`` or DSnoT swaps of pruned and kept weights (see :class:`~wanda_lightning.DSnoT`):
+            ``"dsnot"`` (its default guard, ``"expected"``), ``"dsnot-expected"`` (swaps that lower the expected output
+            error under DSnoT's input model; Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact
+            reconstruction error; needs each layer's input Gram matrix) or ``"dsnot-unguarded"`` (the paper's rules
+            alone).
         targets: Name patterns (glob, or regex prefixed with ``re:``) of the layers to prune, relative to the
             LightningModule (``"model.model.layers.*"``); default every ``nn.Linear`` and transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights tied to an embedding are always left
@@ -181,7 +184,7 @@ class WandaPruningCallback(Callback):
         method: str = "wanda",
         variant: bool = False,
         allocation: Literal["uniform", "owl"] = "uniform",
-        refine: Literal["none", "dsnot"] = "none",
+        refine: Literal["none", "dsnot", "dsnot-expected", "dsnot-exact", "dsnot-unguarded"] = "none",
         targets: Sequence[str] | None = None,
         ignore: Sequence[str] | None = None,
         sequential: bool = True,

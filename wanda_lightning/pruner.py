@@ -568,8 +568,10 @@ def prune(
         allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
             sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
             unstructured only). The per-block values are in the report.
-        refine: ``None`` or ``"dsnot"`` / ``DSnoT(...)``: training-free swaps of pruned and kept weights after each
-            layer's mask, accepted only when they lower the layer's reconstruction error.
+        refine: ``None`` or DSnoT's training-free swaps of pruned and kept weights after each layer's mask:
+            ``"dsnot"`` / ``"dsnot-expected"`` (swaps that lower the expected output error under DSnoT's input model;
+            Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact reconstruction error; collects
+            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance.
         targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
             transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always

@@ -9,6 +9,8 @@ from .masks import _prune_lowest
 
 __all__ = ["inverse_hessian_factor", "sparsegpt_prune"]
 
+_INNER = 16  # columns per rank-1-update sub-block inside a lazy-update block
+
 
 def inverse_hessian_factor(hessian: Tensor, percdamp: float = 0.01, retries: int = 3) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor of the dampened inverse Hessian, and the mask of dead input features.
@@ -94,29 +96,40 @@ def sparsegpt_prune(
     factor, dead = inverse_hessian_factor(hessian.float(), percdamp)
     w[:, dead] = 0
     keep = torch.ones(rows, columns, dtype=torch.bool, device=w.device)
+    # Rank-1 updates touch only a sub-block of `inner` columns (a multiple of M, so N:M groups never straddle one);
+    # each finished sub-block updates the rest of its block with one matrix product.
+    inner = _INNER if m is None else m * max(1, _INNER // m)
     for start in range(0, columns, blocksize):
         stop = min(start + blocksize, columns)
-        block = w[:, start:stop].clone()  # (out, B)
-        errors = torch.zeros_like(block)
+        count = stop - start
+        block = w[:, start:stop].t().contiguous()  # (B, out): row i is weight column start + i
+        errors = torch.empty_like(block)  # (B, out)
         inverse_block = factor[start:stop, start:stop]  # (B, B)
         diagonal = torch.diagonal(inverse_block)  # (B,)
-        prune = torch.zeros_like(block, dtype=torch.bool)
         if m is None:
-            saliency = block.square() / diagonal.square().unsqueeze(0)
+            saliency = block.t().square() / diagonal.square()  # (out, B)
             k = int(saliency.numel() * sparsity)
-            prune = _prune_lowest(saliency.reshape(-1), k).reshape(block.shape)
-        for i in range(stop - start):
-            if m is not None and i % m == 0:
-                assert n is not None
-                group = block[:, i : i + m].square() / diagonal[i : i + m].square().unsqueeze(0)
-                prune[:, i : i + m] = _prune_lowest(group, m - n)
-            column_error = block[:, i] * prune[:, i] / diagonal[i]  # (out,)
-            # After this update block[:, i] holds its final (kept or zero) value.
-            block[:, i:].addr_(column_error, inverse_block[i, i:], alpha=-1.0)
-            errors[:, i] = column_error
+            prune = _prune_lowest(saliency.reshape(-1), k).reshape(saliency.shape).t()  # (B, out)
+            scale = prune / diagonal.unsqueeze(1)  # (B, out): 1 / [H^-1]_ii where pruned, else 0
+        else:
+            prune = torch.zeros_like(block, dtype=torch.bool)
+            scale = torch.zeros_like(block)
+        for sub in range(0, count, inner):
+            sub_stop = min(sub + inner, count)
+            for i in range(sub, sub_stop):
+                if m is not None and i % m == 0:
+                    assert n is not None
+                    group = block[i : i + m].t().square() / diagonal[i : i + m].square()  # (out, M)
+                    prune[i : i + m] = _prune_lowest(group, m - n).t()
+                    scale[i : i + m] = prune[i : i + m] / diagonal[i : i + m].unsqueeze(1)
+                torch.mul(block[i], scale[i], out=errors[i])  # (out,)
+                # After this update block[i] holds its final (kept or zero) value.
+                block[i:sub_stop].addr_(inverse_block[i, i:sub_stop], errors[i], alpha=-1.0)
+            if sub_stop < count:
+                block[sub_stop:].addmm_(inverse_block[sub:sub_stop, sub_stop:].t(), errors[sub:sub_stop], alpha=-1.0)
         block[prune] = 0.0
-        w[:, start:stop] = block
-        keep[:, start:stop] = ~prune
+        w[:, start:stop] = block.t()
+        keep[:, start:stop] = ~prune.t()
         if stop < columns:
-            w[:, stop:].addmm_(errors, factor[start:stop, stop:], alpha=-1.0)
+            w[:, stop:].addmm_(errors.t(), factor[start:stop, stop:], alpha=-1.0)
     return w, keep

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["GramStatistics", "InputNormStatistics", "LayerStatistics", "flatten_tokens"]
+__all__ = ["GramStatistics", "InputNormStatistics", "LayerStatistics", "MomentStatistics", "flatten_tokens"]
 
 
 def flatten_tokens(inputs: Tensor, token_mask: Tensor | None, in_features: int) -> tuple[Tensor, Tensor | None]:
@@ -132,8 +132,48 @@ class InputNormStatistics(LayerStatistics):
         return self.sum_sq / max(self.num_sequences, 1)
 
 
-class GramStatistics(InputNormStatistics):
-    """Everything :class:`InputNormStatistics` holds plus the input Gram matrix and the per-feature sums.
+class MomentStatistics(InputNormStatistics):
+    """Everything :class:`InputNormStatistics` holds plus the per-feature sums: mean and variance at Wanda's cost.
+
+    DSnoT's expected-error guard needs only these (``O(in)`` memory, one more reduction per input).
+
+    Example::
+
+        >>> stats = MomentStatistics(2, torch.device("cpu"))
+        >>> stats.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), None, num_sequences=1)
+        >>> stats.mean.tolist(), stats.variance.tolist()
+        ([2.0, 3.0], [1.0, 1.0])
+    """
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        super().__init__(in_features, device)
+        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)  # (in,)
+
+    def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
+        values, num_tokens = _masked_tokens(tokens, mask)  # (N, in)
+        return values.square().sum(dim=0), torch.tensor(num_tokens), values.sum(dim=0)
+
+    def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
+        sum_sq, num_tokens, total = summary[:3]
+        super().accumulate((sum_sq, num_tokens), num_sequences)
+        self.sum += total
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.sum_sq, self.counts, self.sum]
+
+    @property
+    def mean(self) -> Tensor:
+        """``(in_features,)`` mean of each input feature over tokens."""
+        return self.sum / max(self.num_tokens, 1)
+
+    @property
+    def variance(self) -> Tensor:
+        """``(in_features,)`` population variance of each input feature over tokens."""
+        return (self.sum_sq / max(self.num_tokens, 1) - self.mean.square()).clamp_min(0.0)
+
+
+class GramStatistics(MomentStatistics):
+    """Everything :class:`MomentStatistics` holds plus the input Gram matrix.
 
     ``gram = sum_t x_t x_t^T`` (float32, ``(in, in)``) is SparseGPT's Hessian up to a constant factor and gives the
     exact reconstruction error ``||dW X||^2 = sum_r dW_r gram dW_r^T``; ``sum`` and the Gram diagonal give the
@@ -150,28 +190,15 @@ class GramStatistics(InputNormStatistics):
     def __init__(self, in_features: int, device: torch.device) -> None:
         super().__init__(in_features, device)
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # (in, in)
-        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)  # (in,)
 
     def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
         values, num_tokens = _masked_tokens(tokens, mask)  # (N, in)
         gram = values.t() @ values  # (in, in)
-        return torch.diagonal(gram).clone(), torch.tensor(num_tokens), gram, values.sum(dim=0)
+        return torch.diagonal(gram).clone(), torch.tensor(num_tokens), values.sum(dim=0), gram
 
     def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
-        sum_sq, num_tokens, gram, total = summary
-        super().accumulate((sum_sq, num_tokens), num_sequences)
-        self.gram += gram
-        self.sum += total
+        super().accumulate(summary[:3], num_sequences)
+        self.gram += summary[3]
 
     def state_tensors(self) -> list[Tensor]:
-        return [self.sum_sq, self.counts, self.gram, self.sum]
-
-    @property
-    def mean(self) -> Tensor:
-        """``(in_features,)`` mean of each input feature over tokens."""
-        return self.sum / max(self.num_tokens, 1)
-
-    @property
-    def variance(self) -> Tensor:
-        """``(in_features,)`` population variance of each input feature over tokens."""
-        return (self.sum_sq / max(self.num_tokens, 1) - self.mean.square()).clamp_min(0.0)
+        return [self.sum_sq, self.counts, self.sum, self.gram]

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..refinement import REFINEMENTS
+
 if TYPE_CHECKING:
     from ..export import ExportSummary
 
@@ -484,7 +486,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--allocation", default="uniform", choices=["uniform", "owl"], help="layer-wise sparsity: uniform or OWL"
     )
-    parser.add_argument("--refine", default="none", choices=["none", "dsnot"], help="mask refinement: none or DSnoT")
+    parser.add_argument(
+        "--refine",
+        default="none",
+        choices=list(REFINEMENTS),
+        help="mask refinement: none, or DSnoT with its default guard (dsnot = dsnot-expected), the exact-error guard "
+        "(dsnot-exact, needs each layer's Gram matrix) or none (dsnot-unguarded)",
+    )
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
