@@ -94,6 +94,7 @@ def functional(out: str, rank: int, uneven: bool, structure: str) -> None:
         ),
         os.path.join(out, f"rank{rank}.pt"),
     )
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 
@@ -132,7 +133,130 @@ def options(out: str, rank: int) -> None:
             block_sparsity=dict(report.block_sparsity),
         )
     torch.save(dict(errors=errors, results=results), os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
     dist.destroy_process_group()
+
+
+def _fsdp1_wrap(model: Any, use_orig_params: bool) -> Any:
+    import functools
+
+    from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=policy, use_orig_params=use_orig_params, device_id=torch.device("cpu")
+    )
+
+
+def fsdp1_functional(out: str, rank: int) -> None:
+    """FSDP1: one-shot calibration, then one unit's full parameters at a time (summon_full_params, write-back)."""
+    from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+
+    from wanda_lightning import prune
+
+    dist.init_process_group("gloo")
+    summoned: list[tuple[int, bool]] = []
+    original = FullyShardedDataParallel.summon_full_params
+
+    def counting(module: Any, *args: Any, **kwargs: Any) -> Any:
+        summoned.append((sum(p.numel() for p in module.parameters()), bool(kwargs.get("recurse", True))))
+        return original(module, *args, **kwargs)
+
+    results = {}
+    for label, use_orig, kwargs in [
+        ("wanda-orig", True, dict(sparsity=0.5)),
+        ("wanda-flat", False, dict(sparsity=0.5)),
+        ("sparsegpt-orig", True, dict(sparsity=0.5, method="sparsegpt")),
+        ("ria-2:4-flat", False, dict(structure="2:4", method="ria")),
+    ]:
+        model = _fsdp1_wrap(tiny_llama(), use_orig)
+        summoned.clear()
+        FullyShardedDataParallel.summon_full_params = staticmethod(counting)  # type: ignore[assignment]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = prune(model, calibration()[rank::2], num_samples=None, **kwargs)
+        FullyShardedDataParallel.summon_full_params = original  # type: ignore[assignment]
+        calls = list(summoned)
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            full = {
+                n.replace("_fsdp_wrapped_module.", ""): m.weight.detach().clone()
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        results[label] = dict(
+            full=full,
+            summoned=calls,
+            sparsity=report.global_sparsity,
+            sequential=report.sequential,
+            warnings=[str(w.message) for w in caught],
+        )
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fsdp1_on_cpu() -> None:
+    """Lets Lightning's FSDPStrategy wrap on CPU: it passes ``device_id=None`` there, which FSDP1 refuses without an
+    accelerator. A test-only shim; the callback itself does not depend on it."""
+    import torch.distributed.fsdp as fsdp_package
+    from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+
+    class CPUFullyShardedDataParallel(FullyShardedDataParallel):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("device_id") is None:
+                kwargs["device_id"] = torch.device("cpu")
+            super().__init__(*args, **kwargs)
+
+    fsdp_package.FullyShardedDataParallel = CPUFullyShardedDataParallel  # type: ignore[misc]
+
+
+def fsdp1_trainer(out: str, rank: int) -> None:
+    """Lightning's FSDPStrategy wraps the LightningModule at the root: calibration and evaluation go through it."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+    from torch.utils.data import DataLoader
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from wanda_lightning import WandaPruningCallback
+    from wanda_lightning.lightning_module import CausalLMModule
+
+    _fsdp1_on_cpu()
+
+    class CPUFSDPStrategy(FSDPStrategy):  # Lightning refuses FSDPStrategy itself with accelerator="cpu"
+        pass
+
+    loader = DataLoader([dict(input_ids=ids) for b in calibration() for ids in b["input_ids"]], batch_size=2)
+    module = CausalLMModule(tiny_llama(), learning_rate=1e-3)
+    callback = WandaPruningCallback(sparsity=0.5, num_samples=None, sequential=False, verbose=False, num_eval_batches=1)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}),
+        max_steps=3,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=2,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader, loader)
+    assert isinstance(trainer.strategy.model, FullyShardedDataParallel)
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+        full = {
+            n.replace("_fsdp_wrapped_module.", ""): m.weight.detach().clone()
+            for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        }
+    torch.save(
+        dict(full=full, sparsity=callback.global_sparsity, metrics=callback.metrics, state=callback.state_dict()),
+        os.path.join(out, f"rank{rank}.pt"),
+    )
 
 
 def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
@@ -203,6 +327,10 @@ def main() -> None:
         functional(out, rank, uneven=True, structure="unstructured")
     elif scenario == "options":
         options(out, rank)
+    elif scenario == "fsdp1-trainer":
+        fsdp1_trainer(out, rank)
+    elif scenario == "fsdp1":
+        fsdp1_functional(out, rank)
     elif scenario == "trainer":
         trainer_run(out, rank, distributed_checkpoint=True)
     elif scenario == "trainer-full-checkpoint":

@@ -615,10 +615,15 @@ def test_train_calibration_outside_fit_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("FSDPStrategy", "does not support the FSDPStrategy strategy"), ("DeepSpeedStrategy", r"DeepSpeed \(Deep")],
+    [
+        ("XLAStrategy", "does not support the XLAStrategy strategy"),
+        ("DeepSpeedStrategy", r"DeepSpeed \(Deep"),
+        ("FSDPStrategy", r"needs FSDPStrategy\(use_orig_params=True\)"),
+    ],
 )
 def test_unsupported_strategies_are_named(name, message):
-    strategy = type(name, (DDPStrategy,), {})()  # DeepSpeedStrategy subclasses DDPStrategy: refused by name
+    # Checked by class name (DeepSpeedStrategy subclasses DDPStrategy); the fake FSDPStrategy has use_orig_params=False.
+    strategy = type(name, (DDPStrategy,), {"kwargs": {"use_orig_params": False}})()
     trainer = SimpleNamespace(strategy=strategy)
     with pytest.raises(MisconfigurationException, match=message):
         WandaPruningCallback().setup(trainer, make_module(), "fit")  # type: ignore[arg-type]

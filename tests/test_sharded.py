@@ -157,3 +157,38 @@ def test_fsdp2_trainer_prunes_checkpoints_and_resumes_sparse(tmp_path, checkpoin
         module = CausalLMModule.load_from_checkpoint(tmp_path / "ckpt", model=_tiny_llama())
         q_proj = module.model.model.layers[0].self_attn.q_proj.weight
         assert (q_proj == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_fsdp1_prunes_one_unit_at_a_time_like_one_process(tmp_path, llama):
+    ranks = run_two_processes("fsdp1", tmp_path)
+    batches = make_batches(num_batches=4, batch=2, seed=3)
+    block_params = sum(p.numel() for p in llama.model.layers[0].parameters())
+    for label, kwargs in {
+        "wanda-orig": dict(sparsity=0.5),
+        "wanda-flat": dict(sparsity=0.5),
+        "sparsegpt-orig": dict(sparsity=0.5, method="sparsegpt"),
+        "ria-2:4-flat": dict(structure="2:4", method="ria"),
+    }.items():
+        single = copy.deepcopy(llama)
+        prune(single, batches, sequential=False, num_samples=None, **kwargs)
+        expected = {n: p.detach() for n, p in single.named_parameters()}
+        for result in ranks:
+            got = result[label]
+            sharded = {f"{name}.weight": weight for name, weight in got["full"].items()}
+            assert _agreement(sharded, expected) >= 0.999, label
+            assert got["sparsity"] == pytest.approx(0.5) and not got["sequential"]
+            assert any("calibrated in one pass" in w for w in got["warnings"])
+            # Only decoder-block units were summoned, never recursively: peak memory is one block's parameters.
+            assert len(got["summoned"]) == 2
+            assert all(not recurse and numel <= block_params for numel, recurse in got["summoned"]), got["summoned"]
+
+
+def test_fsdp1_lightning_strategy_calibrates_and_evaluates_through_the_root(tmp_path):
+    ranks = run_two_processes("fsdp1-trainer", tmp_path)
+    for result in ranks:
+        assert result["sparsity"] == pytest.approx(0.5)
+        for name, weight in result["full"].items():
+            assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all(), name  # every row exactly 50 %
+        assert "val_loss" in result["metrics"] and result["metrics"]["val_loss"]["delta"] != 0
+        assert result["state"]["masks"] is None and result["state"]["masks_from_weights"]
+    assert all(torch.equal(ranks[0]["full"][n], ranks[1]["full"][n]) for n in ranks[0]["full"])

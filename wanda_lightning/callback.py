@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -39,7 +40,7 @@ from .metrics import Sparsity
 from .pruner import prune
 from .refinement import get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
-from .sharding import is_dtensor, local_tensor
+from .sharding import is_dtensor, is_fsdp1, local_tensor
 from .structure import SparsityStructure, parse_structure
 from .targets import _validate_patterns, find_targets
 
@@ -49,7 +50,7 @@ PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint"]
 _PRUNE_ON: tuple[str, ...] = ("fit_end", "train_epoch_end", "validate", "checkpoint")
 _CALIBRATION: tuple[str, ...] = ("val", "train")
 # Checked by name so that none of them has to be importable; DeepSpeedStrategy subclasses DDPStrategy.
-_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy"})
+_UNSUPPORTED_STRATEGIES = frozenset({"DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy"})
 # Top-level checkpoint key of the dense weights that `prune_on="checkpoint"` replaced by pruned ones.
 DENSE_WEIGHTS_KEY = "wanda_dense_weights"
 _STATE_VERSION = 1
@@ -568,8 +569,10 @@ class WandaPruningCallback(Callback):
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         """Prunes the live module in place, keeps the masks, logs, and (when training) keeps the masks applied."""
         report, drops, before, after = self._run(trainer, pl_module, temporary=False)
-        self._pruned_masks = drops
-        self._masks_from_weights = any(is_dtensor(p) for p in pl_module.parameters())
+        fsdp1 = is_fsdp1(pl_module)
+        # FSDP1 hands out full masks while each process holds a flattened piece of each weight: read them back from it.
+        self._pruned_masks = self._masks_of_zeros(pl_module) if fsdp1 else drops
+        self._masks_from_weights = fsdp1 or any(is_dtensor(p) for p in pl_module.parameters())
         self._packed = None
         self._record(trainer, report, before, after, when)
         self._pruned_in_this_run = True
@@ -584,8 +587,8 @@ class WandaPruningCallback(Callback):
 
         full_state: dict[str, Tensor] | None = None
         hf_state: dict[str, Tensor] | None = None
-        if any(is_dtensor(p) for p in pl_module.parameters()):
-            # FSDP2: every process takes part in gathering the full weights, which end up on rank zero's CPU only.
+        if is_fsdp1(pl_module) or any(is_dtensor(p) for p in pl_module.parameters()):
+            # FSDP: every process takes part in gathering the full weights, which end up on rank zero's CPU only.
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -708,7 +711,7 @@ class WandaPruningCallback(Callback):
                     blocks=self.blocks,
                     num_samples=None,
                     batch_size=None,
-                    forward_fn=self._forward,
+                    forward_fn=self._forward_through(trainer, pl_module),
                     offload_device=self.offload_device,
                     progress=False,
                     sync_statistics=self._sync_fn(trainer),
@@ -725,6 +728,22 @@ class WandaPruningCallback(Callback):
                 for name, param in parameters.items():
                     param.data = live[name]
         return report, drops, before, after
+
+    def _forward_through(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[nn.Module, Any], Any]:
+        """The calibration forward; under Lightning's FSDPStrategy it runs inside the FSDP1 root's ``forward``, which
+        gathers the weights that no inner unit owns (embeddings), as Lightning does for ``validation_step``."""
+        wrapper = _fsdp1_wrapper(trainer, pl_module)
+        if wrapper is None:
+            return self._forward
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            vars(pl_module)["_wanda_calibration_step"] = lambda inner: self._forward(pl_module, inner)
+            try:
+                return _ForwardRedirection()(wrapper, pl_module, "_wanda_calibration_step", batch)
+            finally:
+                vars(pl_module).pop("_wanda_calibration_step", None)
+
+        return forward
 
     def _forward(self, model: nn.Module, batch: Any) -> Any:
         try:
@@ -835,6 +854,7 @@ class WandaPruningCallback(Callback):
         metrics = [module for module in pl_module.modules() if isinstance(module, Metric)]
         snapshots = [_metric_snapshot(metric) for metric in metrics]
         modes = [(module, module.training) for module in pl_module.modules()]
+        wrapper = _fsdp1_wrapper(trainer, pl_module)
         many_loaders = isinstance(trainer.val_dataloaders, (list, tuple, Mapping)) and len(trainer.val_dataloaders) > 1
         progress = _Progress(trainer, f"Wanda eval ({stage})", total)
         with ExitStack() as stack:
@@ -854,11 +874,12 @@ class WandaPruningCallback(Callback):
                 batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
                 batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
                 capture.batch = batch
+                step_args = (batch, batch_idx, 0) if many_loaders else (batch, batch_idx)
                 with trainer.precision_plugin.val_step_context():
-                    if many_loaders:
-                        pl_module.validation_step(batch, batch_idx, 0)
+                    if wrapper is not None:  # FSDP1 root outside the module: its forward must unshard the weights
+                        _ForwardRedirection()(wrapper, pl_module, "validation_step", *step_args)
                     else:
-                        pl_module.validation_step(batch, batch_idx)
+                        pl_module.validation_step(*step_args)
                 progress.advance()
             pl_module.on_validation_epoch_end()
             return capture.reduce(trainer)
@@ -991,13 +1012,24 @@ def _describe(calibration: Any) -> str:
 
 
 def _is_sharded_strategy(trainer: pl.Trainer) -> bool:
-    return type(trainer.strategy).__name__ == "ModelParallelStrategy"
+    return type(trainer.strategy).__name__ in ("ModelParallelStrategy", "FSDPStrategy")
+
+
+def _fsdp1_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+    """The FSDP1 root that wraps ``pl_module`` from outside (Lightning's ``FSDPStrategy``), or ``None``."""
+    wrapper = getattr(trainer.strategy, "model", None)
+    if isinstance(wrapper, nn.Module) and wrapper is not pl_module and is_fsdp1(wrapper):
+        return wrapper
+    return None
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    supported = "a single device, DDP (`strategy`='ddp', 'ddp_spawn', ...) or ModelParallelStrategy with FSDP2"
+    supported = (
+        "a single device, DDP (`strategy`='ddp', 'ddp_spawn', ...), ModelParallelStrategy with FSDP2, or FSDPStrategy "
+        "with use_orig_params=True"
+    )
     if "DeepSpeedStrategy" in names:
         raise MisconfigurationException(
             f"WandaPruningCallback does not support DeepSpeed ({type(strategy).__name__}) yet: ZeRO keeps flattened "
@@ -1015,6 +1047,14 @@ def _check_strategy(trainer: pl.Trainer) -> None:
                 f"WandaPruningCallback prunes FSDP2 row shards; tensor parallelism (`tensor_parallel_size`="
                 f"{mesh['tensor_parallel'].size()}) splits weights by columns too and is not supported yet: use "
                 "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard"
+            )
+        return
+    if "FSDPStrategy" in names and "XLAFSDPStrategy" not in names:
+        if not getattr(strategy, "kwargs", {}).get("use_orig_params", True):
+            raise MisconfigurationException(
+                "WandaPruningCallback needs FSDPStrategy(use_orig_params=True) (Lightning's default): with "
+                "use_orig_params=False the pruned weights cannot be addressed by name to keep them at zero; or prune "
+                "the model with `wanda_lightning.prune`, which works either way"
             )
         return
     if names & _UNSUPPORTED_STRATEGIES or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):

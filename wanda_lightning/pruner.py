@@ -28,7 +28,7 @@ from .calibration import (
 from .methods import PruningMethod, Wanda, get_method
 from .refinement import DSnoT, get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
-from .sharding import ShardedLayout, reshard_fsdp_modules, sharded_layout
+from .sharding import ShardedLayout, fsdp1_layout, reshard_fsdp_modules, sharded_layout, with_full_weights
 from .statistics import InputNormStatistics, LayerStatistics, flatten_tokens
 from .streaming import SafetensorsCheckpoint, meta_tensor_names
 from .structure import SparsityStructure, parse_structure
@@ -275,7 +275,7 @@ class _Pruner:
     ) -> None:
         if self.layout is not None:
             reshard_fsdp_modules(self.model)  # masks go to the sharded parameters, not to unsharded copies
-        for layer in layers:
+        for layer in with_full_weights(layers, self.layout):
             start = time.perf_counter()
             group = statistics.pop(layer.name, {}) if statistics is not None else {}
             weight = layer.weight_2d
@@ -350,7 +350,10 @@ class _Pruner:
         scorer = Wanda()
         ratios = []
         for layers in groups.values():
-            scores = [scorer.score(layer.weight_2d, collector.statistics[layer.name]["owl"]) for layer in layers]
+            scores = [
+                scorer.score(layer.weight_2d, collector.statistics[layer.name]["owl"])
+                for layer in with_full_weights(layers, self.layout)
+            ]
             ratios.append(owl_outlier_ratio(scores, self.allocation.m, self.layout.sum_ if self.layout else None))
             del scores
         sparsities = owl_sparsities(ratios, self.structure.sparsity, self.allocation.lam)
@@ -663,10 +666,17 @@ def prune(
             f"`on_block_pruned` must be callable as on_block_pruned(block_name, block), got {on_block_pruned!r}"
         )
     layers, skipped = find_targets(model, targets, ignore)
-    layout = sharded_layout(layers)
+    layout = sharded_layout(layers) or fsdp1_layout(model, layers)
     if layout is not None:
         _check_shardable(layout, pruning_method, parsed, compute_device)
-    not_finite = [t.name for t in layers if not t.weight_2d.is_meta and not bool(torch.isfinite(t.weight_2d).all())]
+    # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
+    # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
+    unreadable = set(layout.fsdp1_owners) if layout is not None else set()
+    not_finite = [
+        t.name
+        for t in layers
+        if t.name not in unreadable and not t.weight_2d.is_meta and not bool(torch.isfinite(t.weight_2d).all())
+    ]
     flag = torch.tensor([float(len(not_finite))])
     if layout is not None:
         layout.all_reduce([flag], "max")  # every rank raises, or none does
@@ -686,6 +696,14 @@ def prune(
             )
     stack = find_block_stack(model, layers, blocks) if (sequential or blocks is not None) else None
     use_sequential = sequential and stack is not None
+    if use_sequential and layout is not None and layout.fsdp1_owners:
+        warnings.warn(
+            "FSDP1 (FullyShardedDataParallel) models are calibrated in one pass over the whole model: block-sequential "
+            "calibration would stop FSDP1 forwards midway. Pass sequential=False to silence this, or use FSDP2 "
+            "(fully_shard), which supports block-sequential calibration",
+            stacklevel=2,
+        )
+        use_sequential = False
     if owl is not None and parsed.is_n_m:
         raise ValueError(
             f"`allocation`='owl' gives blocks different sparsities, which `structure`={parsed.name!r} fixes at "

@@ -8,15 +8,25 @@ gathered. Everything here works on plain tensors too, so the engine calls it unc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ShardedLayout", "is_dtensor", "local_tensor", "reshard_fsdp_modules", "sharded_layout"]
+__all__ = [
+    "ShardedLayout",
+    "fsdp1_layout",
+    "is_dtensor",
+    "is_fsdp1",
+    "local_tensor",
+    "reshard_fsdp_modules",
+    "sharded_layout",
+    "with_full_weights",
+]
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -81,12 +91,16 @@ class ShardedLayout:
         group: The process group of the data-parallel mesh dimension the weights are sharded over.
         world_size: Ranks in ``group``.
         sharded_layers: Target layers whose weights are split by rows (``Shard(0)``) across ``group``.
+        device_type: Device type of the collectives (``"cuda"`` for NCCL).
+        fsdp1_owners: FSDP1: target layer name -> the ``FullyShardedDataParallel`` unit that owns its weight, whose
+            full parameters are summoned (one unit at a time) while its layers are scored and pruned.
     """
 
     group: Any
     world_size: int
     sharded_layers: list[str]
     device_type: str = "cpu"
+    fsdp1_owners: dict[str, Any] = field(default_factory=dict)
 
     def all_reduce(self, tensors: Iterable[Tensor], op: str = "sum") -> None:
         """In-place all-reduce (``"sum"``, ``"min"`` or ``"max"``) over the data-parallel group.
@@ -175,3 +189,92 @@ def sharded_layout(layers: Sequence[Any]) -> ShardedLayout | None:
     return ShardedLayout(
         group=group, world_size=dist.get_world_size(group), sharded_layers=sharded, device_type=mesh.device_type
     )
+
+
+def fsdp1_layout(model: nn.Module, layers: Sequence[Any]) -> ShardedLayout | None:
+    """For a model holding FSDP1 (``FullyShardedDataParallel``) units: each target layer's owning unit, and the
+    process group; ``None`` when there is no FSDP1 unit.
+
+    FSDP1 flattens and shards each unit's parameters, so a weight cannot be addressed by rows; instead every rank
+    summons one unit's full parameters at a time (``summon_full_params(writeback=True)``), computes the same masks
+    from the all-reduced statistics, and writes its shard back. Peak memory: one unit's full parameters.
+
+    Raises:
+        ValueError: If a target layer's weight is flattened by an FSDP1 unit outside ``model``.
+
+    Example::
+
+        >>> fsdp1_layout(nn.Linear(2, 2), []) is None
+        True
+    """
+    try:
+        from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    units = {name: module for name, module in model.named_modules() if isinstance(module, FullyShardedDataParallel)}
+    if not units:
+        return None
+    owners: dict[str, Any] = {}
+    for layer in layers:
+        found = [name for name in units if not name or layer.name.startswith(f"{name}.")]
+        if found:
+            owners[layer.name] = units[max(found, key=len)]
+        elif layer.module.weight.dim() != 2:
+            raise ValueError(
+                f"layer {layer.name!r} is flattened by an FSDP unit outside the module given to prune(); pass the "
+                "module that holds its FullyShardedDataParallel wrapper"
+            )
+    root = next(iter(units.values()))
+    group = root.process_group
+    device = getattr(root, "compute_device", None)
+    device_type = device.type if isinstance(device, torch.device) else "cpu"
+    return ShardedLayout(
+        group=group,
+        world_size=dist.get_world_size(group),
+        sharded_layers=[],
+        device_type=device_type,
+        fsdp1_owners=owners,
+    )
+
+
+def is_fsdp1(module: nn.Module) -> bool:
+    """Whether ``module`` is or holds an FSDP1 ``FullyShardedDataParallel`` unit.
+
+    Example::
+
+        >>> is_fsdp1(nn.Linear(2, 2))
+        False
+    """
+    try:
+        from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def with_full_weights(layers: Sequence[Any], layout: ShardedLayout | None) -> Iterator[Any]:
+    """Yields ``layers`` in order; under FSDP1, while the full parameters of each layer's owning unit are summoned
+    (written back to every rank's shard when the unit's layers are done). Every rank must iterate the same layers.
+
+    Example::
+
+        >>> list(with_full_weights([1, 2], None))
+        [1, 2]
+    """
+    if layout is None or not layout.fsdp1_owners:
+        yield from layers
+        return
+    from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel
+
+    index = 0
+    while index < len(layers):
+        owner = layout.fsdp1_owners.get(layers[index].name)
+        run = [layers[index]]
+        index += 1
+        while index < len(layers) and layout.fsdp1_owners.get(layers[index].name) is owner:
+            run.append(layers[index])
+            index += 1
+        with ExitStack() as stack:
+            if owner is not None:
+                stack.enter_context(FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=True))
+            yield from run

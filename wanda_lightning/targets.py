@@ -42,16 +42,22 @@ class TargetLayer:
 
     @property
     def in_features(self) -> int:
-        return int(self.weight_2d.shape[1])
+        # From the module's own attributes when it has them: FSDP1 flattens the weight outside its forward.
+        known = getattr(self.module, "nx" if self.transposed else "in_features", None)
+        return int(known) if isinstance(known, int) else int(self.weight_2d.shape[1])
 
     @property
     def out_features(self) -> int:
-        return int(self.weight_2d.shape[0])
+        known = getattr(self.module, "nf" if self.transposed else "out_features", None)
+        return int(known) if isinstance(known, int) else int(self.weight_2d.shape[0])
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(out_features, in_features)`` of the whole weight (of all shards, for a DTensor)."""
-        rows, columns = (int(d) for d in cast(Tensor, self.module.weight).shape)
+        """``(out_features, in_features)`` of the whole weight (of all shards, for a DTensor or under FSDP1)."""
+        weight = cast(Tensor, self.module.weight)
+        if weight.dim() != 2:  # flattened by FSDP1
+            return (self.out_features, self.in_features)
+        rows, columns = (int(d) for d in weight.shape)
         return (columns, rows) if self.transposed else (rows, columns)
 
     @property
@@ -60,9 +66,12 @@ class TargetLayer:
 
 
 def _storage_key(weight: Tensor) -> int:
-    """Identifies a weight's memory, to find tied weights; a DTensor by its local shard (its own pointer is 0)."""
+    """Identifies a weight's memory, to find tied weights; a DTensor by its local shard (its own pointer is 0); a weight
+    without memory (meta, or FSDP1's freed unsharded views) by the tensor object."""
     local = local_tensor(weight)
-    return local.data_ptr() if local.numel() and not local.is_meta else id(weight)
+    if local.numel() == 0 or local.is_meta or local.untyped_storage().nbytes() == 0:
+        return id(weight)
+    return local.data_ptr()
 
 
 def _is_conv1d(module: nn.Module) -> bool:
