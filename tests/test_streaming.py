@@ -103,3 +103,24 @@ def test_safetensors_checkpoint_reads_only_what_is_asked(saved, llama):
     assert read == block_bytes
     assert not meta_tensor_names(meta.model.layers[1]) and meta_tensor_names(meta.model.layers[0])
     assert torch.equal(meta.model.layers[1].mlp.up_proj.weight, llama.model.layers[1].mlp.up_proj.weight)
+
+
+def test_tied_head_is_read_once_like_from_pretrained(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    dense = transformers.AutoModelForCausalLM.from_config(config).eval()
+    dense.save_pretrained(tmp_path / "tied")
+    batches = make_batches(num_batches=1, batch=2, seed=5)
+    meta = _meta_copy(dense)
+    prune(meta, batches, sparsity=0.5, checkpoint=tmp_path / "tied")
+    prune(dense, batches, sparsity=0.5)
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight
+    assert all(torch.equal(t, dense.state_dict()[n]) for n, t in meta.state_dict().items())

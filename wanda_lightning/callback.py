@@ -102,8 +102,13 @@ class WandaPruningCallback(Callback):
     the sharded forwards stay in step. The masks are not kept in the callback state (each process holds only its
     shards'); a resumed run reads them back from the zeros of the restored weights. ``prune_on="checkpoint"`` is
     refused there; ``export_dir`` gathers the full weights on rank zero's CPU. Methods that compare weights across
-    rows (SparseGPT unstructured, RIA, Wanda's variant) are refused with sharded weights. FSDP1 (``FSDPStrategy``),
-    DeepSpeed and tensor parallelism get a clear error.
+    rows (SparseGPT unstructured, RIA, Wanda's variant) are refused with sharded weights.
+
+    Under ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``, Lightning's default) calibration runs in one pass through
+    the FSDP root (block-sequential calibration would stop FSDP1 forwards midway), then each FSDP unit's full
+    parameters are summoned in turn (``summon_full_params(writeback=True)``), pruned identically on every process and
+    written back to the shards: peak memory is one unit (one decoder block). Every method works there. DeepSpeed and
+    tensor parallelism get a clear error.
 
     Args:
         sparsity: Fraction of weights zeroed in every output row, in ``[0, 1)``; default 0.5 when unstructured and
@@ -155,8 +160,8 @@ class WandaPruningCallback(Callback):
         MisconfigurationException: For an invalid argument (the message names it, the value and what is allowed), or
             later, before any weight changes, when the run cannot be pruned: no validation dataloader for
             ``calibration="val"``, a calibration dataloader that yields nothing, batches the module's forward cannot
-            take, an unsupported strategy (FSDP1, DeepSpeed, tensor parallelism, ...), target patterns that match no
-            layer.
+            take, an unsupported strategy (DeepSpeed, tensor parallelism, FSDP1 with ``use_orig_params=False``, ...),
+            target patterns that match no layer.
 
     Example::
 

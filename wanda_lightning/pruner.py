@@ -654,6 +654,9 @@ def prune(
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"`checkpoint` must be a path to a .safetensors file or folder, got {checkpoint!r}")
         source = SafetensorsCheckpoint(checkpoint)
+        if meta and callable(getattr(model, "tie_weights", None)):
+            # As from_pretrained does: a tied head is stored once (under the embeddings) in the checkpoint.
+            model.tie_weights()
         missing = source.missing(model)
         if missing:
             raise ValueError(
