@@ -654,9 +654,10 @@ def prune(
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"`checkpoint` must be a path to a .safetensors file or folder, got {checkpoint!r}")
         source = SafetensorsCheckpoint(checkpoint)
-        if meta and callable(getattr(model, "tie_weights", None)):
+        tie_weights = getattr(model, "tie_weights", None)
+        if meta and callable(tie_weights):
             # As from_pretrained does: a tied head is stored once (under the embeddings) in the checkpoint.
-            model.tie_weights()
+            tie_weights()
         missing = source.missing(model)
         if missing:
             raise ValueError(
