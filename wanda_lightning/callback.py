@@ -577,7 +577,7 @@ class WandaPruningCallback(Callback):
         fsdp1 = is_fsdp1(pl_module)
         # FSDP1 hands out full masks while each process holds a flattened piece of each weight: read them back from it.
         self._pruned_masks = self._masks_of_zeros(pl_module) if fsdp1 else drops
-        self._masks_from_weights = fsdp1 or any(is_dtensor(p) for p in pl_module.parameters())
+        self._masks_from_weights = _holds_shards(pl_module)
         self._packed = None
         self._record(trainer, report, before, after, when)
         self._pruned_in_this_run = True
@@ -592,7 +592,7 @@ class WandaPruningCallback(Callback):
 
         full_state: dict[str, Tensor] | None = None
         hf_state: dict[str, Tensor] | None = None
-        if is_fsdp1(pl_module) or any(is_dtensor(p) for p in pl_module.parameters()):
+        if _holds_shards(pl_module):
             # FSDP: every process takes part in gathering the full weights, which end up on rank zero's CPU only.
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -1018,6 +1018,11 @@ def _describe(calibration: Any) -> str:
 
 def _is_sharded_strategy(trainer: pl.Trainer) -> bool:
     return type(trainer.strategy).__name__ in ("ModelParallelStrategy", "FSDPStrategy")
+
+
+def _holds_shards(module: nn.Module) -> bool:
+    """Whether ``module``'s weights are split across processes (FSDP1 units or FSDP2 DTensors)."""
+    return is_fsdp1(module) or any(is_dtensor(p) for p in module.parameters())
 
 
 def _fsdp1_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:

@@ -348,13 +348,15 @@ class _Pruner:
             key = stack.block_name(index) if stack is not None and index is not None else layer.name
             groups.setdefault(key, []).append(layer)
         scorer = Wanda()
+        layout = self.layout
+        reduce = (lambda tensor: layout.all_reduce([tensor])) if layout is not None else None  # sharded: whole weights
         ratios = []
         for layers in groups.values():
             scores = [
                 scorer.score(layer.weight_2d, collector.statistics[layer.name]["owl"])
                 for layer in with_full_weights(layers, self.layout)
             ]
-            ratios.append(owl_outlier_ratio(scores, self.allocation.m, self.layout.sum_ if self.layout else None))
+            ratios.append(owl_outlier_ratio(scores, self.allocation.m, reduce))
             del scores
         sparsities = owl_sparsities(ratios, self.structure.sparsity, self.allocation.lam)
         self.layer_sparsity = {}
@@ -676,11 +678,7 @@ def prune(
     # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
     # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()
-    not_finite = [
-        t.name
-        for t in layers
-        if t.name not in unreadable and not t.weight_2d.is_meta and not bool(torch.isfinite(t.weight_2d).all())
-    ]
+    not_finite = _non_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta])
     flag = torch.tensor([float(len(not_finite))])
     if layout is not None:
         layout.all_reduce([flag], "max")  # every rank raises, or none does
@@ -736,7 +734,7 @@ def prune(
         if layout is not None:
             batches = _same_count_on_every_rank(batches, layout)
     if layout is not None and sync_statistics is None:
-        sync_statistics = layout.sum_all
+        sync_statistics = layout.all_reduce  # in-place sums over the weights' process group
 
     report = PruningReport(
         method=pruning_method.describe(),
@@ -795,8 +793,12 @@ def prune(
     return report
 
 
+def _non_finite(layers: Sequence[TargetLayer]) -> list[str]:
+    return [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
+
+
 def _check_finite(layers: Sequence[TargetLayer], where: str) -> None:
-    bad = [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
+    bad = _non_finite(layers)
     if bad:
         raise FloatingPointError(
             f"target layer(s) {bad} have weights that are not finite (NaN or Inf){where}; fix them or leave them out "

@@ -117,14 +117,6 @@ class ShardedLayout:
             if wire is not tensor:
                 tensor.copy_(wire)
 
-    def sum_(self, tensor: Tensor) -> None:
-        """In-place sum of one tensor across the group."""
-        self.all_reduce([tensor], "sum")
-
-    def sum_all(self, tensors: list[Tensor]) -> None:
-        """In-place sums across the group: the default ``sync_statistics`` for sharded models."""
-        self.all_reduce(tensors, "sum")
-
 
 def _describe_mesh(mesh: Any) -> str:
     names = getattr(mesh, "mesh_dim_names", None)

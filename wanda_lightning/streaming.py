@@ -120,37 +120,35 @@ class SafetensorsCheckpoint:
                 "(which keeps buffers such as rotary tables real) and point `checkpoint` at its weights"
             )
         target = torch.device(device) if device is not None else torch.device("cpu")
+        wanted = [(n, t) for n, t in _named_tensors(module) if t.is_meta and not (exclude and n.startswith(exclude))]
+        # Read each tensor once (tied copies share it), opening each file once.
+        keys: dict[int, str] = {}
+        for name, tensor in wanted:
+            if f"{prefix}{name}" in self._where:
+                keys.setdefault(id(tensor), f"{prefix}{name}")
+        by_file: dict[Path, list[str]] = {}
+        for key in keys.values():
+            by_file.setdefault(self._where[key], []).append(key)
+        values: dict[str, Tensor] = {}
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                values.update({key: handle.get_tensor(key) for key in names})
         loaded: dict[int, Tensor] = {}
         read = 0
-        for name, tensor in list(_named_tensors(module)):
-            if not tensor.is_meta or (exclude and name.startswith(exclude)):
-                continue
-            owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+        for name, tensor in wanted:
             new = loaded.get(id(tensor))
             if new is None:
-                key = f"{prefix}{name}"
-                if key not in self._where:  # a tied copy whose twin comes later: read it under its own name
-                    continue
-                with safe_open(str(self._where[key]), framework="pt") as handle:
-                    value = handle.get_tensor(key).to(device=target, dtype=tensor.dtype)
+                value = values[keys[id(tensor)]].to(device=target, dtype=tensor.dtype)
                 read += value.numel() * value.element_size()
                 is_parameter = isinstance(tensor, nn.Parameter)
                 new = nn.Parameter(value, requires_grad=tensor.requires_grad) if is_parameter else value
                 loaded[id(tensor)] = new
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
             if leaf in owner._parameters:
                 owner._parameters[leaf] = new  # type: ignore[assignment]
             else:
                 owner._buffers[leaf] = new
-        # Tied copies met before their twin.
-        for name, tensor in list(_named_tensors(module)):
-            if tensor.is_meta and id(tensor) in loaded and not (exclude and name.startswith(exclude)):
-                owner_name, _, leaf = name.rpartition(".")
-                owner = module.get_submodule(owner_name) if owner_name else module
-                if leaf in owner._parameters:
-                    owner._parameters[leaf] = loaded[id(tensor)]  # type: ignore[assignment]
-                else:
-                    owner._buffers[leaf] = loaded[id(tensor)]
         return read
 
 
