@@ -9,6 +9,9 @@ With `--sparsegpt-reference DIR` (a checkout of github.com/IST-DASLab/sparsegpt,
 `SparseGPT` solver runs through the same calibration pipeline as a side-by-side row.
 
     python benchmarks/bench_quality.py [--eval-windows N] [--json benchmarks/results/quality.json]
+
+`--calibration-offset K` calibrates on the next K-th draw of 16 windows instead (same held-out set), to see how much
+a ranking depends on which calibration text was drawn.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ N_M = [
     ("wanda+dsnot(exact)", dict(refine="dsnot-exact")),
     ("wanda+dsnot(unguarded)", dict(refine="dsnot-unguarded")),
     ("ria+dsnot", dict(method="ria", refine="dsnot")),
+    ("ria-permuted", dict(method="ria-permuted")),
+    ("ria-permuted+dsnot", dict(method="ria-permuted", refine="dsnot")),
 ]
 
 
@@ -129,6 +134,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="*", default=["0.5", "0.6", "0.7", "2:4"])
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument(
+        "--calibration-offset",
+        type=int,
+        default=0,
+        help="use calibration windows offset*samples .. (offset+1)*samples-1 of the first 70 %% (another draw)",
+    )
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-windows", type=int, default=None, help="cap on held-out windows (default: all)")
@@ -138,13 +149,20 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
-    splits = split_tokens(tokenizer, num_samples=args.samples, seqlen=args.seqlen, max_eval_windows=args.eval_windows)
-    batches = [{"input_ids": ids} for ids in splits.calibration.split(args.batch_size)]
+    splits = split_tokens(
+        tokenizer,
+        num_samples=args.samples * (args.calibration_offset + 1),
+        seqlen=args.seqlen,
+        max_eval_windows=args.eval_windows,
+    )
+    calibration = splits.calibration[args.calibration_offset * args.samples :]
+    batches = [{"input_ids": ids} for ids in calibration.split(args.batch_size)]
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     reference = reference_sparsegpt_method(args.sparsegpt_reference) if args.sparsegpt_reference else None
     dense_ppl = perplexity(model, splits.heldout)
     print(
-        f"SmolLM2-135M fp32, {args.samples} x {args.seqlen} calibration, {splits.heldout.shape[0]} held-out windows "
+        f"SmolLM2-135M fp32, {args.samples} x {args.seqlen} calibration (offset {args.calibration_offset}), "
+        f"{splits.heldout.shape[0]} held-out windows "
         f"of {args.seqlen}; dense perplexity {dense_ppl:.2f}",
         flush=True,
     )

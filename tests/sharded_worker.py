@@ -118,6 +118,7 @@ def options(out: str, rank: int) -> None:
         "owl": dict(allocation="owl"),
         "dsnot": dict(refine="dsnot"),
         "sparsegpt-2:4": dict(method="sparsegpt", structure="2:4", sparsity=None),
+        "ria-permuted": dict(method="ria-permuted", structure="2:4", sparsity=None),
     }.items():
         model = tiny_llama()
         for block in model.model.layers:

@@ -686,6 +686,7 @@ def test_demo_command_fine_tunes_prunes_and_saves(tmp_path, capsys):
         dict(method="sparsegpt"),
         dict(method="ria", allocation="owl", refine="dsnot", sparsity=0.6),
         dict(method="wanda", refine="dsnot-exact", structure="2:4"),
+        dict(method="ria-permuted", structure="2:4"),
     ],
 )
 def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
@@ -695,9 +696,10 @@ def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
     pruning = WandaPruningCallback(prune_on="validate", num_samples=8, evaluate=False, **options)
     make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
     assert_masks_equal(pruning.masks, expected)
-    assert pruning.report is not None and pruning.report.method.startswith(options["method"])
+    assert pruning.report is not None and pruning.report.method.startswith(options["method"].split("-")[0])
     if options.get("refine") == "dsnot-exact":
         assert pruning.report.refinement == "dsnot (exact guard)"
+    assert bool(pruning.report.permuted_layers) == (options["method"] == "ria-permuted")
     if "allocation" in options:
         assert pruning.report.allocation.startswith("owl") and pruning.report.refinement == "dsnot"
         assert sum(pruning.report.block_sparsity.values()) / 2 == pytest.approx(0.6)

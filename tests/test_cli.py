@@ -356,6 +356,7 @@ def test_prune_the_real_smollm2_gguf(tmp_path: Path, capsys, monkeypatch: pytest
         (["--method", "sparsegpt", "--refine", "dsnot"], "sparsegpt", None, "dsnot"),
         (["--refine", "dsnot-exact", "--structure", "2:4"], "wanda", None, "dsnot (exact guard)"),
         (["--method", "ria", "--allocation", "owl", "--sparsity", "0.6"], "ria (a=0.5)", "owl", None),
+        (["--method", "ria-permuted", "--structure", "2:4"], "ria (a=0.5, permuted channels)", None, None),
     ],
 )
 def test_prune_exposes_methods_allocation_and_refinement(
@@ -366,6 +367,7 @@ def test_prune_exposes_methods_allocation_and_refinement(
     assert code == 0
     report = json.loads(stdout)["report"]
     assert report["method"] == method and report["refinement"] == refinement
+    assert bool(report["permuted_layers"]) == ("ria-permuted" in options)
     assert (report["allocation"] or "").startswith(allocation or "")
     if allocation:
         assert sum(report["block_sparsity"].values()) / len(report["block_sparsity"]) == pytest.approx(0.6)

@@ -103,7 +103,8 @@ def test_fsdp2_methods_comparing_across_rows_are_refused_and_owl_dsnot_match(tmp
     batches = make_batches(num_batches=4, batch=2, seed=3)
     for result in ranks:
         errors = result["errors"]
-        assert set(errors) == {"sparsegpt", "ria", "variant", "device"}
+        assert set(errors) == {"sparsegpt", "ria", "variant", "device", "ria-permuted"}
+        assert "'ria (a=0.5, permuted channels)'" in errors["ria-permuted"]
         assert "compares weights across output rows" in errors["sparsegpt"] and "'sparsegpt'" in errors["sparsegpt"]
         assert "'ria (a=0.5)'" in errors["ria"] and "'wanda (variant)'" in errors["variant"]
         assert "`device`='cpu'" in errors["device"]

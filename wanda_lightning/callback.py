@@ -116,7 +116,8 @@ class WandaPruningCallback(Callback):
         structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept, such as
             ``"2:4"``).
         method: Pruning method name: ``"wanda"``, ``"magnitude"`` (which needs no calibration), ``"sparsegpt"``,
-            ``"ria"``, or another name registered with :func:`~wanda_lightning.register_method`.
+            ``"ria"``, ``"ria-permuted"`` (N:M only; not with ``prune_on="train_epoch_end"``), or another name
+            registered with :func:`~wanda_lightning.register_method`.
         variant: For ``"wanda"``, the reference code's per-row cumulative-score selection (``--use_variant``).
         allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: per-block sparsities from the outlier
             share of Wanda scores (unstructured only; see :class:`~wanda_lightning.OWL`).
@@ -266,6 +267,12 @@ class WandaPruningCallback(Callback):
             raise MisconfigurationException(
                 "`prune_on`='train_epoch_end' needs `epoch`=k, the zero-based epoch after which to prune (an int "
                 f">= 0), got {epoch!r}"
+            )
+        if self._method.permute_channels and prune_on == "train_epoch_end":
+            raise MisconfigurationException(
+                f"`method`={method!r} reorders the hidden units of MLPs, and training goes on after "
+                "`prune_on`='train_epoch_end' with optimizer state kept in their old order; use prune_on='fit_end', "
+                "'validate' or 'checkpoint', or method='ria'"
             )
         if forward_fn is not None and not callable(forward_fn):
             raise MisconfigurationException(

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .channels import reallocate_channels
 from .masks import keep_mask, variant_keep_mask
 from .sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from .statistics import GramStatistics, InputNormStatistics, LayerStatistics
@@ -51,6 +52,8 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     requires_calibration: ClassVar[bool] = True
+    #: Reorder input channels before N:M selection where the model absorbs it exactly (see :meth:`channel_order`).
+    permute_channels: bool = False
 
     def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics | None:
         """A fresh accumulator for a layer with ``in_features`` inputs, or ``None`` for data-free methods."""
@@ -89,6 +92,18 @@ class PruningMethod(ABC):
         keep = self.select(scores, structure, sparsity)
         weight.masked_fill_(~keep, 0)
         return keep
+
+    def channel_order(
+        self, weight: Tensor, statistics: LayerStatistics | None, structure: SparsityStructure
+    ) -> Tensor | None:
+        """For an N:M structure: an order of the input channels whose mask keeps a larger total score, or ``None``.
+
+        Used only when :attr:`permute_channels` is set, on layers whose inputs can be reordered without changing the
+        model (:func:`~wanda_lightning.channels.find_channel_couplings`). The default is RIA's heuristic channel
+        reallocation of :meth:`score` (:func:`~wanda_lightning.channels.reallocate_channels`).
+        """
+        assert structure.n is not None and structure.m is not None
+        return reallocate_channels(self.score(weight, statistics), structure.n, structure.m)
 
     def shard_local(self, structure: SparsityStructure) -> bool:
         """Whether each output row's mask depends only on that row and the statistics, so that a rank holding some
@@ -243,25 +258,35 @@ class RIA(PruningMethod):
     """Relative Importance and Activations (Zhang et al., ICLR 2024).
 
     ``S_ij = (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||^a``: a weight's share of its input column plus
-    its share of its output row, times the input feature's L2 norm to the power ``a``. Channel permutation for N:M is
-    not offered: it only pays off when inference permutes every layer's inputs, which exports and 2:4 kernels here
-    do not.
+    its share of its output row, times the input feature's L2 norm to the power ``a``.
+
+    With ``permute_channels=True`` and an N:M structure, RIA's channel permutation (heuristic channel reallocation)
+    reorders the input channels of each layer where the model absorbs the new order exactly: an MLP's down projection,
+    whose input channels are the hidden units of its gate/up projections (their output rows move with it). The pruned
+    model computes what the unpermuted one would with that mask, its weights stay plain N:M in storage order (2:4
+    kernels and exports work unchanged), and the permuted layers are listed in ``PruningReport.permuted_layers``.
+    Layers fed by the residual stream or by attention heads keep their order: reordering them per layer would need a
+    gather of the inputs at inference, as RIA's reference code leaves to future work.
 
     Args:
         a: Exponent of the activation norm (default 0.5).
+        permute_channels: Channel permutation for N:M structures (``method="ria-permuted"``).
 
     Example::
 
-        >>> RIA(a=0.5).describe()
-        'ria (a=0.5)'
+        >>> RIA(a=0.5).describe(), RIA(permute_channels=True).describe()
+        ('ria (a=0.5)', 'ria (a=0.5, permuted channels)')
     """
 
     name = "ria"
 
-    def __init__(self, a: float = 0.5) -> None:
+    def __init__(self, a: float = 0.5, permute_channels: bool = False) -> None:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise ValueError(f"`a` must be a finite number, got {a!r}")
+        if not isinstance(permute_channels, bool):
+            raise ValueError(f"`permute_channels` must be True or False, got {permute_channels!r}")
         self.a = float(a)
+        self.permute_channels = permute_channels
 
     def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
         return InputNormStatistics(in_features, device)
@@ -277,10 +302,10 @@ class RIA(PruningMethod):
         return relative * norms.unsqueeze(0)
 
     def describe(self) -> str:
-        return f"ria (a={self.a:g})"
+        return f"ria (a={self.a:g}, permuted channels)" if self.permute_channels else f"ria (a={self.a:g})"
 
     def __repr__(self) -> str:
-        return f"RIA(a={self.a})"
+        return f"RIA(a={self.a}, permute_channels=True)" if self.permute_channels else f"RIA(a={self.a})"
 
 
 _REGISTRY: dict[str, Callable[..., PruningMethod]] = {}
@@ -336,3 +361,4 @@ register_method("wanda", Wanda)
 register_method("magnitude", Magnitude)
 register_method("sparsegpt", SparseGPT)
 register_method("ria", RIA)
+register_method("ria-permuted", lambda **options: RIA(permute_channels=True, **options))

@@ -25,6 +25,7 @@ from .calibration import (
     prepare_batches,
     token_mask_of,
 )
+from .channels import find_channel_couplings
 from .methods import PruningMethod, Wanda, get_method
 from .refinement import DSnoT, get_refinement
 from .report import LayerReport, PruningReport, SkippedLayer
@@ -275,6 +276,8 @@ class _Pruner:
     ) -> None:
         if self.layout is not None:
             reshard_fsdp_modules(self.model)  # masks go to the sharded parameters, not to unsharded copies
+        if self.method.permute_channels and self.structure.is_n_m and statistics is not None:
+            self._permute_channels(layers, statistics)
         for layer in with_full_weights(layers, self.layout):
             start = time.perf_counter()
             group = statistics.pop(layer.name, {}) if statistics is not None else {}
@@ -312,6 +315,26 @@ class _Pruner:
         # Under a caller's torch.autocast with its weight cache on, cached low-precision copies of the weights just
         # pruned would keep feeding later passes with dense values.
         torch.clear_autocast_cache()
+
+    def _permute_channels(
+        self, layers: Sequence[TargetLayer], statistics: dict[str, dict[str, LayerStatistics]]
+    ) -> None:
+        """Reorders the input channels of the layers whose producers are among the model's modules (see
+        :mod:`~wanda_lightning.channels`), before any of ``layers`` is pruned: the producers' masks then follow."""
+        start = time.perf_counter()
+        couplings = find_channel_couplings(self.model, [layer.name for layer in layers])
+        for layer in layers:
+            coupling, group = couplings.get(layer.name), statistics.get(layer.name)
+            if coupling is None or not group:
+                continue
+            index = self.method.channel_order(layer.weight_2d, group.get("method"), self.structure)
+            if index is None:
+                continue
+            coupling.permute(layer.weight_2d, index)
+            for stats in group.values():
+                stats.permute_inputs(index)
+            self.report.permuted_layers.append(layer.name)
+        self.report.scoring_seconds += time.perf_counter() - start
 
     # --- calibration -----------------------------------------------------------------------------------------------
 
@@ -568,7 +591,8 @@ def prune(
         sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
             implied by N:M structures.
         structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
-        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"ria"``, another registered name, or a
+        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"ria"``, ``"ria-permuted"`` (N:M with RIA's channel
+            permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another registered name, or a
             :class:`PruningMethod` instance such as ``Wanda(variant=True)`` or ``RIA(a=0.5)``.
         allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
             sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
@@ -675,6 +699,16 @@ def prune(
     layout = sharded_layout(layers) or fsdp1_layout(model, layers)
     if layout is not None:
         _check_shardable(layout, pruning_method, parsed, compute_device)
+    if pruning_method.permute_channels and not parsed.is_n_m:
+        raise ValueError(
+            f"`method`={pruning_method.describe()!r} permutes input channels to form better N:M groups, which "
+            f"`structure`={parsed.name!r} does not have; use an N:M structure such as '2:4', or method='ria'"
+        )
+    if pruning_method.permute_channels and layout is not None:
+        raise ValueError(
+            f"`method`={pruning_method.describe()!r} reorders the hidden units of whole MLPs, whose weights are split "
+            f"across {layout.world_size} processes here; prune before sharding, or use method='ria'"
+        )
     # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
     # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()

@@ -63,6 +63,7 @@ class PruningReport:
         refinement: Mask refinement (``"dsnot"``) or ``None``.
         block_sparsity: Sparsity given to each block by the allocation.
         outlier_ratios: OWL's outlier share of each block.
+        permuted_layers: Layers whose input channels an N:M channel permutation reordered (with their producers).
         calibration_seconds: Wall time of forward passes (capture, statistics, propagation).
         scoring_seconds: Wall time of scoring, mask selection, weight updates and masking.
         allocation_seconds: Wall time of the allocation (its dense calibration pass included).
@@ -89,6 +90,7 @@ class PruningReport:
     skipped: list[SkippedLayer] = field(default_factory=list)
     block_sparsity: dict[str, float] = field(default_factory=dict)
     outlier_ratios: dict[str, float] = field(default_factory=dict)
+    permuted_layers: list[str] = field(default_factory=list)
     calibration_seconds: float = 0.0
     scoring_seconds: float = 0.0
     allocation_seconds: float = 0.0
@@ -139,6 +141,7 @@ class PruningReport:
             ("layers pruned / skipped", f"{len(self.layers)} / {len(self.skipped)}"),
             ("calibration", f"{self.num_samples} sequences, {self.num_tokens:,} tokens, {self.num_batches} batches"),
             ("mode", f"block-sequential over `{self.block_stack}`" if self.sequential else "one-shot"),
+            *([("permuted channels", f"{len(self.permuted_layers)} layers")] if self.permuted_layers else []),
             (
                 "time",
                 f"{self.total_seconds:.2f} s (calibration {self.calibration_seconds:.2f} s, "

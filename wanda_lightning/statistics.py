@@ -66,6 +66,13 @@ class LayerStatistics(ABC):
     def num_tokens(self) -> int:
         """Calibration tokens seen."""
 
+    def permute_inputs(self, index: Tensor) -> None:
+        """Reorders the input features as the layer's weight columns were: feature ``j`` becomes ``index[j]``.
+
+        Needed for N:M channel permutation (:mod:`~wanda_lightning.channels`); statistics that cannot follow raise.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot reorder its input features")
+
 
 def _masked_tokens(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
     """Float32 tokens with masked-out rows zeroed, and the number of tokens that count."""
@@ -117,6 +124,9 @@ class InputNormStatistics(LayerStatistics):
     def state_tensors(self) -> list[Tensor]:
         return [self.sum_sq, self.counts]
 
+    def permute_inputs(self, index: Tensor) -> None:
+        self.sum_sq = self.sum_sq[index.to(self.sum_sq.device)]
+
     @property
     def num_tokens(self) -> int:
         return int(self.counts[1])
@@ -161,6 +171,10 @@ class MomentStatistics(InputNormStatistics):
     def state_tensors(self) -> list[Tensor]:
         return [self.sum_sq, self.counts, self.sum]
 
+    def permute_inputs(self, index: Tensor) -> None:
+        super().permute_inputs(index)
+        self.sum = self.sum[index.to(self.sum.device)]
+
     @property
     def mean(self) -> Tensor:
         """``(in_features,)`` mean of each input feature over tokens."""
@@ -202,3 +216,8 @@ class GramStatistics(MomentStatistics):
 
     def state_tensors(self) -> list[Tensor]:
         return [self.sum_sq, self.counts, self.sum, self.gram]
+
+    def permute_inputs(self, index: Tensor) -> None:
+        super().permute_inputs(index)
+        index = index.to(self.gram.device)
+        self.gram = self.gram[index][:, index]

@@ -18,7 +18,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--sparsity", type=float, default=None, help="fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="'unstructured' or N:M such as 2:4")
-    parser.add_argument("--method", default="wanda", help="'wanda', 'magnitude', 'sparsegpt' or 'ria'")
+    parser.add_argument(
+        "--method", default="wanda", help="'wanda', 'magnitude', 'sparsegpt', 'ria' or 'ria-permuted' (N:M)"
+    )
     parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="uniform or OWL")
     parser.add_argument("--refine", default="none", choices=["none", "dsnot"], help="none or DSnoT")
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")

@@ -481,7 +481,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--sparsity", type=float, default=None, help="fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="'unstructured' (default) or N:M such as 2:4")
     parser.add_argument(
-        "--method", default="wanda", help="'wanda' (default), 'magnitude', 'sparsegpt', 'ria' or another registered one"
+        "--method",
+        default="wanda",
+        help="'wanda' (default), 'magnitude', 'sparsegpt', 'ria', 'ria-permuted' (N:M) or another registered one",
     )
     parser.add_argument(
         "--allocation", default="uniform", choices=["uniform", "owl"], help="layer-wise sparsity: uniform or OWL"
