@@ -78,13 +78,15 @@ def test_console_script_help() -> None:
         assert name in result.stdout
 
 
-@pytest.mark.parametrize("command", ["prune", "eval", "inspect"])
+@pytest.mark.parametrize("command", ["prune", "eval", "inspect", "bench"])
 def test_every_subcommand_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: wanda-lightning {command}" in out and "--json" in out
+    if command in ("prune", "bench"):  # the same refinements as prune() and the callback
+        assert all(name in out for name in ("dsnot-expected", "dsnot-exact", "dsnot-unguarded"))
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------

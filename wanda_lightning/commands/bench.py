@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from ..refinement import REFINEMENTS
+
 __all__ = ["register", "run"]
 
 
@@ -22,7 +24,9 @@ def register(subparsers: Any) -> None:
         "--method", default="wanda", help="'wanda', 'magnitude', 'sparsegpt', 'ria' or 'ria-permuted' (N:M)"
     )
     parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="uniform or OWL")
-    parser.add_argument("--refine", default="none", choices=["none", "dsnot"], help="none or DSnoT")
+    parser.add_argument(
+        "--refine", default="none", choices=list(REFINEMENTS), help="none or DSnoT (dsnot = dsnot-expected)"
+    )
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
