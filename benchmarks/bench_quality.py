@@ -10,8 +10,8 @@ With `--sparsegpt-reference DIR` (a checkout of github.com/IST-DASLab/sparsegpt,
 
     python benchmarks/bench_quality.py [--eval-windows N] [--json benchmarks/results/quality.json]
 
-`--calibration-offset K` calibrates on the next K-th draw of 16 windows instead (same held-out set), to see how much
-a ranking depends on which calibration text was drawn.
+`--calibration-offset K` calibrates on windows 16K to 16K + 15 of the first 70 % instead (another draw; the same
+held-out set), to see how much a ranking depends on which calibration text was drawn.
 """
 
 from __future__ import annotations

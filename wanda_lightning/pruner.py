@@ -638,7 +638,9 @@ def prune(
         FloatingPointError: For non-finite target weights (before any change) or non-finite calibration statistics.
             Calibration problems (a target layer no token reached, non-finite statistics) are found block by
             block: an error raised for block *k* leaves blocks after it untouched, while blocks before *k* (and
-            layers before the stack) are already pruned; the message says so. In one-shot mode no weight has changed.
+            layers before the stack) are already pruned; the message says so. In one-shot mode no weight has changed
+            (except that a channel permutation, see ``"ria-permuted"``, may already have reordered MLP hidden units,
+            which leaves the model's function as it was).
 
     The model keeps its train/eval modes, dtype and devices, also when an error is raised; hooks are always removed
     and no autograd graph is built.

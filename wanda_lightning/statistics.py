@@ -67,7 +67,7 @@ class LayerStatistics(ABC):
         """Calibration tokens seen."""
 
     def permute_inputs(self, index: Tensor) -> None:
-        """Reorders the input features as the layer's weight columns were: feature ``j`` becomes ``index[j]``.
+        """Reorders the input features as the layer's weight columns were: new feature ``j`` is old ``index[j]``.
 
         Needed for N:M channel permutation (:mod:`~wanda_lightning.channels`); statistics that cannot follow raise.
         """
