@@ -13,7 +13,8 @@ VOCAB = 128
 SEQ_LEN = 16
 
 
-def _tiny_llama():
+def tiny_llama(**config_overrides):
+    """A tiny random Llama (2 decoder layers, 64 hidden, GQA 4/2 heads), seeded, in eval mode."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -22,6 +23,7 @@ def _tiny_llama():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        **config_overrides,
     )
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -44,7 +46,7 @@ def single_thread():
 
 @pytest.fixture(scope="session")
 def _llama_base():
-    return _tiny_llama()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def tiny_llama() -> Any:
-    from conftest import _tiny_llama
+    from conftest import tiny_llama as conftest_tiny_llama
 
-    return _tiny_llama()
+    return conftest_tiny_llama()
 
 
 def calibration() -> list[dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import _tiny_llama, make_batches
+from conftest import make_batches, tiny_llama
 
 from wanda_lightning import prune
 
@@ -155,7 +155,7 @@ def test_fsdp2_trainer_prunes_checkpoints_and_resumes_sparse(tmp_path, checkpoin
         state = torch.load(tmp_path / "ckpt", weights_only=False)["state_dict"]
         for name, weight in ranks[0]["weights"].items():
             assert torch.equal(state[name], weight), name
-        module = CausalLMModule.load_from_checkpoint(tmp_path / "ckpt", model=_tiny_llama())
+        module = CausalLMModule.load_from_checkpoint(tmp_path / "ckpt", model=tiny_llama())
         q_proj = module.model.model.layers[0].self_attn.q_proj.weight
         assert (q_proj == 0).float().mean().item() == pytest.approx(0.5)
 

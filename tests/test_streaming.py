@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batches
+from conftest import make_batches, tiny_llama
 
 from wanda_lightning import prune
 from wanda_lightning.streaming import BlockSaver, SafetensorsCheckpoint, meta_tensor_names
@@ -106,17 +106,7 @@ def test_safetensors_checkpoint_reads_only_what_is_asked(saved, llama):
 
 
 def test_tied_head_is_read_once_like_from_pretrained(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    dense = transformers.AutoModelForCausalLM.from_config(config).eval()
+    dense = tiny_llama(tie_word_embeddings=True)
     dense.save_pretrained(tmp_path / "tied")
     batches = make_batches(num_batches=1, batch=2, seed=5)
     meta = _meta_copy(dense)

@@ -581,9 +581,7 @@ class WandaPruningCallback(Callback):
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         """Prunes the live module in place, keeps the masks, logs, and (when training) keeps the masks applied."""
         report, drops, before, after = self._run(trainer, pl_module, temporary=False)
-        fsdp1 = is_fsdp1(pl_module)
-        # FSDP1 hands out full masks while each process holds a flattened piece of each weight: read them back from it.
-        self._pruned_masks = self._masks_of_zeros(pl_module) if fsdp1 else drops
+        self._pruned_masks = drops
         self._masks_from_weights = _holds_shards(pl_module)
         self._packed = None
         self._record(trainer, report, before, after, when)
@@ -693,11 +691,14 @@ class WandaPruningCallback(Callback):
         layer_params = {layer.name: f"{layer.name}.weight" for layer in layers}
         transposed = {layer.name for layer in layers if layer.transposed}
         progress = _Progress(trainer, "Wanda pruning", len(layers))
+        # FSDP1 hands out full masks while each process holds a flattened piece of each weight: the masks are read
+        # back from the pruned shards afterwards instead.
+        fsdp1 = is_fsdp1(pl_module)
 
         def on_layer_pruned(name: str, keep: Tensor) -> None:
-            # Shaped like the parameter (Conv1D stores (in, out)); under FSDP2, like this rank's shard of it.
-            drop = ~keep
-            drops[layer_params[name]] = drop.t().contiguous() if name in transposed else drop
+            if not fsdp1:
+                # Shaped like the parameter (Conv1D stores (in, out)); under FSDP2, like this rank's shard of it.
+                drops[layer_params[name]] = (~keep).t().contiguous() if name in transposed else ~keep
             progress.advance()
 
         live = {name: param.data for name, param in parameters.items()}
@@ -729,6 +730,8 @@ class WandaPruningCallback(Callback):
                     sync_statistics=self._sync_fn(trainer),
                     on_layer_pruned=on_layer_pruned,
                 )
+            if fsdp1:
+                drops = self._masks_of_zeros(pl_module)
             self.global_sparsity, self.sparsities = _measure_sparsity(parameters)
             start = time.perf_counter()
             after = self._evaluate(trainer, pl_module, loader, "pruned") if loader is not None else {}

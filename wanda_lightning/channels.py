@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .masks import keep_mask
+from .targets import _is_conv1d
 
 __all__ = ["ChannelCoupling", "find_channel_couplings", "reallocate_channels", "retained_score"]
 
@@ -36,9 +37,7 @@ def _rows_dim(module: nn.Module) -> int | None:
     """The weight dimension that indexes output channels: 0 for ``nn.Linear``, 1 for transformers' ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return 0
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return 1
-    return None
+    return 1 if _is_conv1d(module) else None
 
 
 @dataclass

@@ -714,16 +714,7 @@ def prune(
     # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
     # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()
-    not_finite = _non_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta])
-    flag = torch.tensor([float(len(not_finite))])
-    if layout is not None:
-        layout.all_reduce([flag], "max")  # every rank raises, or none does
-    if float(flag) > 0:
-        where = not_finite or "(in another process's shards)"
-        raise FloatingPointError(
-            f"target layer(s) {where} have weights that are not finite (NaN or "
-            "Inf); fix them or leave them out with `ignore`"
-        )
+    _check_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta], "", layout)
     if parsed.is_n_m:
         assert parsed.m is not None
         bad = [f"{t.name} (in_features={t.in_features})" for t in layers if t.in_features % parsed.m]
@@ -829,15 +820,16 @@ def prune(
     return report
 
 
-def _non_finite(layers: Sequence[TargetLayer]) -> list[str]:
-    return [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
-
-
-def _check_finite(layers: Sequence[TargetLayer], where: str) -> None:
-    bad = _non_finite(layers)
-    if bad:
+def _check_finite(layers: Sequence[TargetLayer], where: str, layout: ShardedLayout | None = None) -> None:
+    """Raises if a target weight is NaN or Inf; with a sharded ``layout`` every rank raises, or none does."""
+    bad = [t.name for t in layers if not bool(torch.isfinite(t.weight_2d).all())]
+    flag = torch.tensor([float(len(bad))])
+    if layout is not None:
+        layout.all_reduce([flag], "max")
+    if float(flag) > 0:
+        names = bad or "(in another process's shards)"
         raise FloatingPointError(
-            f"target layer(s) {bad} have weights that are not finite (NaN or Inf){where}; fix them or leave them out "
+            f"target layer(s) {names} have weights that are not finite (NaN or Inf){where}; fix them or leave them out "
             "with `ignore`"
         )
 

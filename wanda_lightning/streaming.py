@@ -37,12 +37,17 @@ def meta_tensor_names(module: nn.Module) -> list[str]:
         >>> meta_tensor_names(net)
         ['weight', 'bias']
     """
-    return [name for name, tensor in _named_tensors(module) if tensor.is_meta]
+    return [name for name, _ in _meta_tensors(module, None)]
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from module.named_parameters(remove_duplicate=False)
     yield from module.named_buffers(remove_duplicate=False)
+
+
+def _meta_tensors(module: nn.Module, exclude: str | None) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the meta tensors of ``module`` (tied ones under each name) not under ``exclude``."""
+    return [(n, t) for n, t in _named_tensors(module) if t.is_meta and not (exclude and n.startswith(exclude))]
 
 
 class SafetensorsCheckpoint:
@@ -85,7 +90,7 @@ class SafetensorsCheckpoint:
 
     def missing(self, module: nn.Module, prefix: str = "", exclude: str | None = None) -> list[str]:
         """Meta tensors of ``module`` that the checkpoint does not hold (tied copies of a held tensor are fine)."""
-        wanted = [(n, t) for n, t in _named_tensors(module) if t.is_meta and not (exclude and n.startswith(exclude))]
+        wanted = _meta_tensors(module, exclude)
         held = {id(t) for n, t in wanted if f"{prefix}{n}" in self._where}
         return [f"{prefix}{n}" for n, t in wanted if f"{prefix}{n}" not in self._where and id(t) not in held]
 
@@ -120,7 +125,7 @@ class SafetensorsCheckpoint:
                 "(which keeps buffers such as rotary tables real) and point `checkpoint` at its weights"
             )
         target = torch.device(device) if device is not None else torch.device("cpu")
-        wanted = [(n, t) for n, t in _named_tensors(module) if t.is_meta and not (exclude and n.startswith(exclude))]
+        wanted = _meta_tensors(module, exclude)
         # Read each tensor once (tied copies share it), opening each file once.
         keys: dict[int, str] = {}
         for name, tensor in wanted:
