@@ -25,9 +25,9 @@ import torch
 from _common import machine, print_table, write_json
 
 from wanda_lightning import prune
-from wanda_lightning.corpus import split_tokens
+from wanda_lightning.data.corpus import split_tokens
+from wanda_lightning.data.smollm2 import load_smollm2
 from wanda_lightning.export import load_pruned, save_pruned
-from wanda_lightning.smollm2 import load_smollm2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,9 +18,9 @@ import torch
 from _common import machine, print_table, read_rss_mib, reset_peak_rss, write_json
 
 from wanda_lightning import Wanda, prune
-from wanda_lightning.corpus import split_tokens
-from wanda_lightning.evaluation import perplexity
-from wanda_lightning.smollm2 import load_smollm2
+from wanda_lightning.data.corpus import split_tokens
+from wanda_lightning.data.evaluation import perplexity
+from wanda_lightning.data.smollm2 import load_smollm2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

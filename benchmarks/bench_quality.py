@@ -30,11 +30,11 @@ from _common import machine, print_table, read_rss_mib, reset_peak_rss, write_js
 from torch import Tensor, nn
 
 from wanda_lightning import PruningMethod, prune
-from wanda_lightning.corpus import split_tokens
-from wanda_lightning.evaluation import perplexity
-from wanda_lightning.smollm2 import load_smollm2
-from wanda_lightning.statistics import LayerStatistics
-from wanda_lightning.structure import SparsityStructure
+from wanda_lightning.core.statistics import LayerStatistics
+from wanda_lightning.core.structure import SparsityStructure
+from wanda_lightning.data.corpus import split_tokens
+from wanda_lightning.data.evaluation import perplexity
+from wanda_lightning.data.smollm2 import load_smollm2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

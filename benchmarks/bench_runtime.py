@@ -22,7 +22,7 @@ from _common import machine, print_table, write_json
 from torch import nn
 
 from wanda_lightning import prune
-from wanda_lightning.runtime import to_semi_structured
+from wanda_lightning.export.runtime import to_semi_structured
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -86,7 +86,7 @@ def bench_linears(repeats: int) -> list[dict[str, Any]]:
 
 
 def bench_model(repeats: int) -> dict[str, Any]:
-    from wanda_lightning.smollm2 import load_smollm2
+    from wanda_lightning.data.smollm2 import load_smollm2
 
     model, _ = load_smollm2(dtype=torch.float16)
     model = model.cuda().eval()

@@ -15,44 +15,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from _common import machine, print_table, read_rss_mib, write_json
+
+from wanda_lightning.distributed.testing import CollectiveCounter, launch_processes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _data(samples: int, seqlen: int) -> tuple[Any, torch.Tensor]:
-    from wanda_lightning.corpus import split_tokens
-    from wanda_lightning.smollm2 import load_smollm2
+    from wanda_lightning.data.corpus import split_tokens
+    from wanda_lightning.data.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     return model, split_tokens(tokenizer, num_samples=samples, seqlen=seqlen, max_eval_windows=1).calibration
-
-
-def _counting(counts: dict[str, float]) -> None:
-    """Wraps the collectives that pruning can use, to count their bytes."""
-    for name in ("all_reduce", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "broadcast"):
-        if not hasattr(dist, name):
-            continue
-        original = getattr(dist, name)
-
-        def wrapped(tensor: torch.Tensor, *args: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
-            if counts.get("active"):
-                gather = _name.startswith("all_gather")
-                source = args[0] if gather and args else tensor  # an all-gather's input is its second argument
-                counts[_name] = counts.get(_name, 0) + source.numel() * source.element_size()
-            return _original(tensor, *args, **kw)
-
-        setattr(dist, name, wrapped)
 
 
 def worker(out: str, samples: int, seqlen: int, batch_size: int) -> None:
@@ -61,22 +42,18 @@ def worker(out: str, samples: int, seqlen: int, batch_size: int) -> None:
     from torch.utils.data import DataLoader
 
     from wanda_lightning import WandaPruningCallback
-    from wanda_lightning.lightning_module import CausalLMModule
+    from wanda_lightning.lightning.module import CausalLMModule
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     model, calibration = _data(samples, seqlen)
     loader = DataLoader([{"input_ids": ids} for ids in calibration], batch_size=batch_size, shuffle=False)
-    counts: dict[str, float] = {}
-    _counting(counts)
+    counter = CollectiveCounter()
 
     class Counted(WandaPruningCallback):
         def _run(self, *args: Any, **kwargs: Any) -> Any:
-            counts["active"] = 1
-            try:
+            with counter.counting():
                 return super()._run(*args, **kwargs)
-            finally:
-                counts["active"] = 0
 
     callback = Counted(sparsity=0.5, num_samples=None, prune_on="validate", evaluate=False, verbose=False)
     trainer = Trainer(
@@ -99,7 +76,7 @@ def worker(out: str, samples: int, seqlen: int, batch_size: int) -> None:
         seconds=callback.report.total_seconds,
         calibration_seconds=callback.report.calibration_seconds,
         peak_rss_mib=read_rss_mib("VmHWM"),
-        collectives={k: v for k, v in counts.items() if k != "active"},
+        collectives={k: v for k, v in counter.counts.items() if not k.endswith("_calls")},
         sparsity=callback.global_sparsity,
         local_rows=local_rows,
         pruned_weight_bytes=pruned_bytes,
@@ -110,19 +87,8 @@ def worker(out: str, samples: int, seqlen: int, batch_size: int) -> None:
 
 
 def launch(out: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE="2")
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        command = [sys.executable, __file__, "--worker", out, "--samples", str(args.samples), "--seqlen"]
-        procs.append(subprocess.Popen([*command, str(args.seqlen), "--batch-size", str(args.batch_size)], env=env))
-    for proc in procs:
-        if proc.wait(timeout=1800) != 0:
-            raise SystemExit("a worker failed")
-    return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    command = [sys.executable, __file__, "--worker", out, "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+    return launch_processes([*command, "--batch-size", str(args.batch_size)], out, timeout=1800, capture=False)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _calibration(folder: Path, samples: int, seqlen: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     from transformers import AutoTokenizer
 
-    from wanda_lightning.corpus import split_tokens
+    from wanda_lightning.data.corpus import split_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = split_tokens(tokenizer, num_samples=samples, seqlen=seqlen, max_eval_windows=1).calibration
@@ -64,7 +64,7 @@ def worker(mode: str, folder: Path, out: Path, samples: int, seqlen: int, batch_
     else:
         from accelerate import init_empty_weights
 
-        from wanda_lightning.streaming import BlockSaver
+        from wanda_lightning.distributed.streaming import BlockSaver
 
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
@@ -95,7 +95,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from wanda_lightning.smollm2 import load_smollm2
+    from wanda_lightning.data.smollm2 import load_smollm2
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "smollm2"

@@ -17,11 +17,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from wanda_lightning.callback import WandaPruningCallback
-from wanda_lightning.commands.demo import WindowDataset
-from wanda_lightning.corpus import pydoc_text, token_windows
-from wanda_lightning.lightning_module import CausalLMModule
-from wanda_lightning.smollm2 import load_smollm2
+from wanda_lightning import WandaPruningCallback
+from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.data.corpus import pydoc_text, token_windows
+from wanda_lightning.data.smollm2 import load_smollm2
+from wanda_lightning.lightning.module import CausalLMModule
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     calibration, train = windows[:16], windows[16:]
     validation = token_windows(ids[cut:], 256, 8)
 
-    # The model: a LightningModule whose validation_step logs val_loss and val_ppl (wanda_lightning.metrics).
+    # The model: a LightningModule whose validation_step logs val_loss and val_ppl (wanda_lightning.lightning.metrics).
     model.train()
     module = CausalLMModule(model, learning_rate=5e-5)
 

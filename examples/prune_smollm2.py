@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 
 from wanda_lightning import prune
-from wanda_lightning.corpus import split_tokens
-from wanda_lightning.evaluation import perplexity
-from wanda_lightning.smollm2 import load_smollm2
+from wanda_lightning.data.corpus import split_tokens
+from wanda_lightning.data.evaluation import perplexity
+from wanda_lightning.data.smollm2 import load_smollm2
 
 
 def main() -> None:

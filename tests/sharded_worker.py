@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wanda_lightning.distributed.testing import CollectiveCounter, count_full_gathers
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 
@@ -27,35 +29,6 @@ def calibration() -> list[dict[str, torch.Tensor]]:
     from conftest import make_batches
 
     return make_batches(num_batches=4, batch=2, seed=3)
-
-
-def _count_full_gathers() -> dict[str, int]:
-    """Counts ``DTensor.full_tensor`` / ``redistribute`` calls (what a full-weight gather for pruning would use)."""
-    from torch.distributed.tensor import DTensor
-
-    counts = {"full_tensor": 0, "redistribute": 0}
-    for name in counts:
-        original = getattr(DTensor, name)
-
-        def wrapped(self: Any, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
-            counts[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        setattr(DTensor, name, wrapped)
-    return counts
-
-
-def _count_all_reduce_bytes() -> dict[str, int]:
-    counts = {"all_reduce_bytes": 0, "all_reduce_calls": 0}
-    original = dist.all_reduce
-
-    def wrapped(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        counts["all_reduce_bytes"] += tensor.numel() * tensor.element_size()
-        counts["all_reduce_calls"] += 1
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = wrapped
-    return counts
 
 
 def functional(out: str, rank: int, uneven: bool, structure: str) -> None:
@@ -72,12 +45,16 @@ def functional(out: str, rank: int, uneven: bool, structure: str) -> None:
     fully_shard(model, mesh=mesh)
     batches = calibration()
     mine = batches[:3] if (uneven and rank == 0) else batches[rank::2][: (1 if uneven else 2)]
-    gathers = _count_full_gathers()
-    reduced = _count_all_reduce_bytes()
-    with warnings.catch_warnings(record=True) as caught:
+    gathers = count_full_gathers()
+    counter = CollectiveCounter(["all_reduce"])
+    with warnings.catch_warnings(record=True) as caught, counter.counting():
         warnings.simplefilter("always")
         report = prune(model, mine, structure=structure, sparsity=None if ":" in structure else 0.5, num_samples=None)
-    counts = {**gathers, **reduced}
+    counts = {
+        **gathers,
+        "all_reduce_bytes": counter.counts.get("all_reduce", 0),
+        "all_reduce_calls": counter.counts.get("all_reduce_calls", 0),
+    }
     local = {
         name: (param.to_local() == 0).float().mean().item()
         for name, param in model.named_parameters()
@@ -222,7 +199,7 @@ def fsdp1_trainer(out: str, rank: int) -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from wanda_lightning import WandaPruningCallback
-    from wanda_lightning.lightning_module import CausalLMModule
+    from wanda_lightning.lightning.module import CausalLMModule
 
     _fsdp1_on_cpu()
 
@@ -266,7 +243,7 @@ def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
     from torch.utils.data import DataLoader
 
     from wanda_lightning import WandaPruningCallback
-    from wanda_lightning.lightning_module import CausalLMModule
+    from wanda_lightning.lightning.module import CausalLMModule
 
     batches = calibration()
     rows = [dict(input_ids=ids) for b in batches for ids in b["input_ids"]]

@@ -11,12 +11,12 @@ from conftest import make_batches
 from torch import nn
 
 from wanda_lightning import prune
-from wanda_lightning.allocation import OWL, owl_outlier_ratio, owl_sparsities
+from wanda_lightning.core.statistics import GramStatistics, InputNormStatistics
+from wanda_lightning.core.structure import parse_structure
 from wanda_lightning.methods import RIA, SparseGPT, Wanda
-from wanda_lightning.refinement import DSnoT, dsnot_refine, reconstruction_error
-from wanda_lightning.sparsegpt import sparsegpt_prune
-from wanda_lightning.statistics import GramStatistics, InputNormStatistics
-from wanda_lightning.structure import parse_structure
+from wanda_lightning.methods.dsnot import DSnoT, dsnot_refine, reconstruction_error
+from wanda_lightning.methods.owl import OWL, owl_outlier_ratio, owl_sparsities
+from wanda_lightning.methods.sparsegpt import sparsegpt_prune
 
 
 def _layer_data(rows=24, cols=32, tokens=256, seed=0):

@@ -20,10 +20,14 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
-import wanda_lightning.callback as callback_module
+import wanda_lightning.lightning.callback as callback_module
 from wanda_lightning import prune
-from wanda_lightning.callback import DENSE_WEIGHTS_KEY, WandaPruningCallback, _pack, _unpack
-from wanda_lightning.lightning_module import CausalLMModule
+from wanda_lightning.lightning.callback import WandaPruningCallback
+from wanda_lightning.lightning.checkpointing import DENSE_WEIGHTS_KEY
+from wanda_lightning.lightning.masks import pack_mask as _pack
+from wanda_lightning.lightning.masks import unpack_mask as _unpack
+from wanda_lightning.lightning.module import CausalLMModule
+from wanda_lightning.pruning import prune_with
 
 pytest.importorskip("transformers")
 
@@ -335,7 +339,7 @@ def test_resume_after_a_crash_restores_masks_without_pruning_again(tmp_path, mon
     assert all(entry["bits"].dtype == torch.uint8 for entry in state["masks"].values())  # packed, 8 per byte
 
     calls = []
-    monkeypatch.setattr(callback_module, "prune", lambda *a, **k: calls.append(1) or prune(*a, **k))
+    monkeypatch.setattr(callback_module, "prune_with", lambda *a, **k: calls.append(1) or prune_with(*a, **k))
     resumed, resumed_pruning, resumed_trainer = _resumable_run(tmp_path / "resumed", seed=123, ckpt_path=last)
 
     assert calls == []  # not pruned a second time
@@ -440,7 +444,7 @@ def test_validate_prunes_once_and_reports(tmp_path, structure, monkeypatch):
     assert results["val_ppl"] == pytest.approx(pruning.metrics["val_ppl"]["pruned"], rel=1e-5)
 
     calls = []
-    monkeypatch.setattr(callback_module, "prune", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(callback_module, "prune_with", lambda *a, **k: calls.append(1))
     pruned = _clone(module.state_dict())
     trainer.validate(module, val)
     assert calls == [] and all(torch.equal(module.state_dict()[k], v) for k, v in pruned.items())

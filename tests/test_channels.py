@@ -11,9 +11,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from wanda_lightning import WandaPruningCallback, prune
-from wanda_lightning.channels import find_channel_couplings, reallocate_channels, retained_score
+from wanda_lightning.core.statistics import GramStatistics
 from wanda_lightning.methods import RIA, get_method
-from wanda_lightning.statistics import GramStatistics
+from wanda_lightning.methods.channels import find_channel_couplings, reallocate_channels, retained_score
 
 
 def _reference_reallocation(scores: torch.Tensor, n: int, m: int) -> list[int] | None:

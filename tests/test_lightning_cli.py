@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wanda_lightning.callback import WandaPruningCallback
-from wanda_lightning.lightning_module import CausalLMModule
+from wanda_lightning.lightning.module import CausalLMModule
 
 pytest.importorskip("jsonargparse")
 pytest.importorskip("transformers")

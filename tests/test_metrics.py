@@ -1,4 +1,4 @@
-"""``wanda_lightning.metrics`` against slow, independent references written with loops and ``math``."""
+"""``wanda_lightning.lightning.metrics`` against slow, independent references written with loops and ``math``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from wanda_lightning.metrics import Perplexity, Sparsity, perplexity, sparsity
+from wanda_lightning.lightning.metrics import Perplexity, Sparsity, perplexity, sparsity
 
 
 def reference_perplexity(batches, ignore_index=-100):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from wanda_lightning import prune
-from wanda_lightning.corpus import split_tokens
-from wanda_lightning.evaluation import perplexity
+from wanda_lightning.data.corpus import split_tokens
+from wanda_lightning.data.evaluation import perplexity
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,7 +20,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from wanda_lightning.smollm2 import load_smollm2
+    from wanda_lightning.data.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     splits = split_tokens(tokenizer, num_samples=4, seqlen=128, eval_seqlen=128, max_eval_windows=8)

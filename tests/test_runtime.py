@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from wanda_lightning import prune
-from wanda_lightning.runtime import SemiStructuredSummary, is_2_4_sparse, to_semi_structured
+from wanda_lightning.export.runtime import SemiStructuredSummary, is_2_4_sparse, to_semi_structured
 
 CUDA_2_4 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 

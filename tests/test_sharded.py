@@ -4,9 +4,6 @@ their calibration batches."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ import torch
 from conftest import make_batches, tiny_llama
 
 from wanda_lightning import prune
+from wanda_lightning.distributed.testing import ProcessesFailed, launch_processes
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -23,47 +21,11 @@ WORKER = Path(__file__).with_name("sharded_worker.py")
 TIMEOUT = 240  # seconds: a hang fails the test instead of the suite
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_two_processes(scenario: str, out: Path) -> list[dict[str, Any]]:
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"the 2-process {scenario!r} run hung for {TIMEOUT} s")
-    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-6000:]}"
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+        return launch_processes([sys.executable, str(WORKER), scenario, str(out)], out, timeout=TIMEOUT)
+    except ProcessesFailed as error:
+        pytest.fail(str(error))
 
 
 def _single_process(llama: Any, batches: list[dict], structure: str) -> dict[str, torch.Tensor]:
@@ -150,7 +112,7 @@ def test_fsdp2_trainer_prunes_checkpoints_and_resumes_sparse(tmp_path, checkpoin
     assert all(torch.equal(ranks[0]["weights"][n], ranks[1]["weights"][n]) for n in ranks[0]["weights"])
     if checkpoint == "full":
         # One file with the whole state dict: loads anywhere, without FSDP, and is as sparse as the live model.
-        from wanda_lightning.lightning_module import CausalLMModule
+        from wanda_lightning.lightning.module import CausalLMModule
 
         state = torch.load(tmp_path / "ckpt", weights_only=False)["state_dict"]
         for name, weight in ranks[0]["weights"].items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanda_lightning.statistics import GramStatistics, InputNormStatistics, MomentStatistics, flatten_tokens
+from wanda_lightning.core.statistics import GramStatistics, InputNormStatistics, MomentStatistics, flatten_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,7 +9,7 @@ import torch
 from conftest import make_batches, tiny_llama
 
 from wanda_lightning import prune
-from wanda_lightning.streaming import BlockSaver, SafetensorsCheckpoint, meta_tensor_names
+from wanda_lightning.distributed.streaming import BlockSaver, SafetensorsCheckpoint, meta_tensor_names
 
 accelerate = pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")

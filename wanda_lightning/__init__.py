@@ -1,5 +1,16 @@
 """wanda-lightning: Wanda pruning for Hugging Face LLMs and any ``nn.Linear`` model, from PyTorch Lightning.
 
+The package is laid out by what each part does:
+
+- :mod:`~wanda_lightning.core`: the calibration engine (targets, blocks, batches, statistics, the pipeline);
+- :mod:`~wanda_lightning.methods`: mask methods, allocations and refinements, one module each;
+- :mod:`~wanda_lightning.pruning`: :func:`prune`, the mask action and its report;
+- :mod:`~wanda_lightning.lightning`: the Lightning callback, its parts and torchmetrics metrics;
+- :mod:`~wanda_lightning.distributed`: sharded (FSDP) and larger-than-memory models;
+- :mod:`~wanda_lightning.export`: the compact export format and the 2:4 runtime;
+- :mod:`~wanda_lightning.cli`: the ``wanda-lightning`` command line;
+- :mod:`~wanda_lightning.data`: the bundled model, corpus and evaluation.
+
 Example::
 
     from wanda_lightning import prune
@@ -7,8 +18,11 @@ Example::
     print(report)
 """
 
-from .allocation import OWL
-from .callback import WandaPruningCallback
+from .core.masks import keep_mask, n_m_keep_mask, unstructured_keep_mask, variant_keep_mask
+from .core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
+from .core.structure import SparsityStructure, parse_structure
+from .core.targets import TargetLayer, find_targets
+from .distributed.streaming import BlockSaver
 from .export import (
     CorruptExportError,
     ExportSummary,
@@ -16,21 +30,31 @@ from .export import (
     decompress_state_dict,
     load_pruned,
     save_pruned,
+    to_semi_structured,
 )
-from .masks import keep_mask, n_m_keep_mask, unstructured_keep_mask, variant_keep_mask
-from .methods import RIA, Magnitude, PruningMethod, SparseGPT, Wanda, available_methods, get_method, register_method
-from .pruner import prune
-from .refinement import DSnoT
-from .report import LayerReport, PruningReport, SkippedLayer
-from .statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
-from .structure import SparsityStructure, parse_structure
-from .targets import TargetLayer, find_targets
+from .lightning import CausalLMModule, Perplexity, Sparsity, WandaPruningCallback
+from .methods import (
+    OWL,
+    RIA,
+    DSnoT,
+    Magnitude,
+    PruningMethod,
+    Refinement,
+    SparseGPT,
+    Wanda,
+    available_methods,
+    get_method,
+    register_method,
+)
+from .pruning import LayerReport, PruneConfig, PruningReport, SkippedLayer, prune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OWL",
     "RIA",
+    "BlockSaver",
+    "CausalLMModule",
     "CorruptExportError",
     "DSnoT",
     "ExportSummary",
@@ -40,10 +64,14 @@ __all__ = [
     "LayerStatistics",
     "Magnitude",
     "MomentStatistics",
+    "Perplexity",
+    "PruneConfig",
     "PruningMethod",
     "PruningReport",
+    "Refinement",
     "SkippedLayer",
     "SparseGPT",
+    "Sparsity",
     "SparsityStructure",
     "TargetLayer",
     "Wanda",
@@ -61,6 +89,7 @@ __all__ = [
     "prune",
     "register_method",
     "save_pruned",
+    "to_semi_structured",
     "unstructured_keep_mask",
     "variant_keep_mask",
 ]

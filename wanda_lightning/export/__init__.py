@@ -16,6 +16,11 @@ Two moves, as in gpt-fast: make the compressed state (:func:`compress_state_dict
   verifies all of them and raises :class:`CorruptExportError` naming the tensor on any mismatch.
 * Only safetensors and JSON: no pickle. Writes go to a temporary directory renamed into place.
 
+Modules: :mod:`.packing` (bit encodings), :mod:`.format` (tensors to stored parts and back), :mod:`.manifest` (the
+JSON manifest), :mod:`.shards` (safetensors files), :mod:`.paths` (safe directory writes), :mod:`.directory`
+(:func:`save_compressed` / :func:`load_compressed`), :mod:`.checkpoints` (Lightning checkpoints), :mod:`.hf`
+(transformers models) and :mod:`.runtime` (2:4 semi-structured kernels on a GPU).
+
 Example::
 
     from wanda_lightning.export import load_pruned, save_pruned
@@ -23,19 +28,8 @@ Example::
     model = load_pruned("pruned/")
 """
 
-from .files import (
-    INDEX_NAME,
-    MANIFEST_NAME,
-    WEIGHTS_NAME,
-    ExportSummary,
-    compress_checkpoint,
-    is_export,
-    load_compressed,
-    read_checkpoint,
-    read_manifest,
-    save_compressed,
-    summarize_export,
-)
+from .checkpoints import compress_checkpoint, read_checkpoint
+from .directory import load_compressed, save_compressed
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -46,6 +40,9 @@ from .format import (
     decompress_tensor,
 )
 from .hf import load_pruned, save_pruned
+from .manifest import MANIFEST_NAME, ExportSummary, Manifest, is_export, read_manifest, summarize_export
+from .runtime import SemiStructuredSummary, is_2_4_sparse, to_semi_structured
+from .shards import INDEX_NAME, WEIGHTS_NAME
 
 __all__ = [
     "FORMAT_NAME",
@@ -55,11 +52,14 @@ __all__ = [
     "WEIGHTS_NAME",
     "CorruptExportError",
     "ExportSummary",
+    "Manifest",
+    "SemiStructuredSummary",
     "compress_checkpoint",
     "compress_state_dict",
     "compress_tensor",
     "decompress_state_dict",
     "decompress_tensor",
+    "is_2_4_sparse",
     "is_export",
     "load_compressed",
     "load_pruned",
@@ -68,4 +68,5 @@ __all__ = [
     "save_compressed",
     "save_pruned",
     "summarize_export",
+    "to_semi_structured",
 ]

@@ -1,7 +1,7 @@
 """The in-memory half of the export format: tensors to (stored parts, manifest entry) and back, bit for bit.
 
 Framework-free (pure torch, ``hashlib`` and JSON-ready dictionaries): works for any ``state_dict``, including
-Lightning checkpoints and custom modules. Files are handled by :mod:`wanda_lightning.export.files`.
+Lightning checkpoints and custom modules. Files are handled by :mod:`wanda_lightning.export.directory`.
 
 Layouts of a manifest entry (``entry["layout"]``):
 

@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .files import DEFAULT_MAX_SHARD_SIZE, ExportSummary, load_compressed, save_compressed
+from ..core.layers import find_pretrained, is_conv1d
+from .directory import DEFAULT_MAX_SHARD_SIZE, load_compressed, save_compressed
 from .format import DEFAULT_MIN_SPARSITY, CorruptExportError
+from .manifest import ExportSummary
 
 __all__ = ["load_pruned", "save_pruned"]
 
@@ -32,26 +34,19 @@ def _transformers() -> Any:
 def _hf_model(model: nn.Module) -> tuple[Any, str]:
     """The transformers model to export: ``model`` itself, or the one ``PreTrainedModel`` it holds (say, a
     LightningModule wrapping it), with its module name."""
-    pretrained = _transformers().PreTrainedModel
-    if isinstance(model, pretrained):
-        return model, ""
+    _transformers()
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, pretrained) and not any(name.startswith(f"{outer}.") for outer, _ in found):
-            found.append((name, module))
-    if len(found) != 1:
+    try:
+        found = find_pretrained(model)
+    except TypeError as error:
+        raise TypeError(f"`model` must hold exactly one transformers PreTrainedModel: {error}") from None
+    if found is None:
         raise TypeError(
-            f"`model` must be a transformers PreTrainedModel or hold exactly one; {type(model).__name__} holds "
-            f"{len(found)} ({[n for n, _ in found][:3]}); for other modules use "
-            "wanda_lightning.export.save_compressed(model.state_dict(), path)"
+            f"`model` must be a transformers PreTrainedModel or hold exactly one; {type(model).__name__} holds none; "
+            "for other modules use wanda_lightning.export.save_compressed(model.state_dict(), path)"
         )
-    return found[0][1], found[0][0]
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    return found
 
 
 def _normalise_masks(
@@ -65,7 +60,7 @@ def _normalise_masks(
             raise ValueError(f"`masks` key {name!r} is neither a tensor nor a module with a weight in the model")
         module = hf_model.get_submodule(key.rpartition(".")[0])
         weight = state[key]
-        if _is_conv1d(module) and isinstance(mask, Tensor) and mask.dim() == 2 and mask.t().shape == weight.shape:
+        if is_conv1d(module) and isinstance(mask, Tensor) and mask.dim() == 2 and mask.t().shape == weight.shape:
             mask = mask.t()  # prune() reports (out, in) masks; a Conv1D weight is (in, out)
         out[key] = mask
     return out

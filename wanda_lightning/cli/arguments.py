@@ -1,0 +1,92 @@
+"""Arguments the subcommands share: how to read MODEL, which text, which dtype, and the pruning choices."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..methods.registry import ALLOCATIONS, REFINEMENTS
+from .loading import MODEL_HELP
+
+__all__ = ["DTYPES", "add_data_arguments", "add_model_arguments", "add_pruning_arguments", "parse_dtype"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+_MODEL_HELP = (
+    "a transformers model directory, a .gguf file, a wanda-lightning export directory, or a Lightning .ckpt "
+    "(with --module package.Class)"
+)
+
+
+def parse_dtype(value: str) -> torch.dtype:
+    """``--dtype`` values: float32/fp32, bfloat16/bf16, float16/fp16.
+
+    Example::
+
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"invalid dtype {value!r}; choose from {', '.join(sorted(set(DTYPES)))}"
+        ) from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that say how to read MODEL: ``--module``, ``--tokenizer``, ``--dtype``, ``--device``."""
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument(
+        "--module",
+        default=None,
+        metavar="PACKAGE.CLASS",
+        help="for a .ckpt: the LightningModule (or nn.Module) class, as package.module.Class or package.module:Class",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="tokenizer directory or .gguf file (default: the model's own; needed for a .ckpt)",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=parse_dtype,
+        default=None,
+        help="dtype to load the model in: float32, bfloat16 or float16 (default: as stored; float32 for GGUF)",
+    )
+    parser.add_argument("--device", default=None, help="compute device such as cpu or cuda:0 (default: cpu)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` and ``--split``."""
+    parser.add_argument(
+        "--data",
+        default="pydoc",
+        help="'pydoc' (built-in offline corpus, default), a UTF-8 text file, or a datasets dataset saved with "
+        "save_to_disk that has a 'text' column",
+    )
+    parser.add_argument("--split", default=None, help="split of a saved DatasetDict (default: see each command)")
+
+
+def add_pruning_arguments(parser: argparse.ArgumentParser, *, refine_help: str) -> None:
+    """``--sparsity``, ``--structure``, ``--method``, ``--allocation`` and ``--refine``, with the registered names."""
+    parser.add_argument("--sparsity", type=float, default=None, help="fraction zeroed per row (default 0.5)")
+    parser.add_argument("--structure", default="unstructured", help="'unstructured' (default) or N:M such as 2:4")
+    parser.add_argument(
+        "--method",
+        default="wanda",
+        help="'wanda' (default), 'magnitude', 'sparsegpt', 'ria', 'ria-permuted' (N:M) or another registered one",
+    )
+    parser.add_argument(
+        "--allocation", default="uniform", choices=list(ALLOCATIONS), help="layer-wise sparsity: uniform or OWL"
+    )
+    parser.add_argument("--refine", default="none", choices=list(REFINEMENTS), help=refine_help)

@@ -1,0 +1,63 @@
+"""``wanda-lightning bench``: prune the built-in SmolLM2-135M on the pydoc corpus and print the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from .arguments import add_pruning_arguments
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="prune SmolLM2-135M on the pydoc corpus (offline) and print the report with held-out perplexity",
+        description="Prune the offline SmolLM2-135M-Instruct on CPython's pydoc text and compare perplexities.",
+    )
+    add_pruning_arguments(parser, refine_help="none or DSnoT (dsnot = dsnot-expected)")
+    parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows scored (default 32)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..data.corpus import split_tokens
+    from ..data.evaluation import perplexity
+    from ..data.smollm2 import load_smollm2
+    from ..pruning import prune
+
+    model, tokenizer = load_smollm2()
+    splits = split_tokens(tokenizer, num_samples=args.samples, seqlen=args.seqlen, max_eval_windows=args.eval_windows)
+    dense = perplexity(model, splits.heldout)
+    batches = [{"input_ids": ids} for ids in splits.calibration.split(args.batch_size)]
+    report = prune(
+        model,
+        batches,
+        sparsity=args.sparsity,
+        structure=args.structure,
+        method=args.method,
+        allocation=args.allocation,
+        refine=args.refine,
+        num_samples=None,
+        progress=not args.json,
+    )
+    pruned = perplexity(model, splits.heldout)
+    if args.json:
+        print(
+            json.dumps({"dense_perplexity": dense, "pruned_perplexity": pruned, "report": report.to_dict()}, indent=2)
+        )
+    else:
+        print(report)
+        print(
+            f"\nheld-out perplexity ({splits.heldout.shape[0]} x {splits.heldout.shape[1]} tokens): "
+            f"dense {dense:.2f} -> pruned {pruned:.2f}"
+        )
+    return 0

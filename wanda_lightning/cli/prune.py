@@ -1,0 +1,139 @@
+"""``wanda-lightning prune MODEL --out DIR``: prune a checkpoint without writing code and write the compressed
+export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.layers import find_pretrained
+from ..core.validation import as_device, check_positive
+from .arguments import add_data_arguments, add_model_arguments, add_pruning_arguments, parse_dtype
+from .loading import LoadedModel, calibration_windows, load_model, load_text
+
+if TYPE_CHECKING:
+    from ..export import ExportSummary
+
+__all__ = ["REFINE_HELP", "register", "run"]
+
+REFINE_HELP = (
+    "mask refinement: none, or DSnoT with its default guard (dsnot = dsnot-expected), the exact-error guard "
+    "(dsnot-exact, needs each layer's Gram matrix) or none (dsnot-unguarded)"
+)
+
+
+def register(subparsers: Any) -> None:
+    """Adds the ``prune`` subcommand to ``subparsers`` (an ``argparse`` sub-parser action)."""
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a model (transformers dir, GGUF, Lightning .ckpt) and write the compressed export",
+        description="Prune MODEL with Wanda (or another method) on calibration text and write a compressed export "
+        "(kept values + 1-bit masks or N:M codes in safetensors, with config, tokenizer and a checksummed manifest).",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
+    add_pruning_arguments(parser, refine_help=REFINE_HELP)
+    parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    parser.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN", help="layers to leave dense")
+    add_data_arguments(parser)
+    parser.add_argument(
+        "--export-dtype",
+        type=parse_dtype,
+        default=None,
+        help="store the export in this dtype (default: the model's; bfloat16 halves an fp32 export)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--json", action="store_true", help="print the report and export summary as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prunes MODEL and writes the export; returns the exit status.
+
+    Example::
+
+        main(["prune", "model.gguf", "--out", "pruned/", "--structure", "2:4"])
+    """
+    from ..export.paths import check_destination, parse_size
+    from ..pruning import prune
+
+    for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
+        check_positive(value, flag, allow_none=False)
+    parse_size(args.max_shard_size, "--max-shard-size")
+    as_device(args.device, "--device", must_exist=True)
+    check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
+    if args.data != "pydoc" and not Path(args.data).expanduser().exists():
+        load_text(args.data, args.split)  # raises FileNotFoundError
+    loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
+    windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
+    batches: list[Any] = [{"input_ids": w} if loaded.takes_keywords else w for w in windows.split(args.batch_size)]
+    report = prune(
+        loaded.model,
+        batches,
+        sparsity=args.sparsity,
+        structure=args.structure,
+        method=args.method,
+        allocation=args.allocation,
+        refine=args.refine,
+        ignore=args.ignore or None,
+        num_samples=None,
+        device=args.device,
+        progress=not args.json,
+    )
+    if not args.json:
+        print(report)
+    try:
+        summary = _write_export(args, loaded)
+    except OSError as error:  # disk full, permissions: nothing was left under --out
+        raise ValueError(f"--out {args.out!r}: the export could not be written: {error}") from None
+    if args.json:
+        print(
+            json.dumps(
+                {"model": args.model, "out": summary.path, "report": report.to_dict(), "export": summary.to_dict()},
+                indent=2,
+            )
+        )
+    else:
+        print()
+        print(summary)
+    return 0
+
+
+def _write_export(args: argparse.Namespace, loaded: LoadedModel) -> ExportSummary:
+    from ..export import save_compressed, save_pruned
+
+    if find_pretrained(loaded.model) is not None:
+        return save_pruned(
+            loaded.model,
+            args.out,
+            loaded.tokenizer,
+            dtype=args.export_dtype,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            progress=not args.json,
+        )
+    hyper_parameters = getattr(loaded.model, "hparams", None)
+    try:
+        hyper_parameters = json.loads(json.dumps(dict(hyper_parameters or {})))
+    except (TypeError, ValueError):
+        hyper_parameters = None
+    return save_compressed(
+        loaded.model.state_dict(),
+        args.out,
+        dtype=args.export_dtype,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        metadata={
+            "source": {
+                "kind": "lightning-module",
+                "module": loaded.module_class,
+                "hyper_parameters": hyper_parameters,
+            }
+        },
+        progress=not args.json,
+    )

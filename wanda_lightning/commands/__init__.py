@@ -1,1 +1,0 @@
-"""Subcommands of the ``wanda-lightning`` command line (see :mod:`wanda_lightning.cli`)."""

@@ -1,0 +1,231 @@
+"""Where a callback's calibration batches come from inside a run, and how the module runs on them.
+
+Calibration uses the trainer's own dataloaders (the validation one by default, with its distributed sampler, or the
+training one) or one the user passes; batches go through the module's batch-transfer hooks and the precision
+plugin as in the trainer's loops, and every process ends up with its share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, cast
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies.strategy import _ForwardRedirection
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+
+from ..core.batches import prepare_batches
+from ..distributed.sharding import same_count_on_every_rank
+from .strategies import fsdp1_wrapper, is_sharded_strategy, strategy_all_reduce
+
+__all__ = [
+    "CALIBRATION_SOURCES",
+    "CalibrationData",
+    "CalibrationSource",
+    "check_calibration",
+    "first_loader",
+    "safe_len",
+    "transfer_batch",
+]
+
+CalibrationSource = Literal["val", "train"]
+CALIBRATION_SOURCES: tuple[str, ...] = ("val", "train")
+
+
+def check_calibration(calibration: Any) -> None:
+    """Raises ``ValueError`` unless ``calibration`` is ``"val"``, ``"train"`` or an iterable of batches."""
+    if isinstance(calibration, str):
+        if calibration not in CALIBRATION_SOURCES:
+            raise ValueError(
+                f"`calibration` must be 'val', 'train' or a DataLoader (or iterable of batches), got {calibration!r}"
+            )
+    elif isinstance(calibration, (Tensor, Mapping)) or not isinstance(calibration, Iterable):
+        raise ValueError(
+            "`calibration` must be 'val', 'train' or a DataLoader (or iterable of batches), got "
+            f"{type(calibration).__name__}"
+        )
+
+
+def describe(calibration: Any) -> str:
+    """``'val'`` or the loader's class name, for messages."""
+    return repr(calibration) if isinstance(calibration, str) else type(calibration).__name__
+
+
+def first_loader(loaders: Any) -> Iterable[Any] | None:
+    """The first dataloader of what ``trainer.val_dataloaders`` / ``train_dataloader`` hold, or ``None``."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return first_loader(loaders[0]) if loaders else None
+    if isinstance(loaders, Mapping):
+        return first_loader(next(iter(loaders.values()))) if loaders else None
+    return cast(Iterable[Any], loaders)
+
+
+def safe_len(loader: Any) -> int | None:
+    """``len(loader)``, or ``None`` for an iterable without a length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _has_distributed_sampler(loader: Any) -> bool:
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    return isinstance(sampler, DistributedSampler) or isinstance(batch_sampler, DistributedSampler)
+
+
+def transfer_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """A batch as the trainer's loops hand it to a step: precision conversion, the module's batch-transfer hooks and
+    the strategy's device move."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+
+class CalibrationData:
+    """A callback's calibration: the batches of one process and the forward that runs the module on one of them.
+
+    Args:
+        calibration: ``"val"``, ``"train"`` or an iterable of batches (see :func:`check_calibration`).
+        num_samples: Most sequences over all processes (``None``: all).
+        batch_size: Sequences per forward pass (``None``: the loader's batches).
+        forward: Runs the module on one batch already on its device (the callback's ``calibration_forward``).
+    """
+
+    def __init__(
+        self,
+        calibration: CalibrationSource | Iterable[Any],
+        num_samples: int | None,
+        batch_size: int | None,
+        forward: Callable[[pl.LightningModule, Any], Any],
+    ) -> None:
+        check_calibration(calibration)
+        self.calibration = calibration
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.forward = forward
+
+    def source(self, trainer: pl.Trainer) -> Iterable[Any]:
+        """The loader the batches come from.
+
+        Raises:
+            ValueError: When the trainer has no such loader.
+        """
+        if self.calibration == "val":
+            loader = first_loader(trainer.val_dataloaders)
+            if loader is None:
+                raise ValueError(
+                    "`calibration`='val' needs a validation dataloader, and the trainer has none: pass "
+                    "`val_dataloaders` to `trainer.fit`/`trainer.validate`, define `val_dataloader()` in the "
+                    "LightningModule or LightningDataModule (with `limit_val_batches` > 0), or set `calibration` to "
+                    "'train' or a DataLoader"
+                )
+            return loader
+        if self.calibration == "train":
+            loader = first_loader(trainer.train_dataloader) if trainer.state.fn == TrainerFn.FITTING else None
+            if loader is None:
+                raise ValueError(
+                    "`calibration`='train' needs the training dataloader of `trainer.fit`; outside a fit (say with "
+                    "`prune_on`='validate') use `calibration`='val' or pass a DataLoader"
+                )
+            return loader
+        return cast(Iterable[Any], self.calibration)
+
+    def check(self, trainer: pl.Trainer) -> None:
+        """Fails before training when the source is missing or visibly empty.
+
+        Raises:
+            ValueError: Naming ``calibration``.
+        """
+        if safe_len(self.source(trainer)) == 0:
+            raise ValueError(f"`calibration`={describe(self.calibration)} yielded no batch: its dataloader is empty")
+
+    def batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """This process's calibration batches, on its device; the same decision (error or not) on every process.
+
+        Under DDP with a distributed sampler each process takes about ``num_samples / world`` from its shard; a
+        loader without one is split by batches. Under FSDP every process keeps as many batches as the one with
+        fewest, so that sharded forwards stay in step.
+
+        Raises:
+            MisconfigurationException: When a process has no batch (on every process), or batches are malformed.
+        """
+        source = self.source(trainer)
+        world, rank = trainer.world_size, trainer.global_rank
+        sharded = world > 1 and _has_distributed_sampler(source)
+
+        def moved() -> Iterator[Any]:
+            for batch in source:
+                yield transfer_batch(trainer, pl_module, batch)
+
+        batches: list[Any] = []
+        error: Exception | None = None
+        try:
+            if world <= 1:
+                batches = prepare_batches(moved(), self.num_samples, self.batch_size)
+            elif sharded:
+                quota = math.ceil(self.num_samples / world) if self.num_samples is not None else None
+                batches = prepare_batches(moved(), quota, self.batch_size)
+            else:
+                batches = prepare_batches(moved(), self.num_samples, self.batch_size)[rank::world]
+        except (ValueError, TypeError) as caught:
+            error, batches = caught, []  # raised after the collective below, in which every process takes part
+        what = f"`calibration`={describe(self.calibration)}"
+        try:
+            batches = same_count_on_every_rank(
+                batches, strategy_all_reduce(trainer), world, what=what, truncate=is_sharded_strategy(trainer)
+            )
+        except ValueError:
+            batches = []
+        if error is not None and not isinstance(error, ValueError):
+            raise MisconfigurationException(f"{what}: {error}") from error
+        if not batches:
+            where = "" if world <= 1 else f" on at least one of the {world} processes"
+            raise MisconfigurationException(
+                f"{what} yielded no batch{where}: give it a non-empty dataloader (with at least {max(world, 1)} "
+                "batches under DDP)"
+            )
+        return batches
+
+    def forward_fn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[nn.Module, Any], Any]:
+        """The forward ``prune()`` calls on each batch; under Lightning's FSDPStrategy it runs inside the FSDP1 root's
+        ``forward``, which gathers the weights that no inner unit owns (embeddings), as Lightning does for
+        ``validation_step``."""
+        wrapper = fsdp1_wrapper(trainer, pl_module)
+        if wrapper is None:
+            return self._forward
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            vars(pl_module)["_wanda_calibration_step"] = lambda inner: self._forward(pl_module, inner)
+            try:
+                return _ForwardRedirection()(wrapper, pl_module, "_wanda_calibration_step", batch)
+            finally:
+                vars(pl_module).pop("_wanda_calibration_step", None)
+
+        return forward
+
+    def _forward(self, model: nn.Module, batch: Any) -> Any:
+        try:
+            return self.forward(cast(pl.LightningModule, model), batch)
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError, RuntimeError) as error:
+            raise MisconfigurationException(
+                f"{type(model).__name__} could not run on a calibration batch of type {type(batch).__name__}: "
+                f"{type(error).__name__}: {error}. Pass `forward_fn=lambda pl_module, batch: ...` (or override "
+                "`calibration_forward`) to run the module on your batches"
+            ) from error
+
+
+def warn_if_no_validation(trainer: pl.Trainer, evaluate: bool) -> None:
+    """Warns that metric deltas cannot be measured without a validation dataloader."""
+    if evaluate and first_loader(trainer.val_dataloaders) is None:
+        rank_zero_warn(
+            "WandaPruningCallback: `evaluate`=True but the trainer has no validation dataloader: metric deltas "
+            "will not be measured (pass `val_dataloaders`, or evaluate=False)"
+        )

@@ -1,0 +1,82 @@
+"""``prune_on="checkpoint"``: checkpoints hold pruned weights while the live run trains on dense ones.
+
+Each saved checkpoint's ``state_dict`` gets pruned copies of the affected weights; full checkpoints also keep the dense
+ones under the top-level key :data:`DENSE_WEIGHTS_KEY`, which a run resumed with the callback restores, so it goes
+on dense. Loaded anywhere else, the checkpoint is the pruned model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DENSE_WEIGHTS_KEY",
+    "put_pruned_weights",
+    "restore_dense_weights",
+    "unwrap_saves",
+    "wrap_weights_only_saves",
+]
+
+DENSE_WEIGHTS_KEY = "wanda_dense_weights"
+
+
+def put_pruned_weights(checkpoint: dict[str, Any], pruned: Mapping[str, Tensor], keep_dense: bool) -> None:
+    """Replaces the weights named in ``pruned`` in ``checkpoint["state_dict"]``; with ``keep_dense`` the dense ones go
+    under :data:`DENSE_WEIGHTS_KEY`.
+
+    Raises:
+        ValueError: If a pruned parameter is not in the checkpoint's ``state_dict``.
+    """
+    state = checkpoint["state_dict"]
+    dense: dict[str, Tensor] = {}
+    for name, tensor in pruned.items():
+        if name not in state:
+            raise ValueError(f"pruned parameter {name!r} is not in the checkpoint's `state_dict`")
+        dense[name] = state[name]
+        state[name] = tensor.to(state[name].device)
+    if keep_dense:
+        checkpoint[DENSE_WEIGHTS_KEY] = dense
+
+
+def restore_dense_weights(pl_module: pl.LightningModule, checkpoint: Mapping[str, Any]) -> int:
+    """Copies the dense weights a checkpoint kept back into the module; returns how many (0 when it kept none).
+
+    Raises:
+        ValueError: If they name parameters the module does not have.
+    """
+    dense = checkpoint.get(DENSE_WEIGHTS_KEY)
+    if not dense:
+        return 0
+    parameters = dict(pl_module.named_parameters())
+    missing = sorted(set(dense) - set(parameters))
+    if missing:
+        raise ValueError(
+            f"the checkpoint's `{DENSE_WEIGHTS_KEY}` names parameters the module does not have: {missing[:5]}"
+        )
+    with torch.no_grad():
+        for name, tensor in dense.items():
+            parameters[name].copy_(tensor)
+    return len(dense)
+
+
+def wrap_weights_only_saves(pl_module: pl.LightningModule, on_weights_only: Callable[[dict[str, Any]], None]) -> None:
+    """Wraps the module's ``on_save_checkpoint`` so that weights-only checkpoints, which call no callback hook, go
+    through ``on_weights_only`` too."""
+    original = pl_module.on_save_checkpoint
+
+    def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+        original(checkpoint)
+        if "callbacks" not in checkpoint:  # weights-only: the callbacks' hooks were not called
+            on_weights_only(checkpoint)
+
+    pl_module.on_save_checkpoint = on_save_checkpoint  # type: ignore[method-assign]
+
+
+def unwrap_saves(pl_module: pl.LightningModule) -> None:
+    """Undoes :func:`wrap_weights_only_saves`."""
+    vars(pl_module).pop("on_save_checkpoint", None)

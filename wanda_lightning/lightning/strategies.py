@@ -1,0 +1,96 @@
+"""Which Lightning strategies the callbacks support, and the few collectives they need from them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import Tensor, nn
+
+from ..distributed.sharding import is_fsdp1
+
+__all__ = ["check_strategy", "fsdp1_wrapper", "is_sharded_strategy", "strategy_all_reduce", "strategy_sync"]
+
+# Checked by name so that none of them has to be importable; DeepSpeedStrategy subclasses DDPStrategy.
+_UNSUPPORTED_STRATEGIES = frozenset({"DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy"})
+_SUPPORTED = (
+    "a single device, DDP (`strategy`='ddp', 'ddp_spawn', ...), ModelParallelStrategy with FSDP2, or FSDPStrategy "
+    "with use_orig_params=True"
+)
+
+
+def check_strategy(trainer: pl.Trainer, owner: str = "WandaPruningCallback") -> None:
+    """Raises ``ValueError`` for a strategy whose weights the callback cannot address (DeepSpeed, tensor parallelism,
+    FSDP1 without ``use_orig_params``, XLA, ...)."""
+    strategy = trainer.strategy
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if "DeepSpeedStrategy" in names:
+        raise ValueError(
+            f"{owner} does not support DeepSpeed ({type(strategy).__name__}) yet: ZeRO keeps flattened "
+            f"parameter partitions that pruning cannot address by rows. Use {_SUPPORTED}, or prune the consolidated "
+            "model after training with `wanda_lightning.prune`"
+        )
+    if "ModelParallelStrategy" in names:
+        try:
+            mesh = strategy.device_mesh  # type: ignore[attr-defined]
+        except RuntimeError:  # before the processes are set up: checked again when pruning
+            return
+        names_of_dims = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if "tensor_parallel" in names_of_dims and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"{owner} prunes FSDP2 row shards; tensor parallelism (`tensor_parallel_size`="
+                f"{mesh['tensor_parallel'].size()}) splits weights by columns too and is not supported yet: use "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard"
+            )
+        return
+    if "FSDPStrategy" in names and "XLAFSDPStrategy" not in names:
+        if not getattr(strategy, "kwargs", {}).get("use_orig_params", True):
+            raise ValueError(
+                f"{owner} needs FSDPStrategy(use_orig_params=True) (Lightning's default): with "
+                "use_orig_params=False the pruned weights cannot be addressed by name to keep them at zero; or prune "
+                "the model with `wanda_lightning.prune`, which works either way"
+            )
+        return
+    if names & _UNSUPPORTED_STRATEGIES or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"{owner} does not support the {type(strategy).__name__} strategy yet: use {_SUPPORTED}, "
+            "or prune the model after training with `wanda_lightning.prune`"
+        )
+
+
+def is_sharded_strategy(trainer: pl.Trainer) -> bool:
+    """Whether the trainer shards weights across processes (``ModelParallelStrategy`` or ``FSDPStrategy``)."""
+    return type(trainer.strategy).__name__ in ("ModelParallelStrategy", "FSDPStrategy")
+
+
+def fsdp1_wrapper(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+    """The FSDP1 root that wraps ``pl_module`` from outside (Lightning's ``FSDPStrategy``), or ``None``."""
+    wrapper = getattr(trainer.strategy, "model", None)
+    if isinstance(wrapper, nn.Module) and wrapper is not pl_module and is_fsdp1(wrapper):
+        return wrapper
+    return None
+
+
+def strategy_all_reduce(trainer: pl.Trainer) -> Callable[[list[Tensor], str], None]:
+    """An in-place all-reduce (``op``: ``"sum"``, ``"min"``, ``"max"``) through the trainer's strategy; a no-op on
+    one process."""
+    strategy = trainer.strategy
+
+    def all_reduce(tensors: list[Tensor], op: str = "sum") -> None:
+        if trainer.world_size <= 1:
+            return
+        for tensor in tensors:
+            reduced = strategy.reduce(tensor.to(strategy.root_device), reduce_op=op)
+            if reduced is not tensor:
+                tensor.copy_(reduced)
+
+    return all_reduce
+
+
+def strategy_sync(trainer: pl.Trainer) -> Callable[[list[Tensor]], None] | None:
+    """The statistics sync for ``prune()`` (an in-place sum across processes), or ``None`` on one process."""
+    if trainer.world_size <= 1:
+        return None
+    all_reduce = strategy_all_reduce(trainer)
+    return lambda tensors: all_reduce(tensors, "sum")

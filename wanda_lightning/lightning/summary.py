@@ -1,0 +1,56 @@
+"""What a callback reports: metrics to every logger of the trainer, and the summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+
+from ..pruning.report import PruningReport
+
+__all__ = ["format_summary", "log_to_loggers", "metric_deltas"]
+
+
+def metric_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """``{name: {"dense", "pruned", "delta"}}`` for every metric measured both times.
+
+    Example::
+
+        >>> metric_deltas({"val_loss": 2.0}, {"val_loss": 2.5})
+        {'val_loss': {'dense': 2.0, 'pruned': 2.5, 'delta': 0.5}}
+    """
+    return {
+        name: {"dense": before[name], "pruned": after[name], "delta": after[name] - before[name]}
+        for name in before
+        if name in after
+    }
+
+
+def log_to_loggers(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+    """``logger.log_metrics(values, step=trainer.global_step)`` for every logger of the trainer (which works in any
+    hook, where ``LightningModule.log`` does not)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(values), step=trainer.global_step)
+
+
+def format_summary(
+    owner: str,
+    report: PruningReport | None,
+    when: str,
+    metrics: Mapping[str, Mapping[str, float]],
+    evaluation_seconds: float,
+) -> str:
+    """The summary table: the report, then dense/pruned/delta for each validation metric, then the evaluation time."""
+    if report is None:
+        return f"{owner}: nothing pruned yet"
+    lines = [f"{owner}: pruned at {when}", str(report)]
+    if metrics:
+        width = max(len("metric"), *(len(name) for name in metrics))
+        lines += ["", f"{'metric':<{width}}  {'dense':>12}  {'pruned':>12}  {'delta':>12}"]
+        lines.append("  ".join(["-" * width] + ["-" * 12] * 3))
+        for name, values in metrics.items():
+            lines.append(
+                f"{name:<{width}}  {values['dense']:>12.4f}  {values['pruned']:>12.4f}  {values['delta']:>+12.4f}"
+            )
+        lines.append(f"evaluation time: {evaluation_seconds:.2f} s")
+    return "\n".join(lines)

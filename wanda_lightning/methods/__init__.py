@@ -1,0 +1,43 @@
+"""Mask methods, one module each: what a method collects, how it scores, how it prunes one layer.
+
+- :mod:`.base`: the extension points, :class:`PruningMethod` and :class:`Refinement`;
+- :mod:`.wanda`, :mod:`.magnitude`, :mod:`.sparsegpt`, :mod:`.ria` (with :mod:`.channels`, its N:M channel
+  permutation): methods;
+- :mod:`.owl`: layer-wise sparsity allocation; :mod:`.dsnot`: a refinement;
+- :mod:`.registry`: names to objects, for ``prune()``, the callback and the command line.
+"""
+
+from .base import PruningMethod, Refinement
+from .dsnot import DSnoT
+from .magnitude import Magnitude
+from .owl import OWL
+from .registry import (
+    ALLOCATIONS,
+    REFINEMENTS,
+    available_methods,
+    get_allocation,
+    get_method,
+    get_refinement,
+    register_method,
+)
+from .ria import RIA
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
+
+__all__ = [
+    "ALLOCATIONS",
+    "OWL",
+    "REFINEMENTS",
+    "RIA",
+    "DSnoT",
+    "Magnitude",
+    "PruningMethod",
+    "Refinement",
+    "SparseGPT",
+    "Wanda",
+    "available_methods",
+    "get_allocation",
+    "get_method",
+    "get_refinement",
+    "register_method",
+]

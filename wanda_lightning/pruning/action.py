@@ -1,0 +1,170 @@
+"""Score and mask: the pipeline action behind ``prune()``, for every method, allocation and refinement."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.collector import StatisticsFactory
+from ..core.pipeline import Action, CalibrationPipeline, Step
+from ..core.statistics import InputNormStatistics, LayerStatistics
+from ..core.targets import TargetLayer
+from ..distributed.sharding import with_full_weights
+from ..methods.channels import find_channel_couplings
+from ..methods.wanda import Wanda
+from .config import PruneConfig
+from .report import LayerReport, PruningReport
+
+__all__ = ["LayerCallback", "MaskAction"]
+
+LayerCallback = Callable[[str, Tensor], None]
+"""Called as ``callback(layer_name, keep_mask)`` after each layer is pruned."""
+
+
+class MaskAction(Action):
+    """Scores each layer with the configured method, selects and applies its keep mask (after an optional channel
+    permutation, with an optional refinement), and records the result in ``report``.
+
+    With an allocation (OWL), :meth:`prepare` first runs a dense calibration pass of its own to give each block its
+    sparsity.
+
+    Args:
+        config: The pruning configuration.
+        model: The model (for channel couplings).
+        layers: The target layers.
+        report: Filled as layers are pruned.
+        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer.
+    """
+
+    verb = "pruned"
+
+    def __init__(
+        self,
+        config: PruneConfig,
+        model: nn.Module,
+        layers: Sequence[TargetLayer],
+        report: PruningReport,
+        on_layer_pruned: LayerCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.layers = list(layers)
+        self.report = report
+        self.on_layer_pruned = on_layer_pruned
+        self.layer_sparsity: dict[str, float] = {}
+        self._factories: dict[str, StatisticsFactory] = {"method": config.method.new_statistics}
+        if config.refinement is not None:
+            self._factories["refine"] = config.refinement.new_statistics
+
+    @property
+    def needs_data(self) -> bool:
+        return self.config.method.requires_calibration or self.config.refinement is not None
+
+    def statistics(self, layer: TargetLayer) -> Mapping[str, StatisticsFactory]:
+        return self._factories
+
+    # --- allocation -------------------------------------------------------------------------------------------------
+
+    def prepare(self, pipeline: CalibrationPipeline, batches: list[Any]) -> None:
+        """OWL: per-block sparsities from the outlier share of Wanda scores in one dense calibration pass."""
+        allocation = self.config.allocation
+        if allocation is None:
+            return
+        start = time.perf_counter()
+        statistics = pipeline.collect(
+            self.layers, batches, {layer.name: {"owl": InputNormStatistics} for layer in self.layers}, timed=False
+        )
+        stack = pipeline.stack
+        groups: dict[str, list[TargetLayer]] = {}
+        for layer in self.layers:
+            index = stack.index_of(layer.name) if stack is not None else None
+            if stack is not None and index is None:
+                continue  # layers outside the block stack keep the target sparsity
+            key = stack.block_name(index) if stack is not None and index is not None else layer.name
+            groups.setdefault(key, []).append(layer)
+        layout = pipeline.layout
+        reduce = (lambda tensor: layout.all_reduce([tensor])) if layout is not None else None  # sharded: whole weights
+        scorer = Wanda()
+
+        def scores() -> Iterator[list[Tensor]]:  # one block's scores alive at a time
+            for layers in groups.values():
+                yield [
+                    scorer.score(layer.weight_2d, statistics[layer.name]["owl"])
+                    for layer in with_full_weights(layers, layout)
+                ]
+
+        sparsities, ratios = allocation.allocate(scores(), self.config.structure.sparsity, reduce)
+        for (key, layers), sparsity, ratio in zip(groups.items(), sparsities, ratios, strict=True):
+            self.report.block_sparsity[key] = sparsity
+            self.report.outlier_ratios[key] = ratio
+            for layer in layers:
+                self.layer_sparsity[layer.name] = sparsity
+        self.report.allocation_seconds += time.perf_counter() - start
+
+    # --- pruning ----------------------------------------------------------------------------------------------------
+
+    def apply(self, step: Step) -> None:
+        config = self.config
+        if config.method.permute_channels and config.structure.is_n_m and step.statistics is not None:
+            self._permute_channels(step.layers, step.statistics)
+        for layer in step.writable():
+            self._prune_layer(layer, step.take(layer.name), step.block_of(layer))
+
+    def _prune_layer(self, layer: TargetLayer, group: dict[str, LayerStatistics], block: int | None) -> None:
+        config = self.config
+        start = time.perf_counter()
+        weight = layer.weight_2d
+        sparsity = self.layer_sparsity.get(layer.name, config.structure.sparsity)
+        dense = weight.float().clone() if config.refinement is not None else None
+        try:
+            keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"layer {layer.name!r}: {error}") from None
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(f"layer {layer.name!r}: {error}; exclude it with `ignore`") from None
+        self.report.scoring_seconds += time.perf_counter() - start
+        if config.refinement is not None and dense is not None:
+            start = time.perf_counter()
+            keep = config.refinement.refine(dense, weight, keep, group.get("refine"), config.structure)
+            del dense
+            self.report.refine_seconds += time.perf_counter() - start
+        num_pruned = int(keep.numel() - keep.sum())
+        if self.on_layer_pruned is not None:
+            self.on_layer_pruned(layer.name, keep)
+        self.report.layers.append(
+            LayerReport(
+                name=layer.name,
+                kind=layer.kind,
+                shape=layer.shape,
+                sparsity=num_pruned / keep.numel(),
+                target_sparsity=sparsity,
+                num_pruned=num_pruned,
+                num_tokens=max((s.num_tokens for s in group.values()), default=0),
+                block=block,
+            )
+        )
+
+    def _permute_channels(
+        self, layers: Sequence[TargetLayer], statistics: dict[str, dict[str, LayerStatistics]]
+    ) -> None:
+        """Reorders the input channels of the layers whose producers are among the model's modules (see
+        :mod:`~wanda_lightning.methods.channels`), before any of ``layers`` is pruned: the producers' masks then
+        follow."""
+        start = time.perf_counter()
+        couplings = find_channel_couplings(self.model, [layer.name for layer in layers])
+        for layer in layers:
+            coupling, group = couplings.get(layer.name), statistics.get(layer.name)
+            if coupling is None or not group:
+                continue
+            index = self.config.method.channel_order(layer.weight_2d, group.get("method"), self.config.structure)
+            if index is None:
+                continue
+            coupling.permute(layer.weight_2d, index)
+            for stats in group.values():
+                stats.permute_inputs(index)
+            self.report.permuted_layers.append(layer.name)
+        self.report.scoring_seconds += time.perf_counter() - start

@@ -1,0 +1,351 @@
+"""``prune()``: validate the arguments, build the calibration pipeline and the mask action, run, report."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.batches import ForwardFn, batch_size_of, prepare_batches
+from ..core.blocks import find_block_stack
+from ..core.pipeline import BlockCallback, CalibrationPipeline, StatisticsSync, check_finite
+from ..core.structure import SparsityStructure
+from ..core.targets import TargetLayer, find_targets
+from ..distributed.sharding import ShardedLayout, fsdp1_layout, same_count_on_every_rank, sharded_layout
+from ..distributed.streaming import SafetensorsCheckpoint, meta_tensor_names
+from ..methods.base import PruningMethod, Refinement
+from ..methods.owl import OWL
+from .action import LayerCallback, MaskAction
+from .config import PruneConfig
+from .report import PruningReport, SkippedLayer
+
+__all__ = ["prune", "prune_with"]
+
+
+def prune(
+    model: nn.Module,
+    calibration: Iterable[Any] | None = None,
+    *,
+    sparsity: float | None = None,
+    structure: str = "unstructured",
+    method: str | PruningMethod = "wanda",
+    allocation: str | OWL | None = None,
+    refine: str | Refinement | None = None,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    sequential: bool = True,
+    blocks: str | None = None,
+    num_samples: int | None = 128,
+    batch_size: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = None,
+    progress: bool = False,
+    sync_statistics: StatisticsSync | None = None,
+    on_layer_pruned: LayerCallback | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    on_block_pruned: BlockCallback | None = None,
+) -> PruningReport:
+    """Prunes ``model`` in place with Wanda (or another method) and reports what it did.
+
+    Block-sequential calibration (the default when a stack of repeated blocks is found) follows the Wanda reference
+    code: the first block's inputs are captured by running the model up to it; then, for each block, the statistics
+    of all its target layers come from one pass of the dense block, they are all pruned, and the pruned block runs
+    again to make the next block's inputs. One-shot calibration (``sequential=False``, or no block stack) runs the
+    model once with hooks on every target layer, then prunes them all. Data-free methods (``"magnitude"``) ignore
+    ``calibration``.
+
+    Args:
+        model: Any module: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-NeoX, GPT-2, Phi, ...), a
+            LightningModule wrapping one, or a plain module built of ``nn.Linear`` layers.
+        calibration: Iterable of batches or a ``DataLoader``. Batches are fed as ``model(**batch)`` (mapping),
+            ``model(batch[0])`` (tuple or list) or ``model(batch)`` (tensor) unless ``forward_fn`` is given. Tokens
+            whose ``attention_mask`` is 0 in a mapping batch do not count.
+        sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
+            implied by N:M structures.
+        structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
+        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"ria"``, ``"ria-permuted"`` (N:M with RIA's channel
+            permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another registered name, or a
+            :class:`PruningMethod` instance such as ``Wanda(variant=True)`` or ``RIA(a=0.5)``.
+        allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
+            sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
+            unstructured only). The per-block values are in the report.
+        refine: ``None`` or DSnoT's training-free swaps of pruned and kept weights after each layer's mask:
+            ``"dsnot"`` / ``"dsnot-expected"`` (swaps that lower the expected output error under DSnoT's input model;
+            Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact reconstruction error; collects
+            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance.
+        targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
+            transformers ``Conv1D``.
+        ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
+            left alone. Skipped layers and reasons are in the report.
+        sequential: Block-sequential calibration when a block stack exists (default); ``False`` for one-shot.
+        blocks: Module name of the block stack (``"model.layers"``); found automatically when ``None``.
+        num_samples: Most calibration sequences used (default 128, as the reference code); ``None`` for all.
+        batch_size: Sequences per forward pass; ``None`` keeps the calibration iterable's batches.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch, for models whose forward does not take
+            the batch as is.
+        device: Compute device for blocks; a block living elsewhere is moved there while it is pruned and moved back.
+            ``None`` runs each block where it is.
+        offload_device: Where captured block inputs wait between blocks (say ``"cpu"``); ``None`` keeps them where
+            they were computed.
+        progress: Show a progress bar over blocks.
+        sync_statistics: Called with each block's statistic tensors (sums) before masks are computed; distributed
+            callers pass an in-place all-reduce so that every process computes the same masks.
+        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer is pruned (for a weight
+            sharded by FSDP2, the mask of this process's rows).
+        checkpoint: For a model built on the meta device (``accelerate.init_empty_weights()``), the ``.safetensors``
+            file or folder its weights come from, named as in ``model.state_dict()``. Tensors outside the block stack
+            are read first (onto ``device``, default CPU); each block's just before it is calibrated, so memory holds
+            the calibration activations, the non-block tensors and the blocks not yet released. With
+            ``offload_device`` a pruned block moves there; :class:`~wanda_lightning.distributed.streaming.BlockSaver` as
+            ``on_block_pruned`` writes it out and releases it instead. Needs block-sequential calibration and no
+            ``allocation``.
+        on_block_pruned: Block-sequential mode: called as ``on_block_pruned(block_name, block)`` once a block is
+            pruned and has produced the next block's inputs (say, to save it and free its memory).
+
+    Returns:
+        A :class:`~wanda_lightning.pruning.report.PruningReport`.
+
+    Raises:
+        ValueError, TypeError: For bad arguments, before any weight changes (see the messages).
+        FloatingPointError: For non-finite target weights (before any change) or non-finite calibration statistics.
+            Calibration problems (a target layer no token reached, non-finite statistics) are found block by
+            block: an error raised for block *k* leaves blocks after it untouched, while blocks before *k* (and
+            layers before the stack) are already pruned; the message says so. In one-shot mode no weight has changed
+            (except that a channel permutation, see ``"ria-permuted"``, may already have reordered MLP hidden units,
+            which leaves the model's function as it was).
+
+    The model keeps its train/eval modes, dtype and devices, also when an error is raised; hooks are always removed
+    and no autograd graph is built.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> report = prune(net, [torch.randn(4, 8)], sparsity=0.5)
+        >>> report.global_sparsity
+        0.5
+        >>> (net[0].weight == 0).sum(dim=1).tolist() == [4] * 16
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    config = PruneConfig.create(
+        sparsity=sparsity,
+        structure=structure,
+        method=method,
+        allocation=allocation,
+        refine=refine,
+        targets=targets,
+        ignore=ignore,
+        sequential=sequential,
+        blocks=blocks,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        device=device,
+        offload_device=offload_device,
+        checkpoint=checkpoint,
+    )
+    return prune_with(
+        model,
+        calibration,
+        config,
+        forward_fn=forward_fn,
+        progress=progress,
+        sync_statistics=sync_statistics,
+        on_layer_pruned=on_layer_pruned,
+        on_block_pruned=on_block_pruned,
+    )
+
+
+def prune_with(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    config: PruneConfig,
+    *,
+    forward_fn: ForwardFn | None = None,
+    progress: bool = False,
+    sync_statistics: StatisticsSync | None = None,
+    on_layer_pruned: LayerCallback | None = None,
+    on_block_pruned: BlockCallback | None = None,
+) -> PruningReport:
+    """:func:`prune` with a :class:`~wanda_lightning.pruning.config.PruneConfig` made beforehand (the callback builds
+    one when it is constructed, and prunes with it later).
+
+    Checks what depends on the model (target layers, sharding, N:M shapes, finite weights, a meta-device model's
+    checkpoint) before any weight changes, then runs the :class:`~wanda_lightning.core.pipeline.CalibrationPipeline`
+    with a :class:`~wanda_lightning.pruning.action.MaskAction`.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> config = PruneConfig.create(structure="2:4")
+        >>> report = prune_with(nn.Sequential(nn.Linear(8, 4)), [torch.randn(2, 8)], config)
+        >>> report.structure, report.global_sparsity
+        ('2:4', 0.5)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), got {forward_fn!r}")
+    if on_block_pruned is not None and not callable(on_block_pruned):
+        raise TypeError(
+            f"`on_block_pruned` must be callable as on_block_pruned(block_name, block), got {on_block_pruned!r}"
+        )
+    total_start = time.perf_counter()
+    meta = meta_tensor_names(model)
+    source = _open_checkpoint(model, config, meta)
+    layers, skipped = find_targets(model, config.targets, config.ignore)
+    layout = sharded_layout(layers) or fsdp1_layout(model, layers)
+    if layout is not None:
+        _check_shardable(layout, config)
+    # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
+    # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
+    unreadable = set(layout.fsdp1_owners) if layout is not None else set()
+    check_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta], "", layout)
+    _check_n_m_shapes(layers, config.structure)
+    stack = find_block_stack(model, layers, config.blocks) if (config.sequential or config.blocks is not None) else None
+    use_sequential = config.sequential and stack is not None
+    if use_sequential and layout is not None and layout.fsdp1_owners:
+        warnings.warn(
+            "FSDP1 (FullyShardedDataParallel) models are calibrated in one pass over the whole model: block-sequential "
+            "calibration would stop FSDP1 forwards midway. Pass sequential=False to silence this, or use FSDP2 "
+            "(fully_shard), which supports block-sequential calibration",
+            stacklevel=3,
+        )
+        use_sequential = False
+    needs_data = config.needs_data
+    if source is not None:
+        if config.allocation is not None:
+            raise ValueError(
+                "`allocation`='owl' scores every block on the dense model before pruning the first, which a model "
+                "read block by block from `checkpoint` cannot do; load the model, or use allocation=None"
+            )
+        if not (use_sequential and needs_data):
+            source.materialize(model, "", config.device)  # no block-by-block pass to stream into: read everything
+            check_finite(layers, " (read from the checkpoint)")
+            source = None
+        else:
+            assert stack is not None
+            source.materialize(model, "", config.device, exclude=f"{stack.name}." if stack.name else None)
+    batches: list[Any] = []
+    if needs_data:
+        if calibration is None:
+            raise ValueError(f"{' + '.join(config.requirements())} needs `calibration` batches, got None")
+        batches = prepare_batches(calibration, config.num_samples, config.batch_size)
+        if layout is not None:
+            batches = same_count_on_every_rank(batches, layout.all_reduce, layout.world_size)
+
+    report = PruningReport(
+        method=config.method.describe(),
+        allocation=config.allocation.describe() if config.allocation is not None else None,
+        refinement=config.refinement.describe() if config.refinement is not None else None,
+        structure=config.structure.name,
+        target_sparsity=config.structure.sparsity,
+        sequential=use_sequential and needs_data,
+        block_stack=stack.name if use_sequential and stack is not None else None,
+        num_samples=sum(batch_size_of(b) for b in batches),
+        num_batches=len(batches),
+        skipped=[SkippedLayer(name, reason) for name, reason in skipped],
+    )
+    pipeline = CalibrationPipeline(
+        model,
+        layers,
+        stack=stack,
+        sequential=use_sequential,
+        forward_fn=forward_fn,
+        device=config.device,
+        offload_device=config.offload_device,
+        sync_statistics=sync_statistics,
+        layout=layout,
+        source=source,
+        on_block_done=on_block_pruned,
+        progress=progress,
+    )
+    pipeline.run(MaskAction(config, model, layers, report, on_layer_pruned), batches)
+    report.calibration_seconds = pipeline.calibration_seconds
+    if layout is not None and layout.sharded_layers:
+        _gather_layer_counts(report, layout)
+    report.total_seconds = time.perf_counter() - total_start
+    return report
+
+
+def _open_checkpoint(model: nn.Module, config: PruneConfig, meta: list[str]) -> SafetensorsCheckpoint | None:
+    """The checkpoint a meta-device model's weights are read from, checked against the model; ``None`` otherwise."""
+    if meta and config.checkpoint is None:
+        raise ValueError(
+            f"parameters on the meta device cannot be pruned: {meta[:5]}{' ...' if len(meta) > 5 else ''}; load or "
+            "materialise the weights first, or pass `checkpoint` (their safetensors file or folder)"
+        )
+    if config.checkpoint is None:
+        return None
+    source = SafetensorsCheckpoint(config.checkpoint)
+    tie_weights = getattr(model, "tie_weights", None)
+    if meta and callable(tie_weights):
+        # As from_pretrained does: a tied head is stored once (under the embeddings) in the checkpoint.
+        tie_weights()
+    missing = source.missing(model)
+    if missing:
+        raise ValueError(
+            f"`checkpoint`={str(config.checkpoint)!r} has no tensor {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            "for the model's meta parameters or buffers (names as in model.state_dict()); build the model with "
+            "accelerate's init_empty_weights(), which keeps buffers such as rotary tables real"
+        )
+    return source if meta else None
+
+
+def _check_n_m_shapes(layers: Sequence[TargetLayer], structure: SparsityStructure) -> None:
+    if not structure.is_n_m:
+        return
+    assert structure.m is not None
+    bad = [f"{t.name} (in_features={t.in_features})" for t in layers if t.in_features % structure.m]
+    if bad:
+        raise ValueError(
+            f"`structure`={structure.name!r} needs in_features to be a multiple of {structure.m}; not so for {bad}; "
+            "leave these layers out with `ignore`"
+        )
+
+
+def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> None:
+    method, structure = config.method, config.structure
+    if layout.sharded_layers and not method.shard_local(structure):
+        raise ValueError(
+            f"`method`={method.describe()!r} with `structure`={structure.name!r} compares weights across output rows, "
+            f"and layer(s) {layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes "
+            "(FSDP2); use 'wanda', 'magnitude' or an N:M structure with 'sparsegpt', or prune before sharding"
+        )
+    refinement = config.refinement
+    if layout.sharded_layers and refinement is not None and not refinement.shard_local(structure):
+        raise ValueError(
+            f"`refine`={refinement.describe()!r} compares weights across output rows, and layer(s) "
+            f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2); prune "
+            "before sharding, or leave `refine` out"
+        )
+    if config.device is not None:
+        raise ValueError(
+            f"`device`={str(config.device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
+            "leave `device` at None"
+        )
+    if method.permute_channels:
+        raise ValueError(
+            f"`method`={method.describe()!r} reorders the hidden units of whole MLPs, whose weights are split "
+            f"across {layout.world_size} processes here; prune before sharding, or use method='ria'"
+        )
+
+
+def _gather_layer_counts(report: PruningReport, layout: ShardedLayout) -> None:
+    """Sums each layer's pruned count over the ranks' row shards, so the report describes whole weights."""
+    sharded = set(layout.sharded_layers)
+    entries = [entry for entry in report.layers if entry.name in sharded]
+    counts = torch.tensor([float(entry.num_pruned) for entry in entries], dtype=torch.float64)
+    layout.all_reduce([counts], "sum")
+    for entry, count in zip(entries, counts.tolist(), strict=True):
+        entry.num_pruned = int(count)
+        entry.sparsity = entry.num_pruned / (entry.shape[0] * entry.shape[1])
