@@ -201,6 +201,21 @@ def test_owl_through_prune_allocates_per_block(llama, calibration_batches):
     assert not torch.equal(state["model.layers.0.mlp.up_proj.weight"], llama.model.layers[0].mlp.up_proj.weight)
 
 
+def test_owl_with_a_data_free_method_prunes_each_block_by_magnitude(llama, calibration_batches):
+    original = {name: p.detach().clone() for name, p in llama.named_parameters()}
+    report = prune(llama, calibration_batches, method="magnitude", allocation="owl", sparsity=0.5)
+    assert report.allocation is not None and len(report.block_sparsity) == 2
+    for layer in report.layers:
+        block_sparsity = report.block_sparsity[f"model.layers.{layer.block}"]
+        weight = original[f"{layer.name}.weight"]
+        pruned = dict(llama.named_parameters())[f"{layer.name}.weight"].detach() == 0
+        k = int(weight.shape[1] * block_sparsity)
+        # Per row: the k smallest magnitudes (ties to the lower column) are the pruned ones.
+        order = torch.sort(weight.abs(), dim=1, stable=True).indices[:, :k]
+        expected = torch.zeros_like(pruned).scatter_(1, order, True)
+        assert torch.equal(pruned, expected), layer.name
+
+
 def test_owl_refuses_n_m_and_needs_data(llama, calibration_batches):
     state = copy.deepcopy(llama.state_dict())
     with pytest.raises(ValueError, match=r"allocation.*2:4"):

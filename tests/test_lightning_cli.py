@@ -60,7 +60,7 @@ def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["wanda"])
 
 
-def _config(tmp_path, callback: str) -> str:
+def _config(tmp_path, callback: str, class_path: str = "wanda_lightning.callback.WandaPruningCallback") -> str:
     path = tmp_path / "config.yaml"
     path.write_text(
         f"""
@@ -80,7 +80,7 @@ trainer:
       name: logs
       version: 0
   callbacks:
-    - class_path: wanda_lightning.callback.WandaPruningCallback
+    - class_path: {class_path}
       init_args:
 {callback}
 {MODEL}
@@ -144,3 +144,21 @@ def test_bad_yaml_value_is_refused(tmp_path, capsys):
         LightningCLI(CausalLMModule, TokenData, args=["fit", "--config", _config(tmp_path, "        prune_on: later")])
     assert exit_info.value.code != 0
     assert "prune_on" in capsys.readouterr().err
+
+
+def test_canonical_class_path_builds_the_callback(tmp_path):
+    callback = """        sparsity: 0.6
+        refine: dsnot-exact
+        allocation: owl"""
+    config = _config(tmp_path, callback, class_path="wanda_lightning.WandaPruningCallback")
+    cli = LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
+    (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
+    assert (pruning.sparsity, pruning.refine, pruning.allocation) == (0.6, "dsnot-exact", "owl")
+
+
+def test_refinement_names_are_checked_by_the_cli(tmp_path, capsys):
+    config = _config(tmp_path, "        refine: dsnot-sometimes", class_path="wanda_lightning.WandaPruningCallback")
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
+    assert exit_info.value.code != 0
+    assert "refine" in capsys.readouterr().err

@@ -19,6 +19,7 @@ class Magnitude(PruningMethod):
 
     Example::
 
+        >>> import torch
         >>> Magnitude().score(torch.tensor([[-2.0, 1.0]]), None)
         tensor([[2., 1.]])
     """
