@@ -5,6 +5,7 @@ The package is laid out by what each part does:
 - :mod:`~wanda_lightning.core`: the calibration engine (targets, blocks, batches, statistics, the pipeline);
 - :mod:`~wanda_lightning.methods`: mask methods, allocations and refinements, one module each;
 - :mod:`~wanda_lightning.pruning`: :func:`prune`, the mask action and its report;
+- :mod:`~wanda_lightning.width`: :func:`shrink`, width pruning (whole units and heads) and its report;
 - :mod:`~wanda_lightning.lightning`: the Lightning callback, its parts and torchmetrics metrics;
 - :mod:`~wanda_lightning.distributed`: sharded (FSDP) and larger-than-memory models;
 - :mod:`~wanda_lightning.export`: the compact export format and the 2:4 runtime;
@@ -32,7 +33,15 @@ from .export import (
     save_pruned,
     to_semi_structured,
 )
-from .lightning import CausalLMModule, Perplexity, Sparsity, WandaPruningCallback
+from .lightning import (
+    CausalLMModule,
+    Distiller,
+    Perplexity,
+    Sparsity,
+    WandaPruningCallback,
+    WandaShrinkCallback,
+    load_shrunk_checkpoint,
+)
 from .methods import (
     OWL,
     RIA,
@@ -47,28 +56,35 @@ from .methods import (
     register_method,
 )
 from .pruning import LayerReport, PruneConfig, PruningReport, SkippedLayer, prune
+from .width import FLAP, MagnitudeSP, ShrinkConfig, ShrinkReport, WandaSP, WidthMethod, shrink
+from .width.saving import save_plain_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FLAP",
     "OWL",
     "RIA",
     "BlockSaver",
     "CausalLMModule",
     "CorruptExportError",
     "DSnoT",
+    "Distiller",
     "ExportSummary",
     "GramStatistics",
     "InputNormStatistics",
     "LayerReport",
     "LayerStatistics",
     "Magnitude",
+    "MagnitudeSP",
     "MomentStatistics",
     "Perplexity",
     "PruneConfig",
     "PruningMethod",
     "PruningReport",
     "Refinement",
+    "ShrinkConfig",
+    "ShrinkReport",
     "SkippedLayer",
     "SparseGPT",
     "Sparsity",
@@ -76,6 +92,9 @@ __all__ = [
     "TargetLayer",
     "Wanda",
     "WandaPruningCallback",
+    "WandaSP",
+    "WandaShrinkCallback",
+    "WidthMethod",
     "__version__",
     "available_methods",
     "compress_state_dict",
@@ -84,11 +103,14 @@ __all__ = [
     "get_method",
     "keep_mask",
     "load_pruned",
+    "load_shrunk_checkpoint",
     "n_m_keep_mask",
     "parse_structure",
     "prune",
     "register_method",
+    "save_plain_pretrained",
     "save_pruned",
+    "shrink",
     "to_semi_structured",
     "unstructured_keep_mask",
     "variant_keep_mask",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `handler=callable(args) -> int`.
-SUBCOMMANDS: tuple[str, ...] = ("bench", "prune", "eval", "inspect", "demo")
+SUBCOMMANDS: tuple[str, ...] = ("bench", "prune", "shrink", "speed", "eval", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

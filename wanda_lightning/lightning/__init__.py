@@ -6,7 +6,19 @@ when to act (:mod:`.triggers`), calibration batches and forward (:mod:`.calibrat
 :class:`CausalLMModule` (:mod:`.module`)."""
 
 from .callback import WandaPruningCallback
+from .distillation import Distiller, distillation_loss
 from .metrics import Perplexity, Sparsity
 from .module import CausalLMModule
+from .shrink_callback import WandaShrinkCallback
+from .shrinking import load_shrunk_checkpoint
 
-__all__ = ["CausalLMModule", "Perplexity", "Sparsity", "WandaPruningCallback"]
+__all__ = [
+    "CausalLMModule",
+    "Distiller",
+    "Perplexity",
+    "Sparsity",
+    "WandaPruningCallback",
+    "WandaShrinkCallback",
+    "distillation_loss",
+    "load_shrunk_checkpoint",
+]

@@ -82,6 +82,7 @@ class WandaPruningCallback(Callback):
       ``ModelCheckpoint``'s last checkpoint is saved again.
     - ``"train_epoch_end"`` with ``epoch=k``: after the last training batch of epoch ``k`` (before that epoch's
       validation and checkpoint); training then goes on sparse.
+    - ``"train_step"`` with ``step=k``: once ``k`` optimizer steps are done; training then goes on sparse.
     - ``"validate"``: ``trainer.validate(model)`` prunes the model before validating it, and reports.
     - ``"checkpoint"``: every checkpoint saved holds a pruned ``state_dict`` (computed on a temporary copy of the
       affected weights), while the live run keeps training dense. Full checkpoints also keep the dense weights under
@@ -149,10 +150,12 @@ class WandaPruningCallback(Callback):
         calibration: ``"val"``: the trainer's validation dataloader (the first one, as the trainer processed it,
             with its distributed sampler); ``"train"``: the training dataloader; or a ``DataLoader`` (or any iterable
             of batches), whose batches are split between DDP processes.
-        prune_on: When to prune: ``"fit_end"``, ``"train_epoch_end"``, ``"validate"`` or ``"checkpoint"`` (see
-            above).
+        prune_on: When to prune: ``"fit_end"``, ``"train_epoch_end"``, ``"train_step"``, ``"validate"`` or
+            ``"checkpoint"`` (see above).
         epoch: With ``prune_on="train_epoch_end"`` only (and required there): the zero-based epoch after which to
             prune.
+        step: With ``prune_on="train_step"`` only (and required there): prune once this many optimizer steps are done
+            (``trainer.global_step`` reaches it); training then goes on sparse.
         evaluate: Measure the module's validation metrics before and after pruning and log the deltas.
         num_eval_batches: Most validation batches (per process) for each of the two measurements; ``None`` for as
             many as the trainer validates (``limit_val_batches``).
@@ -210,6 +213,7 @@ class WandaPruningCallback(Callback):
         calibration: CalibrationSource | DataLoader = "val",
         prune_on: PruneOn = "fit_end",
         epoch: int | None = None,
+        step: int | None = None,
         evaluate: bool = True,
         num_eval_batches: int | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
@@ -244,8 +248,8 @@ class WandaPruningCallback(Callback):
                 check_bool(flag, name)
             check_positive(num_eval_batches, "num_eval_batches")
             self._calibration = CalibrationData(calibration, num_samples, batch_size, self.calibration_forward)
-            self._trigger = make_trigger(prune_on, epoch)
-            if self._config.method.permute_channels and prune_on == "train_epoch_end":
+            self._trigger = make_trigger(prune_on, epoch, step)
+            if self._config.method.permute_channels and prune_on in ("train_epoch_end", "train_step"):
                 raise ValueError(
                     f"`method`={method!r} reorders the hidden units of MLPs, and training goes on after "
                     "`prune_on`='train_epoch_end' with optimizer state kept in their old order; use "
@@ -278,6 +282,7 @@ class WandaPruningCallback(Callback):
         self.calibration = calibration
         self.prune_on = prune_on
         self.epoch = epoch
+        self.step = step
         self.evaluate = evaluate
         self.num_eval_batches = num_eval_batches
         self.forward_fn = forward_fn
@@ -468,12 +473,11 @@ class WandaPruningCallback(Callback):
     def _state_config(self) -> dict[str, Any]:
         config = self._config.to_dict()
         keys = ("sparsity", "structure", "method", "targets", "ignore", "sequential", "blocks", "num_samples")
-        return {
-            **{key: config[key] for key in keys},
-            "batch_size": self.batch_size,
-            "prune_on": self.prune_on,
-            "epoch": self.epoch,
-        }
+        state = {key: config[key] for key in keys}
+        state.update(batch_size=self.batch_size, prune_on=self.prune_on, epoch=self.epoch)
+        if self.step is not None:
+            state["step"] = self.step
+        return state
 
     def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every check that can be made before training, so that a misconfigured run fails before it trains."""

@@ -11,8 +11,10 @@ from ..pruning.report import PruningReport
 __all__ = ["format_summary", "log_to_loggers", "metric_deltas"]
 
 
-def metric_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """``{name: {"dense", "pruned", "delta"}}`` for every metric measured both times.
+def metric_deltas(
+    before: Mapping[str, float], after: Mapping[str, float], stage: str = "pruned"
+) -> dict[str, dict[str, float]]:
+    """``{name: {"dense", stage, "delta"}}`` for every metric measured both times.
 
     Example::
 
@@ -20,7 +22,7 @@ def metric_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> di
         {'val_loss': {'dense': 2.0, 'pruned': 2.5, 'delta': 0.5}}
     """
     return {
-        name: {"dense": before[name], "pruned": after[name], "delta": after[name] - before[name]}
+        name: {"dense": before[name], stage: after[name], "delta": after[name] - before[name]}
         for name in before
         if name in after
     }

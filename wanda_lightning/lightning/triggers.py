@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 __all__ = [
     "PRUNE_ON",
     "AfterEpoch",
+    "AfterStep",
     "AtCheckpoints",
     "AtFitEnd",
     "Due",
@@ -31,8 +32,8 @@ __all__ = [
     "make_trigger",
 ]
 
-PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint"]
-PRUNE_ON: tuple[str, ...] = ("fit_end", "train_epoch_end", "validate", "checkpoint")
+PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step"]
+PRUNE_ON: tuple[str, ...] = get_args(PruneOn)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,32 @@ class AfterEpoch(Trigger):
         return f"end of epoch {self.epoch}"
 
 
+class AfterStep(Trigger):
+    """After ``step`` optimizer steps (when ``trainer.global_step`` reaches it); training then goes on with the result.
+    A run resumed past that step acts when it starts."""
+
+    name = "train_step"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def at_train_start(self, trainer: pl.Trainer) -> Due | None:
+        return Due(f"resumed after step {self.step}") if trainer.global_step >= self.step else None
+
+    def after_train_batch(self, trainer: pl.Trainer, batch_idx: int) -> Due | None:
+        return Due(self.describe()) if trainer.global_step >= self.step else None
+
+    def at_train_end(self, trainer: pl.Trainer, acted: bool) -> Due | None:
+        if not acted:
+            rank_zero_warn(
+                f"training ended at step {trainer.global_step} before `step`={self.step}, so nothing was changed"
+            )
+        return None
+
+    def describe(self) -> str:
+        return f"step {self.step}"
+
+
 class OnValidate(Trigger):
     """``trainer.validate(model)`` acts before validating (once; not during a fit's sanity check)."""
 
@@ -167,24 +194,31 @@ class AtCheckpoints(Trigger):
     on_checkpoints = True
 
 
-def make_trigger(prune_on: str, epoch: int | None) -> Trigger:
-    """The trigger for a ``prune_on`` value (and ``epoch``, for ``"train_epoch_end"`` only).
+def make_trigger(prune_on: str, epoch: int | None, step: int | None = None) -> Trigger:
+    """The trigger for a ``prune_on`` value (with ``epoch`` for ``"train_epoch_end"``, ``step`` for
+    ``"train_step"``, and neither otherwise).
 
     Raises:
-        ValueError: For an unknown mode, a missing or negative ``epoch``, or an ``epoch`` without
-            ``"train_epoch_end"``.
+        ValueError: For an unknown mode, a missing or negative ``epoch``/``step``, or one given to another mode.
     """
     if prune_on not in PRUNE_ON:
         raise ValueError(f"`prune_on` must be one of {list(PRUNE_ON)}, got {prune_on!r}")
-    if epoch is not None and prune_on != "train_epoch_end":
-        raise ValueError(
-            f"`epoch`={epoch!r} is only used with `prune_on`='train_epoch_end', got `prune_on`={prune_on!r}"
-        )
-    if prune_on == "train_epoch_end":
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    needs = {
+        "epoch": ("train_epoch_end", 0, "the zero-based epoch after which to prune (an int >= 0)"),
+        "step": ("train_step", 1, "the number of optimizer steps after which to prune (an int >= 1)"),
+    }
+    for value, argument in ((epoch, "epoch"), (step, "step")):
+        mode, least, meaning = needs[argument]
+        if value is not None and prune_on != mode:
             raise ValueError(
-                "`prune_on`='train_epoch_end' needs `epoch`=k, the zero-based epoch after which to prune (an int "
-                f">= 0), got {epoch!r}"
+                f"`{argument}`={value!r} is only used with `prune_on`={mode!r}, got `prune_on`={prune_on!r}"
             )
+        if prune_on == mode and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"`prune_on`={mode!r} needs `{argument}`=k, {meaning}, got {value!r}")
+    if prune_on == "train_epoch_end":
+        assert epoch is not None
         return AfterEpoch(epoch)
+    if prune_on == "train_step":
+        assert step is not None
+        return AfterStep(step)
     return {"fit_end": AtFitEnd, "validate": OnValidate, "checkpoint": AtCheckpoints}[prune_on]()

@@ -1,0 +1,327 @@
+"""``shrink()``: width pruning checked against dense models with the removed units zeroed, against slow references
+of the unit scores written here with loops, through ``save_pretrained``/``from_pretrained``, and for every refusal."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import VOCAB, make_batches, tiny_llama
+
+from wanda_lightning import shrink
+from wanda_lightning.width import FLAP, find_unit_groups
+from wanda_lightning.width.report import linear_macs_per_token, parameter_count
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("llama", "qwen2", "gpt2", "opt", "gpt_neox")
+WITH_HEADS = ("llama", "qwen2")  # configs with an explicit head_dim: fewer heads are expressible
+
+
+def tiny(family: str) -> torch.nn.Module:
+    """A tiny random causal LM of ``family`` (2 blocks, hidden 64, MLP 128, 4 heads; GQA 4/2 where offered)."""
+    torch.manual_seed(0)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        "qwen2": lambda: transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_inner=128, n_layer=2, n_head=4),
+        "opt": lambda: transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    }
+    return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+def logits(model: torch.nn.Module, seed: int = 7) -> torch.Tensor:
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def zero_removed(dense: torch.nn.Module, report) -> None:
+    """Zeroes, in the dense model, the consumer columns of every unit the report says was removed."""
+    modules = dict(dense.named_modules())
+    for group in report.groups:
+        layer = modules[group.name]
+        per_unit = group.width_before // group.units_before
+        removed = [u for u in range(group.units_before) if u not in group.kept_units]
+        columns = [u * per_unit + i for u in removed for i in range(per_unit)]
+        with torch.no_grad():
+            if type(layer).__name__ == "Conv1D":
+                layer.weight[columns, :] = 0
+            else:
+                layer.weight[:, columns] = 0
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- exactness ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp", FLAP(compensate=False)], ids=str)
+def test_shrunk_logits_equal_the_dense_model_with_removed_units_zeroed(family, method):
+    model = tiny(family)
+    dense = copy.deepcopy(model)
+    heads = 0.5 if family in WITH_HEADS else 0.0
+    report = shrink(model, make_batches(), mlp=0.5, heads=heads, method=method)
+    kinds = {g.kind for g in report.groups}
+    assert kinds == ({"mlp", "attention"} if heads else {"mlp"})
+    assert all(g.units_after == g.units_before // 2 for g in report.groups)
+    zero_removed(dense, report)
+    torch.testing.assert_close(logits(model), logits(dense), rtol=1e-5, atol=1e-5)
+    assert parameter_count(model) < parameter_count(dense)
+
+
+def test_one_shot_and_sequential_both_shrink_exactly():
+    for sequential in (True, False):
+        model = tiny("llama")
+        dense = copy.deepcopy(model)
+        report = shrink(model, make_batches(), mlp=0.25, heads=0.5, sequential=sequential)
+        assert report.sequential is sequential
+        zero_removed(dense, report)
+        torch.testing.assert_close(logits(model), logits(dense), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_the_folder_loads_with_stock_from_pretrained(family, tmp_path):
+    model = tiny(family)
+    heads = 0.5 if family in WITH_HEADS else 0.0
+    report = shrink(model, make_batches(), mlp=0.5, heads=heads)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+    for key, value in report.config_updates.items():
+        assert getattr(loaded.config, key) == value
+    assert parameter_count(loaded) == report.parameters_after
+
+
+def test_flap_compensation_is_expressed_by_the_llama_config(tmp_path):
+    model = tiny("llama")
+    report = shrink(model, make_batches(), mlp=0.5, heads=0.5, method="flap")
+    assert report.config_updates["mlp_bias"] is True and report.config_updates["attention_bias"] is True
+    assert all(g.compensated for g in report.groups)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+    # The biases mlp_bias/attention_bias add to the producers are zero; the consumers hold the compensation.
+    block = loaded.model.layers[0]
+    for layer in (block.mlp.gate_proj, block.mlp.up_proj, block.self_attn.q_proj, block.self_attn.k_proj):
+        assert not layer.bias.any()
+    assert block.mlp.down_proj.bias.abs().sum() > 0
+
+
+# --- scores against slow references -------------------------------------------------------------------------------
+
+
+def consumer_inputs(model, names, batches):
+    """Every input row each named layer receives on ``batches``, per sequence: {name: [list of (T, in) tensors]}."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        modules[name].register_forward_pre_hook(lambda m, args, name=name: seen[name].extend(args[0].detach()))
+        for name in names
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def slow_wanda_sp_keep(weight, sequences, per_unit, keep):
+    """Wanda-sp by hand: per channel the mean over sequences of sum_t x^2, square-rooted, times sum_i |W_ic|."""
+    out_features, in_features = weight.shape
+    norms = []
+    for c in range(in_features):
+        total = 0.0
+        for sequence in sequences:
+            total += sum(float(sequence[t, c]) ** 2 for t in range(sequence.shape[0]))
+        norms.append(math.sqrt(total / len(sequences)))
+    channel = [sum(abs(float(weight[i, c])) for i in range(out_features)) * norms[c] for c in range(in_features)]
+    units = [sum(channel[u * per_unit : (u + 1) * per_unit]) for u in range(in_features // per_unit)]
+    ranked = sorted(range(len(units)), key=lambda u: (-units[u], u))
+    return sorted(ranked[:keep])
+
+
+def test_wanda_sp_keeps_the_units_a_slow_reference_keeps_block_by_block():
+    model = tiny("llama")
+    reference = copy.deepcopy(model)
+    batches = make_batches(num_batches=2, batch=2, seq_len=8)
+    report = shrink(model, batches, mlp=0.5, heads=0.5)
+    by_block = {}
+    for group in report.groups:
+        by_block.setdefault(group.block, []).append(group)
+    modules = dict(reference.named_modules())
+    for block in (0, 1):
+        # Block k's statistics come from the blocks before it, already shrunk: zeroing the removed units' columns in
+        # the reference computes the same function (checked by the exactness test).
+        groups = by_block[block]
+        inputs = consumer_inputs(reference, [g.name for g in groups], batches)
+        for group in groups:
+            weight = modules[group.name].weight.detach()
+            per_unit = group.width_before // group.units_before
+            expected = slow_wanda_sp_keep(weight, inputs[group.name], per_unit, group.units_after)
+            assert group.kept_units == expected, group.name
+
+        class Partial:
+            groups = by_block[block]
+
+        zero_removed(reference, Partial)
+
+
+def test_flap_scores_and_bias_compensation_match_a_slow_reference():
+    model = tiny("llama")
+    dense = copy.deepcopy(model)
+    batches = make_batches(num_batches=2, batch=2, seq_len=8)
+    report = shrink(model, batches, mlp=0.5, method="flap", sequential=False)
+    name = "model.layers.1.mlp.down_proj"
+    (group,) = [g for g in report.groups if g.name == name]
+    tokens = torch.cat([x for x in consumer_inputs(dense, [name], batches)[name]])  # one-shot: all from dense
+    weight = dict(dense.named_modules())[name].weight.detach()
+    count = tokens.shape[0]
+    means, scores = [], []
+    for c in range(tokens.shape[1]):
+        values = [float(v) for v in tokens[:, c]]
+        mean = sum(values) / count
+        variance = sum((v - mean) ** 2 for v in values) / count
+        means.append(mean)
+        scores.append(variance * sum(float(w) ** 2 for w in weight[:, c]))
+    ranked = sorted(range(len(scores)), key=lambda c: (-scores[c], c))
+    assert group.kept_units == sorted(ranked[: group.units_after])
+    removed = [c for c in range(len(scores)) if c not in group.kept_units]
+    expected_bias = [sum(float(weight[i, c]) * means[c] for c in removed) for i in range(weight.shape[0])]
+    found = dict(model.named_modules())[name].bias.detach()
+    torch.testing.assert_close(found, torch.tensor(expected_bias), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_query_attention_loses_whole_key_value_groups():
+    model = tiny("llama")  # 4 query heads sharing 2 key/value heads: head_dim 16
+    dense = copy.deepcopy(model)
+    report = shrink(model, make_batches(), heads=0.5)
+    attention = [g for g in report.groups if g.kind == "attention"]
+    assert [(g.units_before, g.units_after, g.width_before, g.width_after) for g in attention] == [(2, 1, 64, 32)] * 2
+    for group in attention:
+        (kv,) = group.kept_units
+        block = int(group.name.split(".")[2])
+        new, old = model.model.layers[block].self_attn, dense.model.layers[block].self_attn
+        assert torch.equal(new.k_proj.weight, old.k_proj.weight[kv * 16 : (kv + 1) * 16])
+        assert torch.equal(new.v_proj.weight, old.v_proj.weight[kv * 16 : (kv + 1) * 16])
+        assert torch.equal(new.q_proj.weight, old.q_proj.weight[kv * 32 : (kv + 1) * 32])  # its 2 query heads
+        assert torch.equal(new.o_proj.weight, old.o_proj.weight[:, kv * 32 : (kv + 1) * 32])
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 16)
+
+
+def test_report_counts_parameters_macs_and_widths():
+    model = tiny("llama")
+    params, macs = parameter_count(model), linear_macs_per_token(model)
+    report = shrink(model, make_batches(), mlp=0.25, heads=0.5)
+    assert (report.parameters_before, report.macs_before) == (params, macs)
+    assert (report.parameters_after, report.macs_after) == (parameter_count(model), linear_macs_per_token(model))
+    # Per block: MLP 3 x 64 x 32 removed; attention 2 x 64 x 32 (q, o) + 2 x 64 x 16 (k, v).
+    assert macs - report.macs_after == 2 * (3 * 64 * 32 + 2 * 64 * 32 + 2 * 64 * 16)
+    assert report.units("mlp") == (128, 96)
+    assert "128 -> 96" in str(report) and "model.layers.1.mlp.down_proj" in report.table()
+    assert report.to_dict()["macs_ratio"] == pytest.approx(report.macs_after / macs)
+
+
+def test_unit_groups_of_each_family():
+    found = {family: find_unit_groups(tiny(family), None, ["mlp", "attention"]) for family in FAMILIES}
+    assert [g.consumer.name for g in found["opt"] if g.kind == "mlp"] == [
+        "model.decoder.layers.0.fc2",
+        "model.decoder.layers.1.fc2",
+    ]
+    assert all(g.problem is None for g in found["llama"])
+    assert {g.problem is not None for g in found["gpt2"] if g.kind == "attention"} == {True}
+    assert {g.problem is not None for g in found["gpt_neox"] if g.kind == "attention"} == {True}
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "kwargs", "error", "fragments"),
+    [
+        ("llama", dict(mlp=1.0), ValueError, ["`mlp`", "1.0", "[0, 1)"]),
+        ("llama", dict(mlp=-0.1), ValueError, ["`mlp`", "-0.1"]),
+        ("llama", dict(heads=True), TypeError, ["`heads`", "True"]),
+        ("llama", dict(mlp=0.0, heads=0.0), ValueError, ["`mlp` and `heads` are both 0"]),
+        ("llama", dict(heads=0.2), ValueError, ["`heads`=0.2", "rounds to none"]),
+        ("llama", dict(heads=0.8), ValueError, ["`heads`=0.8", "removes all"]),
+        ("llama", dict(mlp=0.5, method="nope"), ValueError, ["`method`", "'nope'", "wanda-sp"]),
+        ("llama", dict(mlp=0.5, num_samples=0), ValueError, ["`num_samples`", "0"]),
+        ("gpt2", dict(heads=0.5), ValueError, ["transformer.h.0.attn.c_proj", "fused", "c_attn"]),
+        ("gpt_neox", dict(heads=0.5), ValueError, ["attention.dense", "fused", "query_key_value"]),
+        ("opt", dict(heads=0.5), ValueError, ["self_attn", "derives the head size", "`heads`=0"]),
+        ("qwen2", dict(mlp=0.5, method="flap"), ValueError, ["down_proj", "bias compensation", "qwen2"]),
+    ],
+)
+def test_bad_inputs_leave_the_model_untouched(family, kwargs, error, fragments):
+    model = tiny(family)
+    before = snapshot(model)
+    config = model.config.to_dict()
+    with pytest.raises(error) as info:
+        shrink(model, make_batches(), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.config.to_dict() == config
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_calibration_is_needed_except_for_magnitude_sp():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="wanda-sp needs `calibration`"):
+        shrink(model, None, mlp=0.5)
+    report = shrink(model, None, mlp=0.5, method="magnitude-sp")
+    assert report.num_batches == 0 and model.config.intermediate_size == 64
+
+
+def test_statistics_are_synced_before_units_are_chosen():
+    """What DDP relies on: the all-reduce sees every consumer's statistics before any unit is chosen."""
+    model, seen = tiny("llama"), []
+
+    def sync(tensors):
+        seen.append(len(tensors))
+        for tensor in tensors:
+            tensor.mul_(1)  # an all-reduce over one process
+
+    shrink(model, make_batches(), mlp=0.5, heads=0.5, sync_statistics=sync)
+    assert seen == [2 * 2, 2 * 2]  # per block: o_proj and down_proj, each a sum and its counts

@@ -1,0 +1,95 @@
+"""``wanda-lightning shrink MODEL --out DIR --mlp 0.5 --heads 0.33``: remove whole MLP hidden units and attention
+heads and write a plain transformers folder (stock ``from_pretrained`` loads it; ``eval``, ``inspect`` and ``speed``
+read it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..core.validation import as_device, check_positive
+from ..width.methods import WIDTH_METHODS
+from .arguments import add_data_arguments, add_model_arguments
+from .loading import calibration_windows, load_model
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    """Adds the ``shrink`` subcommand to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "shrink",
+        help="remove whole MLP hidden units and attention heads; write a smaller, faster plain transformers model",
+        description="Width-prune MODEL from calibration text: remove the lowest-scoring MLP hidden units and attention "
+        "heads (key/value groups under grouped-query attention) of every layer, rewrite the config, and write a "
+        "folder that stock from_pretrained loads. Recover the quality by fine-tuning, ideally with WandaShrinkCallback "
+        "(distillation).",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (a transformers model folder)")
+    parser.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP hidden units removed (default 0)")
+    parser.add_argument(
+        "--heads", type=float, default=0.0, help="fraction of attention heads / key-value groups removed (default 0)"
+    )
+    parser.add_argument(
+        "--method",
+        default="wanda-sp",
+        choices=list(WIDTH_METHODS),
+        help="unit scores: wanda-sp (default), flap (with bias compensation) or magnitude-sp (no data)",
+    )
+    parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    add_data_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Shrinks MODEL and writes the folder; returns the exit status.
+
+    Example::
+
+        main(["shrink", "model.gguf", "--out", "small/", "--mlp", "0.5", "--heads", "0.33"])
+    """
+    from ..core.layers import find_pretrained
+    from ..export.paths import check_destination, install
+    from ..width import ShrinkConfig, shrink_with
+    from ..width.saving import save_plain_pretrained
+
+    for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
+        check_positive(value, flag, allow_none=False)
+    as_device(args.device, "--device", must_exist=True)
+    config = ShrinkConfig.create(mlp=args.mlp, heads=args.heads, method=args.method, num_samples=None)
+    check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
+    loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
+    found = find_pretrained(loaded.model)
+    if found is None or found[1] != "":
+        raise ValueError(f"MODEL {args.model!r} is not a transformers model: `shrink` writes transformers folders")
+    model = found[0]
+    batches: list[Any] = []
+    if config.method.requires_calibration:
+        windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
+        batches = [{"input_ids": w} for w in windows.split(args.batch_size)]
+    if args.device is not None:
+        model.to(args.device)
+    report = shrink_with(model, batches, config, progress=not args.json)
+    target = check_destination(args.out, args.overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:  # written aside and renamed into place: a failure leaves nothing half-written under --out
+        save_plain_pretrained(model.to("cpu"), staging, loaded.tokenizer)
+        install(staging, target, args.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if args.json:
+        print(json.dumps({"model": args.model, "out": str(target), "report": report.to_dict()}, indent=2))
+    else:
+        print(report)
+        print(f"\nwrote {target} (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0

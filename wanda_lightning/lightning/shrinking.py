@@ -1,0 +1,82 @@
+"""Loading and continuing width-pruned (shrunk) models in Lightning: checkpoints hold the new shapes, so the module
+built at its original size is resized to the checkpoint before its weights are loaded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+from ..core.layers import find_pretrained
+from ..width.hf_config import sync_config
+from ..width.surgery import fit_to_state_dict
+
+__all__ = ["fit_module_to_checkpoint", "load_shrunk_checkpoint", "unwrap_loads", "wrap_loads"]
+
+ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+
+def fit_module_to_checkpoint(module: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Resizes ``module``'s layers to ``state_dict``'s shapes and rewrites the config of the transformers model it
+    holds to match; returns the resized layers' names."""
+    resized = fit_to_state_dict(module, state_dict)
+    if resized:
+        try:
+            found = find_pretrained(module)
+        except TypeError:
+            found = None
+        if found is not None:
+            sync_config(found[0])
+    return resized
+
+
+def wrap_loads(pl_module: pl.LightningModule) -> Callable[[], None]:
+    """Makes ``pl_module.on_load_checkpoint`` resize the module to the checkpoint first (Lightning calls it before it
+    loads the state dict, when resuming with ``Trainer.fit(ckpt_path=...)``); returns the function that undoes it."""
+    original = pl_module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, Mapping):
+            fit_module_to_checkpoint(pl_module, state)
+        original(checkpoint)
+
+    pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+    return lambda: unwrap_loads(pl_module)
+
+
+def unwrap_loads(pl_module: pl.LightningModule) -> None:
+    """Undoes :func:`wrap_loads`."""
+    vars(pl_module).pop("on_load_checkpoint", None)
+
+
+def load_shrunk_checkpoint(cls: type[ModuleT], checkpoint_path: str | os.PathLike[str], **kwargs: Any) -> ModuleT:
+    """``cls.load_from_checkpoint(checkpoint_path, **kwargs)`` for a checkpoint of a width-pruned model.
+
+    A plain ``load_from_checkpoint`` builds the module at its original size from the saved hyperparameters and
+    fails on the checkpoint's smaller shapes; this resizes the module to the checkpoint (and rewrites the transformers
+    config it holds) before the weights are loaded, with everything else as ``load_from_checkpoint`` does it
+    (``map_location``, ``strict``, hyperparameter overrides).
+
+    Example::
+
+        module = load_shrunk_checkpoint(CausalLMModule, "checkpoints/last.ckpt")
+        module.model.save_pretrained("small/")  # stock from_pretrained loads it
+    """
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise TypeError(f"`cls` must be a LightningModule class, got {cls!r}")
+
+    def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, Mapping):
+            fit_module_to_checkpoint(self, state)
+        cls.on_load_checkpoint(self, checkpoint)
+
+    # A subclass only for loading: the instance gets its own class back before it is returned.
+    loader = cast(type[ModuleT], type(cls.__name__, (cls,), {"on_load_checkpoint": on_load_checkpoint}))
+    module = loader.load_from_checkpoint(os.fspath(checkpoint_path), **kwargs)
+    module.__class__ = cls
+    return cast(ModuleT, module)

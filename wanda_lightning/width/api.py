@@ -1,0 +1,267 @@
+"""``shrink()``: validate, plan uniform widths the model's config can express, run the calibration pipeline with the
+:class:`~wanda_lightning.width.action.ShrinkAction`, rewrite the config, report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.batches import ForwardFn, batch_size_of, prepare_batches
+from ..core.blocks import find_block_stack
+from ..core.layers import find_pretrained, is_conv1d
+from ..core.pipeline import CalibrationPipeline, StatisticsSync, check_finite
+from ..core.targets import TargetLayer
+from ..distributed.sharding import holds_shards
+from ..distributed.streaming import meta_tensor_names
+from .action import ShrinkAction
+from .config import ShrinkConfig, units_to_remove
+from .groups import UnitGroup, find_unit_groups
+from .hf_config import check_expressible
+from .methods import WidthMethod
+from .report import ShrinkReport, linear_macs_per_token, parameter_count
+
+__all__ = ["ShrinkPlan", "plan_shrink", "shrink", "shrink_with"]
+
+
+def shrink(
+    model: nn.Module,
+    calibration: Iterable[Any] | None = None,
+    *,
+    mlp: float = 0.0,
+    heads: float = 0.0,
+    method: str | WidthMethod = "wanda-sp",
+    sequential: bool = True,
+    blocks: str | None = None,
+    num_samples: int | None = 128,
+    batch_size: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    device: str | torch.device | None = None,
+    offload_device: str | torch.device | None = None,
+    progress: bool = False,
+    sync_statistics: StatisticsSync | None = None,
+) -> ShrinkReport:
+    """Removes whole MLP hidden units and attention heads from ``model``, in place, ranked from calibration data.
+
+    Each block's units are scored from the statistics of the layer that consumes them (``down_proj``'s inputs for the
+    MLP hidden units, ``o_proj``'s for the heads), the lowest-scoring ones are removed from that layer's input columns
+    and from the output rows of the layers that produce them (``gate_proj``/``up_proj``; ``q_proj``/``k_proj``/
+    ``v_proj``), and the config is rewritten (``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
+    ``head_dim``), so ``model.save_pretrained(dir)`` writes a folder that stock ``from_pretrained`` loads. Widths are
+    uniform: every layer keeps the same number of units. With grouped-query attention the units are key/value groups:
+    a key/value head with the query heads that share it, so every layer keeps a shape the config can express.
+
+    Calibration is block-sequential by default, as in :func:`~wanda_lightning.prune`: statistics from the unchanged
+    block, shrink it, run the shrunk block to feed the next.
+
+    Args:
+        model: A transformers causal LM (Llama, Mistral, Qwen2, ... for heads and MLP; also GPT-2, OPT, GPT-NeoX for the
+            MLP), a module holding one, or any module whose MLPs follow those layer names.
+        calibration: Batches, as for :func:`~wanda_lightning.prune` (not needed by ``"magnitude-sp"``).
+        mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
+        heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
+            A count is the fraction times the units, rounded to the nearest whole one; a non-zero fraction that rounds
+            to none, or one that removes all, is refused.
+        method: ``"wanda-sp"`` (default), ``"flap"`` (fluctuation metric with bias compensation; ``FLAP(compensate=
+            False)`` without), ``"magnitude-sp"`` (data-free), or a :class:`~wanda_lightning.width.methods.WidthMethod`.
+        sequential: Block-sequential calibration (default) or one forward pass.
+        blocks: Module name of the block stack; found automatically when ``None``.
+        num_samples: Most calibration sequences (default 128); ``None`` for all.
+        batch_size: Sequences per forward pass; ``None`` keeps the iterable's batches.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch.
+        device: Compute device for blocks (moved there while calibrated).
+        offload_device: Where captured block inputs wait between blocks.
+        progress: Show a progress bar over blocks.
+        sync_statistics: In-place all-reduce of statistic tensors (DDP: every process removes the same units).
+
+    Returns:
+        A :class:`~wanda_lightning.width.report.ShrinkReport` with every layer's widths before and after.
+
+    Raises:
+        ValueError, TypeError: For bad arguments, a layout that cannot lose units (fused QKV, a config that derives
+            the head size from the hidden size, unequal widths, a bias the config cannot hold) or sharded weights,
+            before any weight changes.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> mlp = nn.Module()
+        >>> mlp.up_proj, mlp.down_proj = nn.Linear(4, 8), nn.Linear(8, 4)
+        >>> mlp.gate_proj = nn.Linear(4, 8)
+        >>> mlp.forward = lambda x: mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+        >>> report = shrink(mlp, [torch.randn(2, 4)], mlp=0.5)
+        >>> mlp.down_proj.in_features, report.units("mlp")
+        (4, (8, 4))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    config = ShrinkConfig.create(
+        mlp=mlp,
+        heads=heads,
+        method=method,
+        sequential=sequential,
+        blocks=blocks,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        device=device,
+        offload_device=offload_device,
+    )
+    return shrink_with(
+        model, calibration, config, forward_fn=forward_fn, progress=progress, sync_statistics=sync_statistics
+    )
+
+
+class ShrinkPlan:
+    """Everything :func:`shrink_with` decided before touching a weight.
+
+    Attributes:
+        groups: The unit groups that lose units.
+        keep: Units kept per kind.
+        config_updates: Config attributes to rewrite afterwards (empty without a transformers config).
+        bias_layers: Layers that gain a zero bias (a bias flag the update sets gives them one).
+        config_owner: The module whose ``config`` is rewritten, or ``None``.
+    """
+
+    def __init__(
+        self,
+        groups: list[UnitGroup],
+        keep: dict[str, int],
+        config_updates: dict[str, Any],
+        bias_layers: list[str],
+        config_owner: nn.Module | None,
+    ) -> None:
+        self.groups = groups
+        self.keep = keep
+        self.config_updates = config_updates
+        self.bias_layers = bias_layers
+        self.config_owner = config_owner
+
+
+def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> ShrinkPlan:
+    """Finds the unit groups, the units each kind keeps and the config that will describe them; checks everything.
+
+    Raises:
+        ValueError: See :func:`shrink`.
+    """
+    if meta_tensor_names(model):
+        raise ValueError("parameters on the meta device cannot be shrunk: load or materialise the weights first")
+    if holds_shards(model):
+        raise ValueError(
+            "shrink() needs whole weights, and this model's are sharded across processes (FSDP): removing units "
+            "changes every shard's shape; shrink before sharding, or gather the model first"
+        )
+    groups = find_unit_groups(model, stack, list(config.kinds))
+    keep: dict[str, int] = {}
+    for kind in config.kinds:
+        argument = "mlp" if kind == "mlp" else "heads"
+        found = [g for g in groups if g.kind == kind]
+        if not found:
+            what = "MLP (down_proj, fc2, dense_4h_to_h, mlp.c_proj, w2)" if kind == "mlp" else "attention (o_proj)"
+            raise ValueError(
+                f"`{argument}`={config.fraction(kind):g}: {type(model).__name__} has no {what} layout this library can "
+                f"shrink; set `{argument}`=0"
+            )
+        for group in found:
+            if group.problem is not None:
+                raise ValueError(
+                    f"layer {group.consumer.name!r} cannot lose heads: {group.problem}, whose heads this library "
+                    "cannot separate; set `heads`=0 to shrink the MLPs only"
+                )
+        counts = {g.num_units for g in found}
+        if len(counts) > 1:
+            raise ValueError(
+                f"`{argument}`: the {kind} layers have different widths ({sorted(counts)}), so uniform widths cannot "
+                "be kept"
+            )
+        units = counts.pop()
+        keep[kind] = units - units_to_remove(config.fraction(kind), units, argument, found[0].consumer.name)
+    groups = [g for g in groups if g.kind in keep]
+    biased = [kind for kind in keep if config.method.compensate]
+    found_pretrained = find_pretrained(model)
+    updates: dict[str, Any] = {}
+    bias_layers: list[str] = []
+    owner: nn.Module | None = None
+    if found_pretrained is not None:
+        owner, prefix = found_pretrained
+        updates, bias_layers = check_expressible(owner, groups, keep, biased, f"{prefix}." if prefix else "")
+    return ShrinkPlan(groups, keep, updates, bias_layers, owner)
+
+
+def shrink_with(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    config: ShrinkConfig,
+    *,
+    forward_fn: ForwardFn | None = None,
+    progress: bool = False,
+    sync_statistics: StatisticsSync | None = None,
+) -> ShrinkReport:
+    """:func:`shrink` with a :class:`~wanda_lightning.width.config.ShrinkConfig` made beforehand (the callback builds
+    one when it is constructed)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), got {forward_fn!r}")
+    total_start = time.perf_counter()
+    probe = find_unit_groups(model, None, list(config.kinds))
+    layers = [g.target() for g in probe if g.problem is None]
+    stack = find_block_stack(model, layers, config.blocks) if layers and (config.sequential or config.blocks) else None
+    plan = plan_shrink(model, config, stack)
+    layers = [g.target() for g in plan.groups]
+    check_finite(_member_layers(plan.groups), "")
+    batches: list[Any] = []
+    if config.method.requires_calibration:
+        if calibration is None:
+            raise ValueError(f"{config.method.describe()} needs `calibration` batches, got None")
+        batches = prepare_batches(calibration, config.num_samples, config.batch_size)
+    report = ShrinkReport(
+        method=config.method.describe(),
+        mlp=config.mlp,
+        heads=config.heads,
+        parameters_before=parameter_count(model),
+        macs_before=linear_macs_per_token(model),
+        sequential=config.sequential and stack is not None and config.method.requires_calibration,
+        block_stack=stack.name if config.sequential and stack is not None else None,
+        num_samples=sum(batch_size_of(b) for b in batches),
+        num_batches=len(batches),
+    )
+    pipeline = CalibrationPipeline(
+        model,
+        layers,
+        stack=stack,
+        sequential=config.sequential,
+        forward_fn=forward_fn,
+        device=config.device,
+        offload_device=config.offload_device,
+        sync_statistics=sync_statistics,
+        progress=progress,
+    )
+    action = ShrinkAction(
+        config.method,
+        {g.consumer.name: g for g in plan.groups},
+        plan.keep,
+        report,
+        set(plan.bias_layers),
+    )
+    pipeline.run(action, batches)
+    if plan.config_owner is not None:
+        for key, value in plan.config_updates.items():
+            setattr(plan.config_owner.config, key, value)
+    report.config_updates = dict(plan.config_updates)
+    report.calibration_seconds = pipeline.calibration_seconds
+    report.parameters_after = parameter_count(model)
+    report.macs_after = linear_macs_per_token(model)
+    report.total_seconds = time.perf_counter() - total_start
+    return report
+
+
+def _member_layers(groups: list[UnitGroup]) -> list[TargetLayer]:
+    return [
+        TargetLayer(member.name, member.module, transposed=is_conv1d(member.module))
+        for group in groups
+        for member in group.members
+    ]

@@ -1,0 +1,199 @@
+"""What a width-pruning run did: per layer widths before and after, the model's size and cost, timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, cast
+
+from torch import Tensor, nn
+
+from ..core.layers import is_linear_layer
+
+__all__ = ["GroupReport", "ShrinkReport", "linear_macs_per_token", "parameter_count"]
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of ``model``, tied ones once.
+
+    Example::
+
+        >>> parameter_count(nn.Linear(4, 2))
+        10
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-accumulates per token of every Linear and Conv1D layer (``in x out`` each, the LM head included);
+    attention's score and value products, which grow with the context, are not counted.
+
+    Example::
+
+        >>> linear_macs_per_token(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
+        48
+    """
+    return sum(cast(Tensor, m.weight).numel() for m in model.modules() if is_linear_layer(m))
+
+
+@dataclass
+class GroupReport:
+    """One group's widths.
+
+    Attributes:
+        name: The consumer layer (``model.layers.3.mlp.down_proj``).
+        kind: ``"mlp"`` or ``"attention"``.
+        block: Index of the block holding it, or ``None``.
+        units_before: Hidden units, heads or key/value groups before.
+        units_after: ... after.
+        width_before: The consumer's input channels before.
+        width_after: ... after.
+        compensated: Whether the removed units' mean contribution went into the consumer's bias.
+        head_dim: Channels per head (attention), else ``None``.
+        kept_units: The units kept, as indices into the units before.
+    """
+
+    name: str
+    kind: str
+    block: int | None
+    units_before: int
+    units_after: int
+    width_before: int
+    width_after: int
+    compensated: bool = False
+    head_dim: int | None = None
+    kept_units: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ShrinkReport:
+    """The result of :func:`~wanda_lightning.shrink`.
+
+    Attributes:
+        method: Width method (with options).
+        mlp: Fraction of MLP hidden units asked to be removed.
+        heads: Fraction of attention heads (or key/value groups) asked to be removed.
+        groups: Per layer widths, in model order.
+        parameters_before: Model parameters before.
+        parameters_after: ... after.
+        macs_before: Linear multiply-accumulates per token before (:func:`linear_macs_per_token`).
+        macs_after: ... after.
+        config_updates: Config attributes rewritten (``intermediate_size``, ``num_attention_heads``, ...).
+        sequential: Whether calibration was block-sequential.
+        block_stack: Name of the block stack walked, or ``None``.
+        num_samples: Calibration sequences used.
+        num_batches: Calibration batches used.
+        calibration_seconds: Wall time of forward passes.
+        scoring_seconds: Wall time of scoring, selection and surgery.
+        total_seconds: Wall time of the whole call.
+
+    Example::
+
+        >>> report = ShrinkReport(method="wanda-sp", mlp=0.5, heads=0.0, parameters_before=10, parameters_after=6)
+        >>> report.parameter_ratio
+        0.6
+    """
+
+    method: str
+    mlp: float
+    heads: float
+    groups: list[GroupReport] = field(default_factory=list)
+    parameters_before: int = 0
+    parameters_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    sequential: bool = False
+    block_stack: str | None = None
+    num_samples: int = 0
+    num_batches: int = 0
+    calibration_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def parameter_ratio(self) -> float:
+        """Parameters after over before."""
+        return self.parameters_after / self.parameters_before if self.parameters_before else 1.0
+
+    @property
+    def macs_ratio(self) -> float:
+        """Linear MACs per token after over before."""
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    def units(self, kind: str) -> tuple[int, int] | None:
+        """``(before, after)`` units per layer of a kind (the first layer's: widths are uniform), or ``None``."""
+        found = next((g for g in self.groups if g.kind == kind), None)
+        return (found.units_before, found.units_after) if found is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary, ratios included."""
+        return {**asdict(self), "parameter_ratio": self.parameter_ratio, "macs_ratio": self.macs_ratio}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShrinkReport:
+        """Inverse of :meth:`to_dict`.
+
+        Example::
+
+            >>> groups = [GroupReport("d", "mlp", 0, 8, 4, 8, 4)]
+            >>> report = ShrinkReport(method="flap", mlp=0.5, heads=0.0, groups=groups)
+            >>> ShrinkReport.from_dict(report.to_dict()) == report
+            True
+        """
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["groups"] = [GroupReport(**group) for group in data.get("groups", [])]
+        return cls(**values)
+
+    def _summary_lines(self) -> list[tuple[str, str]]:
+        lines = [("method", self.method)]
+        mlp = self.units("mlp")
+        if mlp is not None:
+            lines.append(("MLP hidden units per layer", f"{mlp[0]} -> {mlp[1]} (mlp={self.mlp:g})"))
+        attention = next((g for g in self.groups if g.kind == "attention"), None)
+        if attention is not None and attention.head_dim:
+            heads = (attention.width_before // attention.head_dim, attention.width_after // attention.head_dim)
+            lines.append(
+                (
+                    "attention heads per layer",
+                    f"{heads[0]} -> {heads[1]} query heads, {attention.units_before} -> {attention.units_after} "
+                    f"key/value heads (heads={self.heads:g})",
+                )
+            )
+        lines += [
+            ("layers changed", f"{len(self.groups)}"),
+            (
+                "parameters",
+                f"{self.parameters_before:,} -> {self.parameters_after:,} ({self.parameter_ratio:.3f}x)",
+            ),
+            ("linear MACs per token", f"{self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x)"),
+            ("config", ", ".join(f"{k}={v}" for k, v in self.config_updates.items()) or "(no config)"),
+            ("calibration", f"{self.num_samples} sequences, {self.num_batches} batches"),
+            ("mode", f"block-sequential over `{self.block_stack}`" if self.sequential else "one-shot"),
+            (
+                "time",
+                f"{self.total_seconds:.2f} s (calibration {self.calibration_seconds:.2f} s, scoring and surgery "
+                f"{self.scoring_seconds:.2f} s)",
+            ),
+        ]
+        return lines
+
+    def table(self) -> str:
+        """The per-layer table: widths before and after."""
+        header = ("layer", "kind", "units", "width")
+        rows = [header] + [
+            (g.name, g.kind, f"{g.units_before} -> {g.units_after}", f"{g.width_before} -> {g.width_after}")
+            for g in self.groups
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = []
+        for index, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+            if index == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        lines = self._summary_lines()
+        width = max(len(key) for key, _ in lines)
+        return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
