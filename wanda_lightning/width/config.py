@@ -24,7 +24,8 @@ def _fraction(value: Any, name: str) -> float:
 
 
 def units_to_remove(fraction: float, units: int, argument: str, where: str) -> int:
-    """``round(fraction * units)``, refusing a non-zero fraction that removes no unit or every unit.
+    """``fraction * units`` rounded to the nearest whole unit (halves up), refusing a non-zero fraction that removes no
+    unit or every unit.
 
     Example::
 
@@ -35,11 +36,11 @@ def units_to_remove(fraction: float, units: int, argument: str, where: str) -> i
         ...
         ValueError: `heads`=0.1 of 3 units in o_proj rounds to none; use at least 0.166667 (one unit), or 0
     """
-    count = round(fraction * units)
+    count = math.floor(fraction * units + 0.5)
     if fraction > 0 and count == 0:
         raise ValueError(
             f"`{argument}`={fraction:g} of {units} units in {where} rounds to none; use at least "
-            f"{0.5 / units + 1e-6:g} (one unit), or 0"
+            f"{0.5 / units:g} (one unit), or 0"
         )
     if count >= units:
         raise ValueError(f"`{argument}`={fraction:g} of {units} units in {where} removes all of them; use less")

@@ -188,7 +188,11 @@ class ShrinkReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = []
         for index, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+            lines.append(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
             if index == 0:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
