@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..core.batches import default_forward
 from ..core.layers import find_pretrained
-from ..core.validation import check_bool, check_positive
+from ..core.validation import as_device, check_bool, check_positive
 from ..distributed.sharding import holds_shards
 from ..width.api import shrink_with
 from ..width.config import ShrinkConfig
@@ -80,8 +80,10 @@ class WandaShrinkCallback(Callback):
     :func:`~wanda_lightning.load_shrunk_checkpoint` loads one for inference. ``save_dir`` writes the final model as a
     plain transformers folder that stock ``from_pretrained`` loads.
 
-    Under DDP the statistics are all-reduced, so every process removes the same units, and the DDP wrapper is
-    rebuilt around the new parameters. Sharded strategies (FSDP) are refused: removing units changes every shard.
+    Under DDP (``strategy="ddp"``) the statistics are all-reduced, so every process removes the same units, and the
+    DDP wrapper is rebuilt around the new parameters. Refused with a clear error: sharded strategies (FSDP), whose
+    every shard would change shape, and the spawning ones (``"ddp_spawn"``, ``"ddp_fork"``, notebooks), after which
+    Lightning loads the workers' weights into the main process's original-sized module.
 
     Args:
         mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
@@ -172,8 +174,7 @@ class WandaShrinkCallback(Callback):
             check_positive(num_eval_batches, "num_eval_batches")
             _check_number(distill_weight, "distill_weight", 0.0, 1.0, closed=True)
             _check_number(temperature, "temperature", 0.0, float("inf"), closed=False)
-            if teacher_device is not None:
-                torch.device(teacher_device)  # raises for a bad name
+            as_device(teacher_device, "teacher_device")
             if forward_fn is not None and not callable(forward_fn):
                 raise TypeError(
                     f"`forward_fn` must be callable as forward_fn(pl_module, batch), or None, got {forward_fn!r}"
@@ -441,8 +442,15 @@ def _check_strategy(trainer: pl.Trainer) -> None:
             f"WandaShrinkCallback does not support {type(strategy).__name__}: removing units changes the shape of "
             "every shard. Use a single device or DDP, or shrink the model before sharding it"
         )
-    if holds_shards(trainer.lightning_module) if trainer.lightning_module is not None else False:
+    if trainer.lightning_module is not None and holds_shards(trainer.lightning_module):
         raise ValueError("WandaShrinkCallback: the module's weights are sharded (FSDP); shrink before sharding")
+    if type(getattr(strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+        raise ValueError(
+            f"WandaShrinkCallback does not support the spawning strategy {type(strategy).__name__} "
+            f"(start method {getattr(strategy, '_start_method', '?')!r}): when the fit ends, Lightning loads the "
+            "workers' weights into the main process's module, which still has the original shapes. Use "
+            "strategy='ddp' (processes started from your script or by torchrun)"
+        )
 
 
 def _rebuild_optimizers(trainer: pl.Trainer) -> None:

@@ -1,0 +1,219 @@
+"""``WandaShrinkCallback`` through a real ``Trainer``: shrink mid-fit, rebuilt optimizers, distillation, resume,
+loading shrunk checkpoints, DDP, and refusals."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from test_callback import CONFIG, Snapshot, TokenDataset, loader, make_module, make_trainer
+
+from wanda_lightning import WandaShrinkCallback, load_shrunk_checkpoint, shrink
+from wanda_lightning.distributed.testing import launch_processes
+from wanda_lightning.lightning import CausalLMModule, distillation_loss
+
+transformers = pytest.importorskip("transformers")
+
+WORKER = Path(__file__).with_name("width_worker.py")
+
+
+def _widths(module: CausalLMModule) -> tuple[int, int, int]:
+    layer = module.model.model.layers[0]
+    return layer.mlp.down_proj.in_features, layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features
+
+
+def _rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "logs" / "version_0" / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_shrinks_at_a_step_then_recovers_with_rebuilt_optimizers(tmp_path):
+    module, before = make_module(), Snapshot()
+    val = loader(8, seed=2)
+    shrinking = WandaShrinkCallback(mlp=0.5, heads=0.5, prune_on="train_step", step=2, num_samples=8)
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[before, shrinking])
+    trainer.fit(module, loader(16, seed=1), val)
+
+    assert trainer.global_step == 4 and shrinking.shrunk
+    assert _widths(module) == (64, 32, 16)
+    assert (module.model.config.intermediate_size, module.model.config.num_attention_heads) == (64, 2)
+    # The optimizer trains the new parameters (the old ones are gone), with states of their shapes.
+    (optimizer,) = trainer.optimizers
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert owned == {id(p) for p in module.parameters()}
+    for param, state in optimizer.state.items():
+        assert state["exp_avg"].shape == param.shape
+    # The units are those shrink() picks on the weights after step 2 from the same calibration batches.
+    dense = make_module()
+    dense.load_state_dict(before.states[(0, 1)])
+    expected = shrink(dense.model, [{"input_ids": b["input_ids"]} for b in val], mlp=0.5, heads=0.5)
+    assert [g.kept_units for g in shrinking.report.groups] == [g.kept_units for g in expected.groups]
+    # The teacher is the model as it was before shrinking, frozen.
+    teacher = shrinking.teacher
+    assert teacher is not None and teacher.model.layers[0].mlp.down_proj.in_features == 128
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, before.states[(0, 1)][f"model.{name}"]), name
+    rows = _rows(tmp_path)
+    assert any(row.get("distill_loss") for row in rows)
+    logged = next(row for row in rows if row.get("wanda/parameters"))
+    assert int(float(logged["wanda/parameters"])) == sum(p.numel() for p in module.parameters())
+    assert float(logged["val_loss/delta"]) == pytest.approx(shrinking.metrics["val_loss"]["delta"])
+
+
+def test_distillation_weight_zero_is_plain_fine_tuning_and_one_is_not(tmp_path):
+    finals = {}
+    for name, options in {"plain": dict(distill=False), "zero": dict(distill_weight=0.0), "one": {}}.items():
+        module = make_module()
+        shrinking = WandaShrinkCallback(mlp=0.5, prune_on="train_step", step=1, num_samples=8, evaluate=False, **options)
+        make_trainer(tmp_path / name, max_steps=3, callbacks=[shrinking]).fit(module, loader(16, seed=1), loader(8, 2))
+        finals[name] = {k: v.clone() for k, v in module.state_dict().items()}
+    assert all(torch.equal(finals["plain"][k], v) for k, v in finals["zero"].items())
+    assert any(not torch.equal(finals["plain"][k], v) for k, v in finals["one"].items())
+
+
+def test_distillation_loss_matches_a_slow_reference():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    temperature, total, count = 2.0, 0.0, 0
+    for b in range(2):
+        for t in range(3):
+            if not mask[b, t]:
+                continue
+            p = [math.exp(float(x) / temperature) for x in teacher[b, t]]
+            q = [math.exp(float(x) / temperature) for x in student[b, t]]
+            p = [v / sum(p) for v in p]
+            q = [v / sum(q) for v in q]
+            total += temperature**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+            count += 1
+    assert float(distillation_loss(student, teacher, temperature, mask)) == pytest.approx(total / count, rel=1e-5)
+
+
+def _resumable(root: Path, max_steps: int, ckpt_path: str | None = None) -> CausalLMModule:
+    module = make_module()
+    shrinking = WandaShrinkCallback(mlp=0.5, heads=0.5, prune_on="train_step", step=2, num_samples=8, evaluate=False)
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=4)
+    trainer = make_trainer(root, max_steps=max_steps, callbacks=[shrinking, checkpoints], enable_checkpointing=True)
+    trainer.fit(module, loader(16, seed=1), loader(8, seed=2), ckpt_path=ckpt_path)
+    return module
+
+
+def test_a_run_resumed_mid_recovery_matches_the_uninterrupted_one(tmp_path):
+    uninterrupted = _resumable(tmp_path / "a", max_steps=6)
+    _resumable(tmp_path / "b", max_steps=4)  # shrinks at step 2, saves at step 4 with the teacher
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert "wanda_teacher_state_dict" in torch.load(last, weights_only=False)
+    resumed = _resumable(tmp_path / "c", max_steps=6, ckpt_path=str(last))
+    assert _widths(resumed) == (64, 32, 16)
+    expected = uninterrupted.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_shrunk_checkpoint_loads_for_inference(tmp_path):
+    module = make_module()
+    shrinking = WandaShrinkCallback(mlp=0.25, heads=0.5, prune_on="train_step", step=1, num_samples=8, evaluate=False)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[shrinking])
+    trainer.fit(module, loader(8, seed=1), loader(8, seed=2))
+    path = tmp_path / "weights.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        CausalLMModule.load_from_checkpoint(path)  # what a plain load does: it builds the original shapes
+    loaded = load_shrunk_checkpoint(CausalLMModule, path)
+    assert type(loaded) is CausalLMModule and _widths(loaded) == _widths(module)
+    assert loaded.model.config.intermediate_size == 96
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name].cpu(), tensor), name
+
+
+def test_validate_shrinks_once_and_saves_a_plain_folder(tmp_path):
+    module = make_module()
+    shrinking = WandaShrinkCallback(mlp=0.5, prune_on="validate", num_samples=8, save_dir=str(tmp_path / "small"))
+    trainer = make_trainer(tmp_path, callbacks=[shrinking])
+    (results,) = trainer.validate(module, loader(8, seed=2))
+    assert results["val_loss"] == pytest.approx(shrinking.metrics["val_loss"]["shrunk"], rel=1e-5)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    ids = TokenDataset(2, seed=5).ids
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
+    trainer.validate(module, loader(8, seed=2))  # does not shrink again
+    assert _widths(module)[0] == 64
+
+
+def test_ddp_ranks_remove_the_same_units_and_keep_training(tmp_path):
+    ranks = launch_processes([sys.executable, str(WORKER), "ddp", str(tmp_path)], tmp_path, timeout=240)
+    rank0, rank1 = ranks
+    assert rank0["kept"] == rank1["kept"] and rank0["global_step"] == rank1["global_step"] == 3
+    for name, tensor in rank0["final"].items():  # the rebuilt DDP wrapper kept the replicas in step
+        assert torch.equal(rank1["final"][name], tensor), name
+    assert rank0["final"]["model.model.layers.0.mlp.down_proj.weight"].shape == (64, 64)
+    dense = make_module()
+    dense.load_state_dict(rank0["dense"])
+    union = [{"input_ids": batch} for batch in [*rank0["seen"], *rank1["seen"]]]
+    assert not torch.equal(rank0["seen"][0], rank1["seen"][0])
+    expected = shrink(copy.deepcopy(dense.model), union, mlp=0.5, heads=0.5)
+    assert rank0["kept"] == [g.kept_units for g in expected.groups]  # one process over the union of the batches
+    alone = shrink(copy.deepcopy(dense.model), union[: len(rank0["seen"])], mlp=0.5, heads=0.5)
+    assert rank0["kept"] != [g.kept_units for g in alone.groups]  # not what rank 0 would pick alone
+
+
+def test_spawning_strategies_are_refused_before_anything_runs():
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.raises(MisconfigurationException, match=r"spawning strategy.*strategy='ddp'"):
+        WandaShrinkCallback(mlp=0.5).setup(trainer, make_module(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mlp": 1.5}, r"`mlp` must be a fraction in \[0, 1\), got 1.5"),
+        ({"mlp": 0.0}, r"`mlp` and `heads` are both 0"),
+        ({"mlp": 0.5, "method": "random"}, r"`method` must be one of"),
+        ({"mlp": 0.5, "prune_on": "checkpoint"}, r"`prune_on`='checkpoint' is not offered for shrinking"),
+        ({"mlp": 0.5, "prune_on": "train_step"}, r"`prune_on`='train_step' needs `step`=k"),
+        ({"mlp": 0.5, "step": 3}, r"`step`=3 is only used with `prune_on`='train_step'"),
+        ({"mlp": 0.5, "distill_weight": 2}, r"`distill_weight` must be in \[0, 1\], got 2"),
+        ({"mlp": 0.5, "temperature": 0}, r"`temperature` must be in \(0, inf\), got 0"),
+        ({"mlp": 0.5, "teacher_device": "nowhere"}, r"`teacher_device` must be a torch device.*'nowhere'"),
+        ({"mlp": 0.5, "num_eval_batches": 0}, r"`num_eval_batches` must be a positive integer or None, got 0"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        WandaShrinkCallback(**kwargs)
+
+
+def test_a_layout_that_cannot_shrink_is_refused_before_training(tmp_path):
+    module = CausalLMModule(config={"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4})
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[WandaShrinkCallback(heads=0.5, prune_on="fit_end")])
+    with pytest.raises(MisconfigurationException, match=r"c_proj.*fused"):
+        trainer.fit(module, loader(8, seed=1), loader(8, seed=2))
+    assert trainer.global_step == 0
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused(tmp_path, name):
+    strategy = type(name, (DDPStrategy,), {})()
+    trainer = make_trainer(tmp_path, max_steps=1, strategy=strategy, callbacks=[WandaShrinkCallback(mlp=0.5)])
+    with pytest.raises(MisconfigurationException, match=f"does not support {name}"):
+        trainer.fit(make_module(), loader(8, seed=1), loader(8, seed=2))
+
+
+def test_calibration_uses_the_configured_batches_only(tmp_path):
+    module = make_module()
+    shrinking = WandaShrinkCallback(mlp=0.5, prune_on="fit_end", num_samples=4, batch_size=2, evaluate=False)
+    make_trainer(tmp_path, max_steps=1, callbacks=[shrinking]).fit(module, loader(8, seed=1), loader(8, seed=2))
+    assert (shrinking.report.num_samples, shrinking.report.num_batches) == (4, 2)
+    assert CONFIG["intermediate_size"] // 2 == module.model.config.intermediate_size
