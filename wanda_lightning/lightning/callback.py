@@ -83,6 +83,7 @@ class WandaPruningCallback(Callback):
     - ``"train_epoch_end"`` with ``epoch=k``: after the last training batch of epoch ``k`` (before that epoch's
       validation and checkpoint); training then goes on sparse.
     - ``"train_step"`` with ``step=k``: once ``k`` optimizer steps are done; training then goes on sparse.
+    - ``"fit_start"``: when training starts, so that the whole fit is sparse fine-tuning.
     - ``"validate"``: ``trainer.validate(model)`` prunes the model before validating it, and reports.
     - ``"checkpoint"``: every checkpoint saved holds a pruned ``state_dict`` (computed on a temporary copy of the
       affected weights), while the live run keeps training dense. Full checkpoints also keep the dense weights under
@@ -150,8 +151,8 @@ class WandaPruningCallback(Callback):
         calibration: ``"val"``: the trainer's validation dataloader (the first one, as the trainer processed it,
             with its distributed sampler); ``"train"``: the training dataloader; or a ``DataLoader`` (or any iterable
             of batches), whose batches are split between DDP processes.
-        prune_on: When to prune: ``"fit_end"``, ``"train_epoch_end"``, ``"train_step"``, ``"validate"`` or
-            ``"checkpoint"`` (see above).
+        prune_on: When to prune: ``"fit_end"``, ``"train_epoch_end"``, ``"train_step"``, ``"fit_start"``,
+            ``"validate"`` or ``"checkpoint"`` (see above).
         epoch: With ``prune_on="train_epoch_end"`` only (and required there): the zero-based epoch after which to
             prune.
         step: With ``prune_on="train_step"`` only (and required there): prune once this many optimizer steps are done
@@ -249,7 +250,7 @@ class WandaPruningCallback(Callback):
             check_positive(num_eval_batches, "num_eval_batches")
             self._calibration = CalibrationData(calibration, num_samples, batch_size, self.calibration_forward)
             self._trigger = make_trigger(prune_on, epoch, step)
-            if self._config.method.permute_channels and prune_on in ("train_epoch_end", "train_step"):
+            if self._config.method.permute_channels and prune_on in ("train_epoch_end", "train_step", "fit_start"):
                 raise ValueError(
                     f"`method`={method!r} reorders the hidden units of MLPs, and training goes on after "
                     "`prune_on`='train_epoch_end' with optimizer state kept in their old order; use "

@@ -50,7 +50,7 @@ from .triggers import Due, make_trigger
 
 __all__ = ["WandaShrinkCallback"]
 
-ShrinkOn = Literal["fit_end", "train_epoch_end", "validate", "train_step"]
+ShrinkOn = Literal["fit_start", "train_step", "train_epoch_end", "fit_end", "validate"]
 _STATE_VERSION = 1
 TEACHER_KEY = "wanda_teacher_state_dict"
 
@@ -96,9 +96,10 @@ class WandaShrinkCallback(Callback):
         offload_device: Where block inputs wait between blocks; ``None`` keeps them where they were computed.
         calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
             :class:`~wanda_lightning.WandaPruningCallback`.
-        prune_on: When to shrink: ``"train_step"`` with ``step=k`` (once ``k`` optimizer steps are done; training
-            then recovers), ``"train_epoch_end"`` with ``epoch=k``, ``"fit_end"`` (no recovery in this fit) or
-            ``"validate"`` (``trainer.validate`` shrinks and reports).
+        prune_on: When to shrink: ``"fit_start"`` (a fine-tuned model is shrunk, then the whole fit recovers it),
+            ``"train_step"`` with ``step=k`` (fine-tune ``k`` steps, shrink, recover in the rest of the fit),
+            ``"train_epoch_end"`` with ``epoch=k``, ``"fit_end"`` (no recovery in this fit) or ``"validate"``
+            (``trainer.validate`` shrinks and reports).
         epoch: With ``prune_on="train_epoch_end"`` only: the zero-based epoch after which to shrink.
         step: With ``prune_on="train_step"`` only: shrink once this many optimizer steps are done.
         distill: Distil from the model as it was before shrinking while training goes on.
@@ -166,7 +167,8 @@ class WandaShrinkCallback(Callback):
             if prune_on == "checkpoint":
                 raise ValueError(
                     "`prune_on`='checkpoint' is not offered for shrinking: checkpoints of other shapes than the live "
-                    "model could not be resumed; use 'train_step', 'train_epoch_end', 'fit_end' or 'validate'"
+                    "model could not be resumed; use 'fit_start', 'train_step', 'train_epoch_end', 'fit_end' or "
+                    "'validate'"
                 )
             self._trigger = make_trigger(prune_on, epoch, step)
             for flag, name in ((distill, "distill"), (evaluate, "evaluate"), (verbose, "verbose")):

@@ -25,6 +25,7 @@ __all__ = [
     "AfterStep",
     "AtCheckpoints",
     "AtFitEnd",
+    "AtFitStart",
     "Due",
     "OnValidate",
     "PruneOn",
@@ -32,7 +33,7 @@ __all__ = [
     "make_trigger",
 ]
 
-PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step"]
+PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start"]
 PRUNE_ON: tuple[str, ...] = get_args(PruneOn)
 
 
@@ -91,6 +92,19 @@ class Trigger:
 def _last_in_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
     epoch_loop = trainer.fit_loop.epoch_loop
     return bool(epoch_loop.batch_progress.is_last_batch) or batch_idx + 1 >= trainer.num_training_batches
+
+
+class AtFitStart(Trigger):
+    """When training starts, before the first step: the whole fit trains the result (sparse fine-tuning of a pruned
+    model, recovery of a shrunk one)."""
+
+    name = "fit_start"
+
+    def at_train_start(self, trainer: pl.Trainer) -> Due | None:
+        return Due("start of fit")
+
+    def describe(self) -> str:
+        return "start of fit"
 
 
 class AtFitEnd(Trigger):
@@ -221,4 +235,10 @@ def make_trigger(prune_on: str, epoch: int | None, step: int | None = None) -> T
     if prune_on == "train_step":
         assert step is not None
         return AfterStep(step)
-    return {"fit_end": AtFitEnd, "validate": OnValidate, "checkpoint": AtCheckpoints}[prune_on]()
+    modes: dict[str, type[Trigger]] = {
+        "fit_start": AtFitStart,
+        "fit_end": AtFitEnd,
+        "validate": OnValidate,
+        "checkpoint": AtCheckpoints,
+    }
+    return modes[prune_on]()

@@ -1,0 +1,252 @@
+"""Benchmark: width pruning (whole MLP units and KV-head groups) against dense and masked SmolLM2-135M, with recovery
+inside the Lightning trainer, fully offline.
+
+Text: CPython's pydoc topics, tokenised once and cut at 70 %: calibration windows (16 x 256) and training windows come
+from the first part, held-out perplexity from non-overlapping 256-token windows of the rest. For each model it prints
+parameters, decode tokens/s (batch 1, KV cache, 128 new tokens), prefill tokens/s (4 x 256), held-out perplexity and,
+for the shrinking rows, the wall time of ``shrink()`` over one plain dense forward pass of the calibration batches
+(measured right before it).
+
+Recovery (``--steps N``, 4 x 256 tokens per step, AdamW 1e-4): the dense model is fine-tuned for 2N steps (perplexity
+recorded after N and after 2N); the model after N steps is then shrunk with ``WandaShrinkCallback(prune_on=
+"fit_start")`` and trained N more steps, once with plain fine-tuning and once distilling from that N-step dense model.
+So every shrunk model has seen the same 2N batches as the dense one at 2N, and its teacher is the fine-tuned dense
+model of the post-fine-tune workflow.
+
+    python benchmarks/bench_width.py [--steps 60] [--eval-windows 32] [--json benchmarks/results/width.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from _common import machine, print_table, write_json
+from torch.utils.data import DataLoader
+
+from wanda_lightning import WandaShrinkCallback, prune, shrink
+from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.data.corpus import pydoc_text, token_windows
+from wanda_lightning.data.evaluation import perplexity
+from wanda_lightning.data.smollm2 import load_smollm2
+from wanda_lightning.data.speed import measure_speed
+from wanda_lightning.lightning import CausalLMModule
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SETTINGS: dict[str, dict[str, float]] = {"mlp50": dict(mlp=0.5), "mlp50+kv1": dict(mlp=0.5, heads=1 / 3)}
+METHODS = ("wanda-sp", "flap", "magnitude-sp")
+
+
+def dense_forward_seconds(model: torch.nn.Module, batches: list[dict]) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    return time.perf_counter() - start
+
+
+class EvalAt(pl.Callback):
+    """Held-out perplexity (and a copy of the weights) of the module's model after the given global steps, before
+    later callbacks act."""
+
+    def __init__(self, windows: torch.Tensor, steps: list[int]) -> None:
+        self.windows, self.steps = windows, steps
+        self.perplexity: dict[int, float] = {}
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.on_train_batch_end(trainer, pl_module, None, None, -1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps and trainer.global_step not in self.perplexity:
+            self.perplexity[trainer.global_step] = perplexity(pl_module.model, self.windows)
+            self.states[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def train(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    heldout: torch.Tensor,
+    steps: int,
+    evaluate_at: list[int],
+    callbacks: list[Any],
+) -> tuple[CausalLMModule, EvalAt, float]:
+    """``steps`` optimizer steps of AdamW (1e-4) on ``windows`` in order, 4 per batch."""
+    pl.seed_everything(0, verbose=False)
+    module = CausalLMModule(model, learning_rate=1e-4)
+    evaluate = EvalAt(heldout, evaluate_at)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[evaluate, *callbacks],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, DataLoader(WindowDataset(windows), batch_size=4, shuffle=False))
+    return module, evaluate, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows scored (default 32)")
+    parser.add_argument("--steps", type=int, default=60, help="recovery steps N of 4 x 256 tokens (default 60)")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--recover", nargs="*", default=["mlp50"], choices=list(SETTINGS), help="settings recovered")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model, in turns (default 5)")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args()
+
+    model, tokenizer = load_smollm2()
+    ids = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
+    cut = int(ids.numel() * 0.7)
+    windows = token_windows(ids[:cut], args.seqlen)
+    calibration, train_windows = windows[: args.samples], windows[args.samples :]
+    heldout = token_windows(ids[cut:], args.seqlen)[: args.eval_windows]
+    batches = [{"input_ids": w} for w in calibration.split(8)]
+    if train_windows.shape[0] < 8 * args.steps:
+        raise SystemExit(f"{train_windows.shape[0]} training windows; --steps {args.steps} needs {8 * args.steps}")
+    print(f"SmolLM2-135M fp32, calibration {args.samples} x {args.seqlen}, {heldout.shape[0]} held-out windows")
+
+    rows: list[dict[str, Any]] = []
+    models: dict[str, torch.nn.Module] = {}
+
+    def record(name: str, model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+        row = {"name": name, "parameters": sum(p.numel() for p in model.parameters()), **extra}
+        row["perplexity"] = perplexity(model, heldout)
+        rows.append(row)
+        models[name] = model
+        print(f"{name}: ppl {row['perplexity']:.2f}", flush=True)
+        return row
+
+    dense_row = record("dense", model)
+    masked = copy.deepcopy(model)
+    prune(masked, batches, sparsity=0.5, num_samples=None)
+    record("wanda 50% (masked)", masked)
+
+    best: dict[str, tuple[str, float]] = {}
+    for setting in args.settings:
+        for method in METHODS:
+            small = copy.deepcopy(model)
+            forward = dense_forward_seconds(model, batches)
+            report = shrink(small, batches, method=method, num_samples=None, **SETTINGS[setting])
+            row = record(
+                f"{method} {setting}",
+                small,
+                shrink_seconds=report.total_seconds,
+                shrink_over_forward=report.total_seconds / forward,
+            )
+            if method != "magnitude-sp" and (setting not in best or row["perplexity"] < best[setting][1]):
+                best[setting] = (method, row["perplexity"])
+
+    # Speed: the models take turns, run after run, so that a disturbance on this shared machine hits them alike; the
+    # best run of each is kept.
+    print("\ntiming (the models take turns)", flush=True)
+    for _ in range(args.repeats):
+        for row in rows:
+            result = measure_speed(models[row["name"]], name=row["name"], repeats=1)
+            for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
+                row[key] = max(row.get(key, 0.0), getattr(result, key))
+    models.clear()
+    del masked
+
+    recovery: list[dict[str, Any]] = []
+    if args.recover:
+        n = args.steps
+        print(f"\nrecovery: {n} steps of 4 x {args.seqlen} tokens", flush=True)
+        _, dense_run, seconds = train(copy.deepcopy(model), train_windows, heldout, 2 * n, [n, 2 * n], [])
+        recovery.append(
+            {
+                "name": "dense, fine-tuned",
+                "after_n": dense_run.perplexity[n],
+                "after_2n": dense_run.perplexity[2 * n],
+                "seconds": seconds,
+                "parameters": dense_row["parameters"],
+            }
+        )
+        print(f"dense fine-tuned: {dense_run.perplexity}", flush=True)
+        # The dense model after N steps is shrunk and is the teacher; recovery sees the batches the dense run saw in
+        # its second N steps.
+        fine_tuned = copy.deepcopy(model)
+        fine_tuned.load_state_dict(dense_run.states[n])
+        for setting in args.recover:
+            method = best.get(setting, ("wanda-sp", 0.0))[0]
+            for distill in (False, True):
+                callback = WandaShrinkCallback(
+                    method=method,
+                    prune_on="fit_start",
+                    distill=distill,
+                    num_samples=None,
+                    evaluate=False,
+                    calibration=DataLoader(WindowDataset(calibration), batch_size=8),
+                    verbose=False,
+                    **SETTINGS[setting],
+                )
+                shrunk = EvalAt(heldout, [0])  # after the shrinking callback: the shrunk model before recovery
+                module, run, seconds = train(
+                    copy.deepcopy(fine_tuned), train_windows[4 * n :], heldout, n, [n], [callback, shrunk]
+                )
+                name = f"{method} {setting}, {'distillation' if distill else 'fine-tuning'}"
+                recovery.append(
+                    {
+                        "name": name,
+                        "after_n": shrunk.perplexity[0],
+                        "after_2n": run.perplexity[n],
+                        "seconds": seconds,
+                        "parameters": sum(p.numel() for p in module.parameters()),
+                    }
+                )
+                print(f"{name}: {run.perplexity}", flush=True)
+
+    print()
+    header = ("model", "params", "decode tok/s", "x dense", "prefill tok/s", "x dense", "held-out ppl", "shrink/fwd")
+    table = []
+    for row in rows:
+        table.append(
+            (
+                row["name"],
+                f"{row['parameters'] / 1e6:.1f}M",
+                f"{row['decode_tokens_per_second']:.1f}",
+                f"{row['decode_tokens_per_second'] / dense_row['decode_tokens_per_second']:.2f}x",
+                f"{row['prefill_tokens_per_second']:.0f}",
+                f"{row['prefill_tokens_per_second'] / dense_row['prefill_tokens_per_second']:.2f}x",
+                f"{row['perplexity']:.2f}",
+                f"{row['shrink_over_forward']:.2f}x" if "shrink_over_forward" in row else "-",
+            )
+        )
+    print_table(header, table)
+    if recovery:
+        print()
+        n = args.steps
+        print_table(
+            ("trained", "params", f"ppl after {n} steps (shrunk)", f"ppl after {2 * n} steps", "vs dense", "train s"),
+            [
+                (
+                    r["name"],
+                    f"{r['parameters'] / 1e6:.1f}M",
+                    f"{r['after_n']:.2f}" if r.get("after_n") else "-",
+                    f"{r['after_2n']:.2f}",
+                    f"{r['after_2n'] / recovery[0]['after_2n']:.2f}x",
+                    f"{r['seconds']:.0f}",
+                )
+                for r in recovery
+            ],
+        )
+    write_json(args.json, {"machine": machine(), "args": vars(args), "rows": rows, "recovery": recovery})
+
+
+if __name__ == "__main__":
+    main()
