@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_device", "check_bool", "check_choice", "check_positive", "describe_argument"]
+__all__ = ["as_device", "check_bool", "check_choice", "check_number", "check_positive", "describe_argument"]
 
 
 def describe_argument(name: str) -> str:
@@ -50,6 +50,27 @@ def check_bool(value: Any, name: str) -> None:
     """
     if not isinstance(value, bool):
         raise TypeError(f"{describe_argument(name)} must be True or False, got {value!r}")
+
+
+def check_number(value: Any, name: str, low: float, high: float, *, closed: bool) -> float:
+    """Returns ``value`` as a float if it is a number in ``[low, high]`` (``closed``) or ``(low, high)``, else raises.
+
+    Example::
+
+        >>> check_number(0.5, "distill_weight", 0.0, 1.0, closed=True)
+        0.5
+        >>> check_number(0, "temperature", 0.0, float("inf"), closed=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: `temperature` must be in (0, inf), got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{describe_argument(name)} must be a number, got {value!r}")
+    inside = low <= value <= high if closed else low < value < high
+    if not inside:
+        interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+        raise ValueError(f"{describe_argument(name)} must be in {interval}, got {value!r}")
+    return float(value)
 
 
 def check_choice(value: Any, name: str, choices: Collection[str]) -> str:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from copy import deepcopy
 from typing import Any, cast
 
@@ -42,6 +42,7 @@ from ..pruning.config import PruneConfig
 from ..pruning.report import PruningReport
 from .calibration import CalibrationData, CalibrationSource, first_loader, warn_if_no_validation
 from .checkpointing import put_pruned_weights, restore_dense_weights, unwrap_saves, wrap_weights_only_saves
+from .errors import misconfiguration
 from .evaluation import measure_validation
 from .exporting import export_module
 from .masks import MaskKeeper, masks_of_zeros
@@ -54,15 +55,6 @@ from .triggers import Due, PruneOn, make_trigger
 __all__ = ["WandaPruningCallback"]
 
 _STATE_VERSION = 2  # 2: masks packed as in the export format (least significant bit first)
-
-
-@contextmanager
-def _misconfiguration() -> Iterator[None]:
-    """Turns the shared checks' ``ValueError``/``TypeError`` into Lightning's ``MisconfigurationException``."""
-    try:
-        yield
-    except (ValueError, TypeError) as error:
-        raise MisconfigurationException(str(error)) from None
 
 
 class WandaPruningCallback(Callback):
@@ -222,7 +214,7 @@ class WandaPruningCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        with _misconfiguration():
+        with misconfiguration():
             check_bool(variant, "variant")
             if variant and (not isinstance(method, str) or method.lower() != "wanda"):
                 raise ValueError(f"`variant`=True applies to method 'wanda' only, got `method`={method!r}")
@@ -349,7 +341,7 @@ class WandaPruningCallback(Callback):
         """Checks the strategy; for ``prune_on="checkpoint"`` also wraps the module's ``on_save_checkpoint`` so that
         weights-only checkpoints (which call no callback hook) are pruned too."""
         if stage in ("fit", "validate"):
-            with _misconfiguration():
+            with misconfiguration():
                 check_strategy(trainer)
             if is_sharded_strategy(trainer) and self._trigger.on_checkpoints:
                 raise MisconfigurationException(
@@ -373,7 +365,7 @@ class WandaPruningCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restores masks (after a resume or a pruning ``validate``) or checks that pruning will be possible."""
         if self.pruned:
-            with _misconfiguration():
+            with misconfiguration():
                 self._keeper.attach(trainer, pl_module)
             return
         if self._trigger.checks_at_train_start:
@@ -429,7 +421,7 @@ class WandaPruningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Resuming from a ``prune_on="checkpoint"`` checkpoint restores the dense weights it kept."""
-        with _misconfiguration():
+        with misconfiguration():
             restored = restore_dense_weights(pl_module, checkpoint)
         if restored:
             rank_zero_info(
@@ -482,7 +474,7 @@ class WandaPruningCallback(Callback):
 
     def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every check that can be made before training, so that a misconfigured run fails before it trains."""
-        with _misconfiguration():
+        with misconfiguration():
             check_strategy(trainer)
             find_targets(pl_module, self.targets, self.ignore)
             if self._config.method.requires_calibration:
@@ -519,7 +511,7 @@ class WandaPruningCallback(Callback):
                     {"wanda/export_bytes": float(summary.disk_bytes), "wanda/export_ratio": summary.compressed_ratio},
                 )
         if trainer.training or trainer.state.fn == TrainerFn.FITTING:
-            with _misconfiguration():
+            with misconfiguration():
                 self._keeper.attach(trainer, pl_module)
 
     def _prune_checkpoint(
@@ -528,7 +520,7 @@ class WandaPruningCallback(Callback):
         """Puts pruned weights, computed on temporary copies, into ``checkpoint["state_dict"]``; the live ones stay."""
         pruned: dict[str, Tensor] = {}
         report, _, before, after = self._run(trainer, pl_module, temporary=True, pruned_out=pruned)
-        with _misconfiguration():
+        with misconfiguration():
             put_pruned_weights(checkpoint, pruned, keep_dense)
         self._record(trainer, report, before, after, f"checkpoint at step {trainer.global_step}")
 
@@ -555,7 +547,7 @@ class WandaPruningCallback(Callback):
         temporary: bool,
         pruned_out: dict[str, Tensor] | None,
     ) -> tuple[PruningReport, dict[str, Tensor], dict[str, float], dict[str, float]]:
-        with _misconfiguration():
+        with misconfiguration():
             check_strategy(trainer)
             layers, _ = find_targets(pl_module, self.targets, self.ignore)
         parameters = {f"{layer.name}.weight": cast(nn.Parameter, layer.module.weight) for layer in layers}

@@ -15,8 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,7 +24,6 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
@@ -33,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..core.batches import default_forward
 from ..core.layers import find_pretrained
-from ..core.validation import as_device, check_bool, check_positive
+from ..core.validation import as_device, check_bool, check_number, check_positive
 from ..distributed.sharding import holds_shards
 from ..width.api import shrink_with
 from ..width.config import ShrinkConfig, Widths
@@ -42,6 +40,7 @@ from ..width.report import ShrinkReport
 from ..width.surgery import fit_to_state_dict
 from .calibration import CalibrationData, CalibrationSource, first_loader, warn_if_no_validation
 from .distillation import Distiller
+from .errors import misconfiguration
 from .evaluation import measure_validation
 from .shrinking import wrap_loads
 from .strategies import strategy_sync
@@ -53,14 +52,6 @@ __all__ = ["WandaShrinkCallback"]
 ShrinkOn = Literal["fit_start", "train_step", "train_epoch_end", "fit_end", "validate"]
 _STATE_VERSION = 1
 TEACHER_KEY = "wanda_teacher_state_dict"
-
-
-@contextmanager
-def _misconfiguration() -> Iterator[None]:
-    try:
-        yield
-    except (ValueError, TypeError) as error:
-        raise MisconfigurationException(str(error)) from None
 
 
 class WandaShrinkCallback(Callback):
@@ -156,7 +147,7 @@ class WandaShrinkCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        with _misconfiguration():
+        with misconfiguration():
             self._config = ShrinkConfig.create(
                 mlp=mlp,
                 heads=heads,
@@ -178,8 +169,8 @@ class WandaShrinkCallback(Callback):
             for flag, name in ((distill, "distill"), (evaluate, "evaluate"), (verbose, "verbose")):
                 check_bool(flag, name)
             check_positive(num_eval_batches, "num_eval_batches")
-            _check_number(distill_weight, "distill_weight", 0.0, 1.0, closed=True)
-            _check_number(temperature, "temperature", 0.0, float("inf"), closed=False)
+            check_number(distill_weight, "distill_weight", 0.0, 1.0, closed=True)
+            check_number(temperature, "temperature", 0.0, float("inf"), closed=False)
             as_device(teacher_device, "teacher_device")
             if forward_fn is not None and not callable(forward_fn):
                 raise TypeError(
@@ -241,7 +232,7 @@ class WandaShrinkCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Checks the strategy and the module's layout; makes checkpoint loading resize the module to the checkpoint;
         with ``distill``, wraps ``training_step``."""
-        with _misconfiguration():
+        with misconfiguration():
             _check_strategy(trainer)
         self._undo.append(wrap_loads(pl_module))
 
@@ -330,7 +321,7 @@ class WandaShrinkCallback(Callback):
     def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ..width.api import plan_shrink
 
-        with _misconfiguration():
+        with misconfiguration():
             _check_strategy(trainer)
             plan_shrink(pl_module, self._config)  # the layout, the counts and the config, checked on the live model
             if self._config.method.requires_calibration:
@@ -377,7 +368,7 @@ class WandaShrinkCallback(Callback):
         loader = first_loader(trainer.val_dataloaders) if self.evaluate else None
         start = time.perf_counter()
         before = self._measure(trainer, pl_module, loader, "dense")
-        with torch.no_grad(), trainer.precision_plugin.forward_context(), _misconfiguration():
+        with torch.no_grad(), trainer.precision_plugin.forward_context(), misconfiguration():
             report = shrink_with(
                 pl_module,
                 batches,
@@ -429,15 +420,6 @@ def _student(pl_module: nn.Module) -> nn.Module:
             "distill=False"
         )
     return found[0]
-
-
-def _check_number(value: Any, name: str, low: float, high: float, closed: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r}")
-    inside = low <= value <= high if closed else low < value < high
-    if not inside:
-        interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
