@@ -184,7 +184,7 @@ def run_demo(
     def loader(tensor: Tensor, size: int = _EVAL_BATCH_SIZE) -> DataLoader:
         return DataLoader(WindowDataset(tensor), batch_size=size)
 
-    def trainer(max_steps: int, callbacks: list[Any]) -> pl.Trainer:
+    def trainer(max_steps: int, callbacks: list[Any], validate: bool) -> pl.Trainer:
         # With more training windows than steps x batch size no epoch ends: the only validation passes are the
         # callbacks' own measurements.
         return pl.Trainer(
@@ -192,6 +192,7 @@ def run_demo(
             devices=1,
             max_steps=max_steps,
             num_sanity_val_steps=0,
+            limit_val_batches=None if validate else 0,
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=progress,
@@ -204,7 +205,7 @@ def run_demo(
     phase = time.perf_counter()
     model.train()
     dense = CausalLMModule(model, learning_rate=lr)
-    trainer(steps, []).fit(dense, loader(train[: steps * batch_size], batch_size))
+    trainer(steps, [], validate=False).fit(dense, loader(train[: steps * batch_size], batch_size))
     seconds["fine-tune"] = time.perf_counter() - phase
 
     # 2. Masks: a copy pruned by the callback in trainer.validate, with the compact export.
@@ -240,7 +241,7 @@ def run_demo(
         save_dir=str(folder),
         verbose=False,
     )
-    recovery = trainer(recover_steps, [shrinking])
+    recovery = trainer(recover_steps, [shrinking], validate=True)
     recovery.fit(small, loader(train[steps * batch_size :], batch_size), loader(validation))
     seconds["shrink and recover"] = time.perf_counter() - phase
 
