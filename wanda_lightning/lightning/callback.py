@@ -245,7 +245,7 @@ class WandaPruningCallback(Callback):
             if self._config.method.permute_channels and prune_on in ("train_epoch_end", "train_step", "fit_start"):
                 raise ValueError(
                     f"`method`={method!r} reorders the hidden units of MLPs, and training goes on after "
-                    "`prune_on`='train_epoch_end' with optimizer state kept in their old order; use "
+                    f"`prune_on`={prune_on!r} with optimizer state kept in their old order; use "
                     "prune_on='fit_end', 'validate' or 'checkpoint', or method='ria'"
                 )
             if forward_fn is not None and not callable(forward_fn):
