@@ -160,7 +160,9 @@ def measure_speed(
     model.eval()
     if target != home:
         model.to(target)
-    options: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    options: dict[str, Any] = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(prompt)
+    )
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     if pad is None:
         options["pad_token_id"] = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or 0
