@@ -7,11 +7,11 @@ parameters, decode tokens/s (batch 1, KV cache, 128 new tokens), prefill tokens/
 for the shrinking rows, the wall time of ``shrink()`` over one plain dense forward pass of the calibration batches
 (measured right before it).
 
-Recovery (``--steps N``, 4 x 256 tokens per step, AdamW 1e-4): the dense model is fine-tuned for 2N steps (perplexity
-recorded after N and after 2N); the model after N steps is then shrunk with ``WandaShrinkCallback(prune_on=
-"fit_start")`` and trained N more steps, once with plain fine-tuning and once distilling from that N-step dense model.
-So every shrunk model has seen the same 2N batches as the dense one at 2N, and its teacher is the fine-tuned dense
-model of the post-fine-tune workflow.
+Recovery (``--steps N``, 4 x 256 tokens per step in order, the ~290 training windows cycled, AdamW 1e-4): the dense
+model is fine-tuned for 2N steps (perplexity recorded after N and after 2N); the model after N steps is then shrunk
+with ``WandaShrinkCallback(prune_on="fit_start")`` and trained N steps on the same batches as the dense model's first
+N, once with plain fine-tuning and once distilling from that N-step dense model (the fine-tuned dense model of the
+post-fine-tune workflow).
 
     python benchmarks/bench_width.py [--steps 60] [--eval-windows 32] [--json benchmarks/results/width.json]
 """
@@ -117,8 +117,6 @@ def main() -> None:
     calibration, train_windows = windows[: args.samples], windows[args.samples :]
     heldout = token_windows(ids[cut:], args.seqlen)[: args.eval_windows]
     batches = [{"input_ids": w} for w in calibration.split(8)]
-    if train_windows.shape[0] < 8 * args.steps:
-        raise SystemExit(f"{train_windows.shape[0]} training windows; --steps {args.steps} needs {8 * args.steps}")
     print(f"SmolLM2-135M fp32, calibration {args.samples} x {args.seqlen}, {heldout.shape[0]} held-out windows")
 
     rows: list[dict[str, Any]] = []
@@ -178,8 +176,8 @@ def main() -> None:
             }
         )
         print(f"dense fine-tuned: {dense_run.perplexity}", flush=True)
-        # The dense model after N steps is shrunk and is the teacher; recovery sees the batches the dense run saw in
-        # its second N steps.
+        # The dense model after N steps is shrunk and is the teacher; recovery sees the N batches the dense run saw
+        # first (the training windows in order, again from the start after an epoch).
         fine_tuned = copy.deepcopy(model)
         fine_tuned.load_state_dict(dense_run.states[n])
         for setting in args.recover:
@@ -197,7 +195,7 @@ def main() -> None:
                 )
                 shrunk = EvalAt(heldout, [0])  # after the shrinking callback: the shrunk model before recovery
                 module, run, seconds = train(
-                    copy.deepcopy(fine_tuned), train_windows[4 * n :], heldout, n, [n], [callback, shrunk]
+                    copy.deepcopy(fine_tuned), train_windows, heldout, n, [n], [callback, shrunk]
                 )
                 name = f"{method} {setting}, {'distillation' if distill else 'fine-tuning'}"
                 recovery.append(

@@ -94,7 +94,7 @@ def snapshot(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp", FLAP(compensate=False)], ids=str)
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp", FLAP(update="none")], ids=str)
 def test_shrunk_logits_equal_the_dense_model_with_removed_units_zeroed(family, method):
     model = tiny(family)
     dense = copy.deepcopy(model)
@@ -135,7 +135,7 @@ def test_flap_compensation_is_expressed_by_the_llama_config(tmp_path):
     model = tiny("llama")
     report = shrink(model, make_batches(), mlp=0.5, heads=0.5, method="flap")
     assert report.config_updates["mlp_bias"] is True and report.config_updates["attention_bias"] is True
-    assert all(g.compensated for g in report.groups)
+    assert all(g.update == "bias" for g in report.groups)
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(loaded), logits(model))
@@ -402,3 +402,66 @@ def test_adaptive_widths_are_refused_for_a_config_that_holds_one_width():
     with pytest.raises(ValueError, match=r"`widths`='adaptive'.*LlamaConfig.*from_pretrained"):
         shrink(model, make_batches(), mlp=0.5, widths="adaptive")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+# --- weight updates -----------------------------------------------------------------------------------------------
+
+
+def test_least_squares_refit_matches_a_direct_least_squares_solve():
+    from wanda_lightning.width.updates import least_squares_refit
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=generator, dtype=torch.float64) + 0.7  # inputs with a mean
+    w = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 5])
+    for fit_bias in (False, True):
+        design = torch.cat([x[:, kept], torch.ones(200, 1, dtype=torch.float64)], dim=1) if fit_bias else x[:, kept]
+        solution = torch.linalg.lstsq(design, x @ w.t()).solution.t()  # (3, k [+ 1])
+        new, change = least_squares_refit(
+            w.float(), (x.t() @ x).float(), x.sum(0).float(), 200, kept, fit_bias=fit_bias, percdamp=0.0
+        )
+        torch.testing.assert_close(new.double(), solution[:, :4], rtol=1e-3, atol=1e-3)
+        if fit_bias:
+            torch.testing.assert_close(change.double(), solution[:, 4], rtol=1e-3, atol=1e-3)
+        else:
+            assert change is None
+
+
+def test_updates_lower_the_consumers_calibration_error_in_order():
+    """One-shot, so every consumer's statistics come from the dense model: the least-squares refit reproduces the dense
+    outputs best, the bias compensation next, nothing worst."""
+    batches = make_batches()
+    name = "model.layers.1.mlp.down_proj"
+    dense = tiny("llama")
+    inputs = torch.cat([x for x in consumer_inputs(dense, [name], batches)[name]])  # (tokens, 128)
+    target = inputs @ dense.model.layers[1].mlp.down_proj.weight.detach().t()
+    errors = {}
+    for update in ("none", "bias", "least-squares"):
+        model = tiny("llama")
+        report = shrink(model, batches, mlp=0.5, update=update, sequential=False)
+        (group,) = [g for g in report.groups if g.name == name]
+        assert group.update == update
+        layer = model.model.layers[1].mlp.down_proj
+        with torch.no_grad():
+            output = layer(inputs[:, group.kept_units])
+        errors[update] = float((output - target).square().sum())
+    assert errors["least-squares"] < errors["bias"] <= errors["none"] * (1 + 1e-6)
+
+
+def test_least_squares_refits_weights_alone_where_the_config_holds_no_bias(tmp_path):
+    model = tiny("qwen2")  # Qwen2's down_proj and o_proj have no bias, and its config cannot give them one
+    report = shrink(model, make_batches(), mlp=0.5, heads=0.5, update="least-squares")
+    assert {g.update for g in report.groups} == {"least-squares (weights)"}
+    assert "mlp_bias" not in report.config_updates
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_least_squares_with_biases_round_trips_on_llama(tmp_path):
+    model = tiny("llama")
+    report = shrink(model, make_batches(), mlp=0.5, heads=0.5, method="flap", update="least-squares")
+    assert {g.update for g in report.groups} == {"least-squares"} and report.config_updates["mlp_bias"] is True
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))

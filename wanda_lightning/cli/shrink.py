@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.validation import as_device, check_positive
 from ..width.methods import WIDTH_METHODS
+from ..width.updates import UPDATES
 from .arguments import add_data_arguments, add_model_arguments
 from .loading import calibration_windows, load_model
 
@@ -41,6 +42,13 @@ def register(subparsers: Any) -> None:
         choices=list(WIDTH_METHODS),
         help="unit scores: wanda-sp (default), flap (with bias compensation) or magnitude-sp (no data)",
     )
+    parser.add_argument(
+        "--update",
+        default=None,
+        choices=list(UPDATES),
+        help="what happens to the kept weights: none, bias (FLAP's compensation) or least-squares (refit to the dense "
+        "outputs); default: the method's (bias for flap, none otherwise)",
+    )
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -65,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
         check_positive(value, flag, allow_none=False)
     as_device(args.device, "--device", must_exist=True)
-    config = ShrinkConfig.create(mlp=args.mlp, heads=args.heads, method=args.method, num_samples=None)
+    config = ShrinkConfig.create(
+        mlp=args.mlp, heads=args.heads, method=args.method, update=args.update, num_samples=None
+    )
     check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
     loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
     found = find_pretrained(loaded.model)
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"MODEL {args.model!r} is not a transformers model: `shrink` writes transformers folders")
     model = found[0]
     batches: list[Any] = []
-    if config.method.requires_calibration:
+    if config.method.needs_data:
         windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
         batches = [{"input_ids": w} for w in windows.split(args.batch_size)]
     if args.device is not None:

@@ -35,7 +35,7 @@ from ..core.validation import as_device, check_bool, check_number, check_positiv
 from ..distributed.sharding import holds_shards
 from ..width.api import shrink_with
 from ..width.config import ShrinkConfig, Widths
-from ..width.methods import WidthMethodName
+from ..width.methods import Update, WidthMethodName
 from ..width.report import ShrinkReport
 from ..width.surgery import fit_to_state_dict
 from .calibration import CalibrationData, CalibrationSource, first_loader, warn_if_no_validation
@@ -80,6 +80,9 @@ class WandaShrinkCallback(Callback):
         mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
         heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
         method: ``"wanda-sp"``, ``"flap"`` (with bias compensation) or ``"magnitude-sp"``.
+        update: What happens to the kept weights of each layer that lost inputs: ``"none"``, ``"bias"`` (the removed
+            units' mean contribution goes into its bias) or ``"least-squares"`` (kept columns and bias refitted to the
+            dense outputs on the calibration data); ``None``: the method's default.
         widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
             transformers config, see :func:`~wanda_lightning.shrink`).
         sequential: Block-sequential calibration (default) or one forward pass.
@@ -126,6 +129,7 @@ class WandaShrinkCallback(Callback):
         mlp: float = 0.0,
         heads: float = 0.0,
         method: WidthMethodName = "wanda-sp",
+        update: Update | None = None,
         widths: Widths = "uniform",
         sequential: bool = True,
         blocks: str | None = None,
@@ -152,6 +156,7 @@ class WandaShrinkCallback(Callback):
                 mlp=mlp,
                 heads=heads,
                 method=method,
+                update=update,
                 widths=widths,
                 sequential=sequential,
                 blocks=blocks,
@@ -180,6 +185,7 @@ class WandaShrinkCallback(Callback):
                 raise TypeError(f"`save_dir` must be a directory path or None, got {save_dir!r}")
             self._calibration = CalibrationData(calibration, num_samples, batch_size, self.calibration_forward)
         self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
+        self.update = update
         self.prune_on, self.epoch, self.step = prune_on, epoch, step
         self.distill, self.distill_weight, self.temperature = distill, float(distill_weight), float(temperature)
         self.teacher_device = teacher_device
@@ -324,7 +330,7 @@ class WandaShrinkCallback(Callback):
         with misconfiguration():
             _check_strategy(trainer)
             plan_shrink(pl_module, self._config)  # the layout, the counts and the config, checked on the live model
-            if self._config.method.requires_calibration:
+            if self._config.method.needs_data:
                 self._calibration.check(trainer)
             if self.distill:
                 _student(pl_module)
@@ -364,7 +370,7 @@ class WandaShrinkCallback(Callback):
     def _shrink(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[ShrinkReport, dict[str, float], dict[str, float]]:
-        batches = self._calibration.batches(trainer, pl_module) if self._config.method.requires_calibration else None
+        batches = self._calibration.batches(trainer, pl_module) if self._config.method.needs_data else None
         loader = first_loader(trainer.val_dataloaders) if self.evaluate else None
         start = time.perf_counter()
         before = self._measure(trainer, pl_module, loader, "dense")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -10,12 +11,13 @@ from torch import Tensor
 
 from ..core.collector import StatisticsFactory
 from ..core.pipeline import Action, Step
-from ..core.statistics import LayerStatistics, MomentStatistics
+from ..core.statistics import GramStatistics, LayerStatistics, MomentStatistics
 from ..core.targets import TargetLayer
 from .groups import UnitGroup
 from .methods import WidthMethod, unit_scores
 from .report import GroupReport, ShrinkReport
 from .surgery import add_to_bias, remove_units
+from .updates import bias_compensation, least_squares_refit
 
 __all__ = ["ShrinkAction", "choose_units"]
 
@@ -42,6 +44,7 @@ class ShrinkAction(Action):
         keep: Units kept per group, by consumer name.
         report: Filled as groups shrink.
         bias_layers: Layers that gain a zero bias (a config bias flag gives them one).
+        biased: Unit kinds whose consumers may carry a new bias (for the method's ``update``).
     """
 
     verb = "shrunk"
@@ -53,16 +56,18 @@ class ShrinkAction(Action):
         keep: Mapping[str, int],
         report: ShrinkReport,
         bias_layers: set[str] | None = None,
+        biased: set[str] | None = None,
     ) -> None:
         self.method = method
         self.groups = dict(groups)
         self.keep = dict(keep)
         self.report = report
         self.bias_layers = bias_layers or set()
+        self.biased = biased if biased is not None else {"mlp", "attention"}
 
     @property
     def needs_data(self) -> bool:
-        return self.method.requires_calibration
+        return self.method.needs_data
 
     def statistics(self, layer: TargetLayer) -> Mapping[str, StatisticsFactory]:
         return {"method": self.method.new_statistics}
@@ -85,24 +90,16 @@ class ShrinkAction(Action):
 
     @torch.no_grad()
     def remove(self, group: UnitGroup, layer: TargetLayer, statistics: LayerStatistics | None, keep: Tensor) -> None:
-        """Keeps the units ``keep`` (sorted indices) of ``group`` and removes the others, compensating if asked."""
-        weight = layer.weight_2d  # (out, in) view of the consumer
+        """Keeps the units ``keep`` (sorted indices) of ``group`` and removes the others; then updates the consumer's
+        kept weights as the method asks (see :mod:`~wanda_lightning.width.updates`)."""
+        dense = layer.weight_2d.float().clone() if self.method.update != "none" else None  # (out, in)
         units_before, width_before = group.num_units, group.consumer.per_unit * group.num_units
-        delta: Tensor | None = None
-        if self.method.compensate:
-            if not isinstance(statistics, MomentStatistics):
-                raise TypeError(f"{self.method.describe()} compensation needs the inputs' means (MomentStatistics)")
-            dropped = torch.ones(group.num_units, dtype=torch.bool, device=keep.device)
-            dropped[keep] = False
-            removed = group.consumer.channels(torch.nonzero(dropped).flatten())
-            mean = statistics.mean.to(weight.device)
-            delta = weight.float()[:, removed] @ mean[removed]  # (out,): the removed inputs' mean contribution
+        kept = group.consumer.channels(keep)
         remove_units(group, keep)
         for member in group.members:
             if member.name in self.bias_layers:
                 add_to_bias(member.module)
-        if delta is not None:
-            add_to_bias(group.consumer.module, delta)
+        update = "none" if dense is None else self._update(group, layer, statistics, dense, kept)
         self.report.groups.append(
             GroupReport(
                 name=group.consumer.name,
@@ -112,11 +109,46 @@ class ShrinkAction(Action):
                 units_after=group.num_units,
                 width_before=width_before,
                 width_after=group.consumer.per_unit * group.num_units,
-                compensated=delta is not None,
+                update=update,
                 head_dim=group.head_dim,
                 kept_units=keep.tolist(),
             )
         )
+
+    def _update(
+        self, group: UnitGroup, layer: TargetLayer, statistics: LayerStatistics | None, dense: Tensor, kept: Tensor
+    ) -> str:
+        """Updates the (already cut) consumer from its ``dense`` weights; returns what was done."""
+        if not isinstance(statistics, MomentStatistics):
+            raise TypeError(f"{self.method.describe()} needs the inputs' means (MomentStatistics) for its update")
+        consumer = group.consumer.module
+        removed_mask = torch.ones(dense.shape[1], dtype=torch.bool, device=dense.device)
+        removed_mask[kept.to(dense.device)] = False
+        removed = torch.nonzero(removed_mask).flatten()
+        fit_bias = group.kind in self.biased
+        if self.method.update == "least-squares":
+            if not isinstance(statistics, GramStatistics):
+                raise TypeError("the least-squares update needs the input Gram matrix (GramStatistics)")
+            try:
+                weights, change = least_squares_refit(
+                    dense, statistics.gram, statistics.sum, statistics.num_tokens, kept, fit_bias=fit_bias
+                )
+            except torch.linalg.LinAlgError as error:
+                warnings.warn(
+                    f"layer {group.consumer.name!r}: {error}; its kept weights stay as they were"
+                    + (" and the removed units' mean contribution goes into its bias" if fit_bias else ""),
+                    stacklevel=2,
+                )
+            else:
+                target = TargetLayer(group.consumer.name, consumer, transposed=layer.transposed).weight_2d
+                target.copy_(weights.to(target.dtype))
+                if change is not None:
+                    add_to_bias(consumer, change)
+                return "least-squares" if fit_bias else "least-squares (weights)"
+        if not fit_bias:
+            return "none"
+        add_to_bias(consumer, bias_compensation(dense, statistics.mean, removed))
+        return "bias"
 
 
 def adaptive_counts(scores: Mapping[str, Tensor], remove: int) -> dict[str, int]:
@@ -166,8 +198,9 @@ class AdaptiveShrinkAction(ShrinkAction):
         remove: Mapping[str, int],
         report: ShrinkReport,
         bias_layers: set[str] | None = None,
+        biased: set[str] | None = None,
     ) -> None:
-        super().__init__(method, groups, {}, report, bias_layers)
+        super().__init__(method, groups, {}, report, bias_layers, biased)
         self.remove_per_kind = dict(remove)
 
     def apply(self, step: Step) -> None:

@@ -34,6 +34,7 @@ def shrink(
     mlp: float = 0.0,
     heads: float = 0.0,
     method: str | WidthMethod = "wanda-sp",
+    update: str | None = None,
     widths: str = "uniform",
     sequential: bool = True,
     blocks: str | None = None,
@@ -66,8 +67,12 @@ def shrink(
         heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
             A count is the fraction times the units, rounded to the nearest whole one; a non-zero fraction that rounds
             to none, or one that removes all, is refused.
-        method: ``"wanda-sp"`` (default), ``"flap"`` (fluctuation metric with bias compensation; ``FLAP(compensate=
-            False)`` without), ``"magnitude-sp"`` (data-free), or a :class:`~wanda_lightning.width.methods.WidthMethod`.
+        method: ``"wanda-sp"`` (default), ``"flap"`` (fluctuation metric with bias compensation), ``"magnitude-sp"``
+            (data-free), or a :class:`~wanda_lightning.width.methods.WidthMethod`.
+        update: What happens to each consumer's kept weights, overriding the method's default: ``"none"``,
+            ``"bias"`` (the removed units' mean contribution goes into the consumer's bias; ``"flap"``'s default) or
+            ``"least-squares"`` (the kept columns, and the bias where the config can hold one, refitted to the dense
+            layer's outputs on the calibration data; see :mod:`~wanda_lightning.width.updates`).
         widths: ``"uniform"`` (default: every layer keeps as many units) or ``"adaptive"``: FLAP's global ranking of
             standardised scores across layers (each layer's unit scores standardised by their own mean and standard
             deviation; every layer keeps at least one unit), calibrated in one pass over the unchanged model. For
@@ -109,6 +114,7 @@ def shrink(
         mlp=mlp,
         heads=heads,
         method=method,
+        update=update,
         widths=widths,
         sequential=sequential,
         blocks=blocks,
@@ -132,6 +138,7 @@ class ShrinkPlan:
         config_updates: Config attributes to rewrite afterwards (empty without a transformers config).
         bias_layers: Layers that gain a zero bias (a bias flag the update sets gives them one).
         config_owner: The module whose ``config`` is rewritten, or ``None``.
+        biased: Unit kinds whose consumers may carry a (new) bias.
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class ShrinkPlan:
         config_updates: dict[str, Any],
         bias_layers: list[str],
         config_owner: nn.Module | None,
+        biased: set[str],
     ) -> None:
         self.groups = groups
         self.keep = keep
@@ -149,6 +157,7 @@ class ShrinkPlan:
         self.config_updates = config_updates
         self.bias_layers = bias_layers
         self.config_owner = config_owner
+        self.biased = biased
 
 
 def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> ShrinkPlan:
@@ -211,12 +220,20 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
     updates: dict[str, Any] = {}
     bias_layers: list[str] = []
     owner: nn.Module | None = None
+    biased = set(config.kinds) if config.method.update != "none" else set()
     if found_pretrained is not None:
         owner, prefix = found_pretrained
-        biased = [kind for kind in uniform if config.method.compensate]
-        updates, bias_layers = check_expressible(owner, groups, uniform, biased, f"{prefix}." if prefix else "")
+        prefix = f"{prefix}." if prefix else ""
+        updates, bias_layers = check_expressible(owner, groups, uniform, [], prefix)  # the widths alone
+        if biased:
+            try:
+                updates, bias_layers = check_expressible(owner, groups, uniform, sorted(biased), prefix)
+            except ValueError:
+                if config.method.update == "bias":
+                    raise
+                biased = set()  # least-squares refits the weights alone where the config holds no bias
     keep = {g.consumer.name: uniform[g.kind] for g in groups if g.kind in uniform}
-    return ShrinkPlan(groups, keep, remove, updates, bias_layers, owner)
+    return ShrinkPlan(groups, keep, remove, updates, bias_layers, owner, biased)
 
 
 def shrink_with(
@@ -243,7 +260,7 @@ def shrink_with(
     layers = [g.target() for g in plan.groups]
     check_finite(_member_layers(plan.groups), "")
     batches: list[Any] = []
-    if config.method.requires_calibration:
+    if config.method.needs_data:
         if calibration is None:
             raise ValueError(f"{config.method.describe()} needs `calibration` batches, got None")
         batches = prepare_batches(calibration, config.num_samples, config.batch_size)
@@ -253,7 +270,7 @@ def shrink_with(
         heads=config.heads,
         parameters_before=parameter_count(model),
         macs_before=linear_macs_per_token(model),
-        sequential=sequential and stack is not None and config.method.requires_calibration,
+        sequential=sequential and stack is not None and config.method.needs_data,
         block_stack=stack.name if sequential and stack is not None else None,
         num_samples=sum(batch_size_of(b) for b in batches),
         num_batches=len(batches),
@@ -271,9 +288,9 @@ def shrink_with(
     )
     groups = {g.consumer.name: g for g in plan.groups}
     action: ShrinkAction = (
-        AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers))
+        AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers), plan.biased)
         if config.widths == "adaptive"
-        else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers))
+        else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
     )
     pipeline.run(action, batches)
     if plan.config_owner is not None:

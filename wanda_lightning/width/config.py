@@ -56,9 +56,9 @@ class ShrinkConfig:
 
     Example::
 
-        >>> config = ShrinkConfig.create(mlp=0.5, heads=0.33, method="flap")
+        >>> config = ShrinkConfig.create(mlp=0.5, heads=0.33, method="flap", update="least-squares")
         >>> config.kinds, config.method.describe()
-        (('mlp', 'attention'), 'flap')
+        (('mlp', 'attention'), 'flap (least-squares update)')
     """
 
     mlp: float
@@ -79,6 +79,7 @@ class ShrinkConfig:
         mlp: float = 0.0,
         heads: float = 0.0,
         method: str | WidthMethod = "wanda-sp",
+        update: str | None = None,
         widths: str = "uniform",
         sequential: bool = True,
         blocks: str | None = None,
@@ -96,6 +97,8 @@ class ShrinkConfig:
         if mlp_fraction == 0 and heads_fraction == 0:
             raise ValueError("`mlp` and `heads` are both 0: nothing to remove; set one of them in (0, 1)")
         width_method = get_width_method(method)
+        if update is not None:
+            width_method = width_method.with_update(update)
         if widths not in WIDTHS:
             raise ValueError(f"`widths` must be one of {list(WIDTHS)}, got {widths!r}")
         check_bool(sequential, "sequential")

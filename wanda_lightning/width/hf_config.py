@@ -146,7 +146,7 @@ def check_expressible(
         if group.kind in biased and getattr(twin.consumer.module, "bias", None) is None:
             raise ValueError(
                 f"layer {group.consumer.name!r}: bias compensation needs a bias there, which the {family} config "
-                "cannot express; use FLAP(compensate=False) or method='wanda-sp'"
+                "cannot express; use update='least-squares' (weights only there), update='none' or method='wanda-sp'"
             )
     return updates, bias_layers
 

@@ -7,10 +7,14 @@ its weight and calibration statistics; a unit's score is the sum over its channe
   times the squared norm of its weight column, ``var(X_c) * ||W_:c||^2``; with bias compensation: the removed
   channels' mean contribution ``W_:R mean(X_R)`` is added to the consumer's bias.
 - ``"magnitude-sp"`` (:class:`MagnitudeSP`): ``sum_i |W_ic|``, the data-free baseline.
+
+A method also says what happens to the consumer's kept weights (``update``, see :mod:`.updates`): nothing
+(``"none"``), bias compensation (``"bias"``, FLAP's default) or a least-squares refit (``"least-squares"``).
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Literal, get_args
@@ -18,12 +22,14 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from ..core.statistics import InputNormStatistics, LayerStatistics, MomentStatistics
+from ..core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
+from .updates import UPDATES
 
 __all__ = [
     "FLAP",
     "WIDTH_METHODS",
     "MagnitudeSP",
+    "Update",
     "WandaSP",
     "WidthMethod",
     "WidthMethodName",
@@ -34,6 +40,13 @@ __all__ = [
 
 WidthMethodName = Literal["wanda-sp", "flap", "magnitude-sp"]
 WIDTH_METHODS: tuple[str, ...] = get_args(WidthMethodName)
+Update = Literal["none", "bias", "least-squares"]
+
+
+def _checked(update: str) -> str:
+    if update not in UPDATES:
+        raise ValueError(f"`update` must be one of {list(UPDATES)}, got {update!r}")
+    return update
 
 
 def unit_scores(channel_scores: Tensor, per_unit: int) -> Tensor:
@@ -50,6 +63,12 @@ def unit_scores(channel_scores: Tensor, per_unit: int) -> Tensor:
 class WidthMethod(ABC):
     """Base class of width-pruning methods.
 
+    Attributes:
+        name: The method's name.
+        requires_calibration: Whether scores need data (``False``: calibration is skipped unless ``update`` needs it).
+        statistics_class: What scores need: ``None``, :class:`InputNormStatistics` or :class:`MomentStatistics`.
+        update: What happens to the consumer's kept weights: ``"none"``, ``"bias"`` or ``"least-squares"``.
+
     Example::
 
         >>> class L2(WidthMethod):
@@ -63,12 +82,22 @@ class WidthMethod(ABC):
 
     name: ClassVar[str]
     requires_calibration: ClassVar[bool] = True
-    #: Add the removed channels' mean contribution to the consumer's bias (needs the inputs' means).
-    compensate: bool = False
+    statistics_class: ClassVar[type[InputNormStatistics] | None] = None
+    update: str = "none"
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether calibration batches are needed (for the scores or for the update)."""
+        return self.requires_calibration or self.update != "none"
 
     def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics | None:
-        """A fresh accumulator for a consumer with ``in_features`` inputs, or ``None`` when no data is needed."""
-        return None
+        """A fresh accumulator for a consumer with ``in_features`` inputs: what the scores and the update need
+        (:class:`GramStatistics` holds everything the others do), or ``None``."""
+        if self.update == "least-squares":
+            return GramStatistics(in_features, device)
+        if self.update == "bias":
+            return MomentStatistics(in_features, device)
+        return self.statistics_class(in_features, device) if self.statistics_class is not None else None
 
     @abstractmethod
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
@@ -82,12 +111,28 @@ class WidthMethod(ABC):
             ``(in_features,)`` float32 scores; higher means more important.
         """
 
+    def with_update(self, update: str) -> WidthMethod:
+        """A copy with another ``update``.
+
+        Raises:
+            ValueError: For an unknown update.
+
+        Example::
+
+            >>> WandaSP().with_update("least-squares").describe()
+            'wanda-sp (least-squares update)'
+        """
+        method = copy.copy(self)
+        method.update = _checked(update)
+        return method
+
     def describe(self) -> str:
         """Short human-readable name, including options."""
-        return self.name
+        default = type(self).update
+        return self.name if self.update == default else f"{self.name} ({self.update} update)"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}(update={self.update!r})"
 
 
 class WandaSP(WidthMethod):
@@ -102,9 +147,10 @@ class WandaSP(WidthMethod):
     """
 
     name = "wanda-sp"
+    statistics_class = InputNormStatistics
 
-    def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
-        return InputNormStatistics(in_features, device)
+    def __init__(self, update: Update = "none") -> None:
+        self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         if not isinstance(statistics, InputNormStatistics):
@@ -114,40 +160,31 @@ class WandaSP(WidthMethod):
 
 
 class FLAP(WidthMethod):
-    """FLAP's fluctuation metric ``var(X_c) * ||W_:c||^2``, with bias compensation.
+    """FLAP's fluctuation metric ``var(X_c) * ||W_:c||^2``, with bias compensation by default.
 
     Args:
-        compensate: Add the removed channels' mean contribution ``W_:R mean(X_R)`` to the consumer's bias (default
-            True). A model whose config cannot express that bias (say, Qwen2's ``o_proj``) is refused with
-            ``compensate=True``.
+        update: ``"bias"`` (default, FLAP's: the removed channels' mean contribution ``W_:R mean(X_R)`` goes into the
+            consumer's bias; a model whose config cannot hold that bias, say Qwen2's ``o_proj``, is refused),
+            ``"none"`` or ``"least-squares"`` (see :mod:`~wanda_lightning.width.updates`).
 
     Example::
 
-        >>> FLAP().describe(), FLAP(compensate=False).describe()
-        ('flap', 'flap (no compensation)')
+        >>> FLAP().describe(), FLAP(update="none").describe()
+        ('flap', 'flap (none update)')
     """
 
     name = "flap"
+    statistics_class = MomentStatistics
+    update = "bias"
 
-    def __init__(self, compensate: bool = True) -> None:
-        if not isinstance(compensate, bool):
-            raise TypeError(f"`compensate` must be True or False, got {compensate!r}")
-        self.compensate = compensate
-
-    def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
-        return MomentStatistics(in_features, device)
+    def __init__(self, update: Update = "bias") -> None:
+        self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         if not isinstance(statistics, MomentStatistics):
             raise TypeError("flap needs MomentStatistics from calibration")
         variance = statistics.variance.to(weight.device)  # (in,)
         return weight.float().square().sum(dim=0) * variance
-
-    def describe(self) -> str:
-        return "flap" if self.compensate else "flap (no compensation)"
-
-    def __repr__(self) -> str:
-        return f"FLAP(compensate={self.compensate})"
 
 
 class MagnitudeSP(WidthMethod):
@@ -161,6 +198,9 @@ class MagnitudeSP(WidthMethod):
 
     name = "magnitude-sp"
     requires_calibration = False
+
+    def __init__(self, update: Update = "none") -> None:
+        self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         return weight.abs().float().sum(dim=0)
@@ -184,7 +224,7 @@ def get_width_method(method: str | WidthMethod) -> WidthMethod:
     Example::
 
         >>> get_width_method("flap")
-        FLAP(compensate=True)
+        FLAP(update='bias')
     """
     if isinstance(method, WidthMethod):
         return method

@@ -47,7 +47,9 @@ class GroupReport:
         units_after: ... after.
         width_before: The consumer's input channels before.
         width_after: ... after.
-        compensated: Whether the removed units' mean contribution went into the consumer's bias.
+        update: What happened to the consumer's kept weights: ``"none"``, ``"bias"`` (the removed units' mean
+            contribution went into its bias), ``"least-squares"`` (kept columns and bias refitted) or
+            ``"least-squares (weights)"`` (kept columns refitted; no bias the config could hold).
         head_dim: Channels per head (attention), else ``None``.
         kept_units: The units kept, as indices into the units before.
     """
@@ -59,7 +61,7 @@ class GroupReport:
     units_after: int
     width_before: int
     width_after: int
-    compensated: bool = False
+    update: str = "none"
     head_dim: int | None = None
     kept_units: list[int] = field(default_factory=list)
 
