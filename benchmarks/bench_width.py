@@ -40,7 +40,14 @@ from wanda_lightning.lightning import CausalLMModule
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SETTINGS: dict[str, dict[str, float]] = {"mlp50": dict(mlp=0.5), "mlp50+kv1": dict(mlp=0.5, heads=1 / 3)}
-METHODS = ("wanda-sp", "flap", "magnitude-sp")
+#: (method, update) rows; update None is the method's default (bias compensation for flap, none otherwise).
+METHODS: tuple[tuple[str, str | None], ...] = (
+    ("wanda-sp", None),
+    ("flap", None),
+    ("magnitude-sp", None),
+    ("wanda-sp", "least-squares"),
+    ("flap", "least-squares"),
+)
 
 
 def dense_forward_seconds(model: torch.nn.Module, batches: list[dict]) -> float:
@@ -130,34 +137,43 @@ def main() -> None:
         print(f"{name}: ppl {row['perplexity']:.2f}", flush=True)
         return row
 
-    dense_row = record("dense", model)
+    dense_row = record("dense", model, setting="dense")
     masked = copy.deepcopy(model)
     prune(masked, batches, sparsity=0.5, num_samples=None)
-    record("wanda 50% (masked)", masked)
+    record("wanda 50% (masked)", masked, setting="masked")
 
-    best: dict[str, tuple[str, float]] = {}
+    best: dict[str, tuple[str, str | None, float, str]] = {}
     for setting in args.settings:
-        for method in METHODS:
+        for method, update in METHODS:
             small = copy.deepcopy(model)
             forward = dense_forward_seconds(model, batches)
-            report = shrink(small, batches, method=method, num_samples=None, **SETTINGS[setting])
+            report = shrink(small, batches, method=method, update=update, num_samples=None, **SETTINGS[setting])
             row = record(
-                f"{method} {setting}",
+                f"{method}{' + ' + update if update else ''} {setting}",
                 small,
+                setting=setting,
+                method=method,
+                update=update,
                 shrink_seconds=report.total_seconds,
                 shrink_over_forward=report.total_seconds / forward,
             )
-            if method != "magnitude-sp" and (setting not in best or row["perplexity"] < best[setting][1]):
-                best[setting] = (method, row["perplexity"])
+            if method != "magnitude-sp" and (setting not in best or row["perplexity"] < best[setting][2]):
+                best[setting] = (method, update, row["perplexity"], row["name"])
 
-    # Speed: the models take turns, run after run, so that a disturbance on this shared machine hits them alike; the
-    # best run of each is kept.
-    print("\ntiming (the models take turns)", flush=True)
+    # Speed depends on the shapes alone, which every method of a setting shares: the dense, the masked and each
+    # setting's best model are timed, taking turns run after run so that a disturbance on this shared machine hits
+    # them alike; the best run of each is kept and reported for every model of its shape.
+    timed = ["dense", "wanda 50% (masked)", *(entry[3] for entry in best.values())]
+    print(f"\ntiming {timed} (taking turns)", flush=True)
+    speeds: dict[str, dict[str, float]] = {name: {} for name in timed}
     for _ in range(args.repeats):
-        for row in rows:
-            result = measure_speed(models[row["name"]], name=row["name"], repeats=1)
+        for name in timed:
+            result = measure_speed(models[name], name=name, repeats=1)
             for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
-                row[key] = max(row.get(key, 0.0), getattr(result, key))
+                speeds[name][key] = max(speeds[name].get(key, 0.0), getattr(result, key))
+    for row in rows:
+        source = row["name"] if row["name"] in speeds else best[row["setting"]][3]
+        row.update(speeds[source], timed_as=source)
     models.clear()
     del masked
 
@@ -181,10 +197,11 @@ def main() -> None:
         fine_tuned = copy.deepcopy(model)
         fine_tuned.load_state_dict(dense_run.states[n])
         for setting in args.recover:
-            method = best.get(setting, ("wanda-sp", 0.0))[0]
+            method, update, _, _ = best.get(setting, ("wanda-sp", None, 0.0, ""))
             for distill in (False, True):
                 callback = WandaShrinkCallback(
                     method=method,
+                    update=update,
                     prune_on="fit_start",
                     distill=distill,
                     num_samples=None,
@@ -197,7 +214,8 @@ def main() -> None:
                 module, run, seconds = train(
                     copy.deepcopy(fine_tuned), train_windows, heldout, n, [n], [callback, shrunk]
                 )
-                name = f"{method} {setting}, {'distillation' if distill else 'fine-tuning'}"
+                recipe = "distillation" if distill else "fine-tuning"
+                name = f"{method}{' + ' + update if update else ''} {setting}, {recipe}"
                 recovery.append(
                     {
                         "name": name,
