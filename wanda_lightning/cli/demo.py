@@ -3,9 +3,9 @@
 1. Fine-tune SmolLM2-135M for a few steps with Lightning on CPython's pydoc text.
 2. Masks: :class:`~wanda_lightning.WandaPruningCallback` prunes a copy to 50 % (``trainer.validate``), reports dense vs
    pruned perplexity and writes the compact export.
-3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy at
-   the start of a short fit that recovers it by distilling from the fine-tuned model, and writes a folder that stock
-   ``from_pretrained`` loads.
+3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy
+   (FLAP scores, least-squares refit of the layers that lost inputs) at the start of a short fit that recovers it by
+   distilling from the fine-tuned model, and writes a folder that stock ``from_pretrained`` loads.
 4. Speed: decode and prefill tokens per second of the three models, on this machine.
 """
 
@@ -235,6 +235,8 @@ def run_demo(
     shrinking = WandaShrinkCallback(
         mlp=mlp,
         heads=heads,
+        method="flap",
+        update="least-squares",
         calibration=loader(calibration),
         num_samples=samples,
         prune_on="fit_start",
