@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--recover", nargs="*", default=["mlp50"], choices=list(SETTINGS), help="settings recovered")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model, in turns (default 5)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the timing (perplexities and recovery only)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
 
@@ -166,13 +167,14 @@ def main() -> None:
     timed = ["dense", "wanda 50% (masked)", *(entry[3] for entry in best.values())]
     print(f"\ntiming {timed} (taking turns)", flush=True)
     speeds: dict[str, dict[str, float]] = {name: {} for name in timed}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.no_speed else args.repeats):
         for name in timed:
             result = measure_speed(models[name], name=name, repeats=1)
             for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
                 speeds[name][key] = max(speeds[name].get(key, 0.0), getattr(result, key))
     for row in rows:
         source = row["name"] if row["name"] in speeds else best[row["setting"]][3]
+        row.update({"decode_tokens_per_second": float("nan"), "prefill_tokens_per_second": float("nan")})
         row.update(speeds[source], timed_as=source)
     models.clear()
     del masked
