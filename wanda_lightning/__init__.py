@@ -29,6 +29,7 @@ from .export import (
     compress_state_dict,
     decompress_state_dict,
     load_pruned,
+    merge_adapters,
     save_pruned,
     to_semi_structured,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "get_method",
     "keep_mask",
     "load_pruned",
+    "merge_adapters",
     "n_m_keep_mask",
     "parse_structure",
     "prune",
