@@ -33,7 +33,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .targets import TargetLayer
 
@@ -61,10 +61,11 @@ def attention_targets(name: str, module: nn.MultiheadAttention) -> list[TargetLa
     """
     targets = []
     embed = int(module.embed_dim)
+    prefix = f"{name}." if name else ""
     for part, keyword, position in _INPUTS:
         if module._qkv_same_embed_dim:
             target = TargetLayer(
-                name=f"{name}.in_proj_weight.{part}",
+                name=f"{prefix}in_proj_weight.{part}",
                 module=module,
                 parameter="in_proj_weight",
                 rows=(position * embed, (position + 1) * embed),
@@ -74,7 +75,7 @@ def attention_targets(name: str, module: nn.MultiheadAttention) -> list[TargetLa
             )
         else:
             target = TargetLayer(
-                name=f"{name}.{part}_proj_weight",
+                name=f"{prefix}{part}_proj_weight",
                 module=module,
                 parameter=f"{part}_proj_weight",
                 position=position,
@@ -86,13 +87,15 @@ def attention_targets(name: str, module: nn.MultiheadAttention) -> list[TargetLa
 
 
 class _PreProjection(nn.Module):
-    """Stands in for ``out_proj`` inside the attention: an identity weight and no bias, so the attention returns its
-    output before the projection. Plain tensor attributes: nothing here is a parameter or a buffer."""
+    """Stands in for ``out_proj`` inside the attention: an identity weight and a zero bias (fused kernels want one), so
+    the attention returns its output before the projection, exactly. Plain tensor attributes: nothing here is a
+    parameter or a buffer."""
 
     def __init__(self, like: nn.Linear) -> None:
         super().__init__()
-        self.weight = torch.eye(like.in_features, dtype=like.weight.dtype, device=like.weight.device)
-        self.bias: Tensor | None = None
+        dtype, device = like.weight.dtype, like.weight.device
+        self.weight = torch.eye(like.in_features, dtype=dtype, device=device)
+        self.bias = torch.zeros(like.in_features, dtype=dtype, device=device)
 
 
 @contextmanager

@@ -50,11 +50,11 @@ class TargetLayer:
     rows: tuple[int, int] | None = None
     position: int = 0
     keyword: str | None = None
-    module_name: str = ""
+    module_name: str | None = None
     attention: nn.Module | None = None
 
     def __post_init__(self) -> None:
-        if not self.module_name:
+        if self.module_name is None:
             self.module_name = self.name
 
     @property
@@ -286,11 +286,9 @@ def find_targets(
     modules: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         modules[name] = module
-        if not name:
-            continue
         if is_attention(module):
             found = attention_targets(name, module)
-        elif is_linear_layer(module):
+        elif is_linear_layer(module) and name:
             parent_name, _, child = name.rpartition(".")
             parent = modules.get(parent_name)
             owner = parent if child == "out_proj" and parent is not None and is_attention(parent) else None
