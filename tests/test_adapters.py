@@ -12,6 +12,7 @@ import torch
 from conftest import make_batches, tiny_llama
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_callback import Snapshot, loader, make_trainer
+from test_cli import PRUNE_FAST, char_tokenizer, tiny_llama_config, transformers
 from torch import Tensor, nn
 
 from wanda_lightning import CausalLMModule, WandaPruningCallback, load_pruned, merge_adapters, prune, save_pruned
@@ -251,3 +252,48 @@ def test_save_pruned_of_a_peft_model_exports_it_merged_and_leaves_it_alone(tmp_p
     for name, tensor in expected.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # adapters still there, unmerged
+
+
+# --- the command line -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    """A dense tiny Llama with a tokenizer, saved with save_pretrained (a base model for adapters)."""
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_cli_prunes_a_peft_adapter_directory_and_exports_it_merged(base_dir: Path, tmp_path: Path, capsys):
+    import json
+
+    from wanda_lightning.cli import main
+    from wanda_lightning.cli.loading import calibration_windows, load_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    config = peft.LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights=False)
+    torch.manual_seed(3)
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapters")  # names base_dir as its base model
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tmp_path / "adapters"), "--out", str(out), *PRUNE_FAST, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [layer["name"] for layer in result["report"]["layers"]]
+    assert len(names) == 14 and "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in names
+    assert not any("lora_" in name for name in names)
+
+    # The same as prune() on the loaded PeftModel with the same windows, merged with the masks kept.
+    loaded = load_model(str(tmp_path / "adapters"))
+    assert loaded.kind == "peft" and loaded.tokenizer is not None  # the base model's tokenizer
+    windows = calibration_windows(loaded, "pydoc", None, 4, 32)
+    prune(loaded.model, [{"input_ids": w} for w in windows.split(4)], num_samples=None)
+    expected = merge_adapters(loaded.model)
+    exported = load_pruned(out)
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    weight = exported.model.layers[1].mlp.down_proj.weight
+    assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all()
