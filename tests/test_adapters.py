@@ -61,6 +61,22 @@ def test_adapters_are_never_targets_and_patterns_see_the_wrapped_names():
     assert len(ignored) == 12 and not any(".q_proj" in name for name in ignored)
 
 
+def test_modules_to_save_prunes_the_copy_that_runs_and_merges_it():
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["up_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(tiny_llama(), config)
+    layers, skipped = find_targets(model)
+    names = [t.name for t in layers]
+    assert "base_model.model.model.layers.0.mlp.up_proj.modules_to_save.default" in names
+    original = "base_model.model.model.layers.0.mlp.up_proj.original_module"
+    assert original not in names and (original, "inactive original of peft's modules_to_save (its trained copy runs "
+                                      "instead)") in skipped  # fmt: skip
+    masks = masks_of(model, make_batches())  # every target reached: the original never runs
+    merged = merge_adapters(model)
+    up = merged.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(up != 0, masks["base_model.model.model.layers.0.mlp.up_proj.modules_to_save.default"])
+
+
 def test_a_pattern_matching_only_adapters_is_refused_and_nothing_changes():
     model = lora_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -403,3 +403,20 @@ def test_callback_prunes_a_vit_with_masks_by_parameter_name(tmp_path: Path, sing
     assert len(masks) == 2 * 4 + 1  # in_proj_weight, out_proj, mlp.0, mlp.3 per block, and the head
     assert pruning.sparsities[f"{block}.in_proj_weight"] == SPARSITY
     assert pruning.metrics["val_loss"]["pruned"] != pruning.metrics["val_loss"]["dense"]
+
+
+def test_the_attention_classifier_example_trains_prunes_and_reports_accuracy(single_thread):
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "examples" / "attention_classifier.py"
+    spec = importlib.util.spec_from_file_location("attention_classifier", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pruning = example.main(["--epochs", "1"])
+
+    assert pruning.global_sparsity == SPARSITY and "encoder.layers.2.self_attn.in_proj_weight" in pruning.masks
+    assert "patches.weight" not in pruning.masks and "head.weight" not in pruning.masks
+    accuracy = pruning.metrics["val_acc"]
+    assert 0.0 <= accuracy["pruned"] <= 1.0 and accuracy["delta"] == accuracy["pruned"] - accuracy["dense"]
