@@ -179,8 +179,8 @@ def _load_adapters(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Pa
         )
     with quiet_transformers():
         try:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
-            model = PeftModel.from_pretrained(model, path)
+            base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
+            model: nn.Module = PeftModel.from_pretrained(base_model, path)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"MODEL {str(path)!r}: the adapters cannot be loaded on {str(base)!r}: {error}") from None
     return model, base
