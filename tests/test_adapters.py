@@ -313,3 +313,22 @@ def test_cli_prunes_a_peft_adapter_directory_and_exports_it_merged(base_dir: Pat
         assert torch.equal(exported.state_dict()[name], tensor), name
     weight = exported.model.layers[1].mlp.down_proj.weight
     assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all()
+
+
+def test_merged_state_dict_of_a_module_holding_a_peft_model_of_a_plain_network():
+    from wanda_lightning.export.adapters import merged_state_dict
+
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    config = peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    holder = nn.Module()
+    holder.net = peft.get_peft_model(network, config)
+    masks = masks_of(holder, [torch.randn(4, 8)], ignore=[], forward_fn=lambda m, x: m.net(x))
+    state = merged_state_dict(holder)
+    assert sorted(state) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    assert torch.equal(state["net.0.weight"] != 0, masks["net.base_model.model.0.base_layer"])
+    assert isinstance(holder.net, peft.PeftModel)  # merged on a copy
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers outside a PeftModel"):
+        merged_state_dict(
+            peft.inject_adapter_in_model(config, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+        )
