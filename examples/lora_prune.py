@@ -8,6 +8,9 @@ of that epoch (from the statistics of each LoRA layer's input; ``lora_A`` / ``lo
 train one more epoch on the pruned base (the masks hold: the base is frozen and masked), and ``export_dir`` writes the
 merged model. :func:`wanda_lightning.merge_adapters` merges each adapter and zeroes the pruned entries again; peft's own
 ``merge_and_unload`` cannot know the masks and fills them with the adapters' dense update, which this script shows.
+
+The table it prints tells the cost of that choice: the adapters' update is dense, so the model with adapters (or
+peft's dense merge) is not what the sparse merged model computes; the difference is the update at the pruned entries.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dense_ppl = perplexity(base, heldout, batch_size=4)
 
     # LoRA on every projection of the decoder: only the adapters train.
+    base.train()
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     module = CausalLMModule(model, learning_rate=1e-3)
     pruning = WandaPruningCallback(
