@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from wanda_lightning import WandaPruningCallback, prune
 from wanda_lightning.core.blocks import find_block_stack
-from wanda_lightning.core.targets import find_targets
+from wanda_lightning.core.targets import find_targets, parameter_masks
 
 SPARSITY = 0.5
 
@@ -393,14 +393,14 @@ def test_callback_prunes_a_vit_with_masks_by_parameter_name(tmp_path: Path, sing
     )
     trainer.validate(module, val)
 
-    masks = pruning.masks
+    # Every mask, by parameter name: the reference's q/k/v thirds assembled into `in_proj_weight`.
+    layers, _ = find_targets(module.model)
+    by_parameter = parameter_masks(layers, expected)
+    assert sorted(pruning.masks) == sorted(f"model.{name}" for name in by_parameter)
+    assert len(by_parameter) == 2 * 4 + 1  # in_proj_weight, out_proj, mlp.0, mlp.3 per block, and the head
+    for name, keep in by_parameter.items():
+        assert torch.equal(pruning.masks[f"model.{name}"], keep), name
     block = "model.encoder.layers.encoder_layer_0.self_attention"
-    packed = torch.cat([expected[f"encoder.layers.encoder_layer_0.self_attention.in_proj_weight.{p}"] for p in "qkv"])
-    assert torch.equal(masks[f"{block}.in_proj_weight"], packed)
-    assert torch.equal(
-        masks[f"{block}.out_proj.weight"], expected["encoder.layers.encoder_layer_0.self_attention.out_proj"]
-    )
-    assert len(masks) == 2 * 4 + 1  # in_proj_weight, out_proj, mlp.0, mlp.3 per block, and the head
     assert pruning.sparsities[f"{block}.in_proj_weight"] == SPARSITY
     assert pruning.metrics["val_loss"]["pruned"] != pruning.metrics["val_loss"]["dense"]
 
