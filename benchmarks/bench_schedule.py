@@ -13,6 +13,9 @@ The one-shot run trains one step more (the dense one before pruning), which can 
 embeddings (tied to the head, never pruned) are frozen in every run to save time; everything else trains (AdamW).
 
     python benchmarks/bench_schedule.py --json benchmarks/results/schedule.json
+
+`--arms one-shot` or `--arms schedule` runs one of the two (the runs are deterministic: the same numbers whether the
+arms run in one process or in two side by side; only the wall times differ).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=128, help="tokens per training window (default 128)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens (default 32)")
+    parser.add_argument("--arms", nargs="+", choices=["one-shot", "schedule"], default=["one-shot", "schedule"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -115,31 +119,31 @@ def main() -> None:
         untrained_ppl = perplexity(untrained, data["heldout"], batch_size=4)
         entry: dict[str, Any] = {"sparsity": sparsity, "one_shot_untrained_ppl": untrained_ppl}
         del untrained
-        entry["one_shot"] = train(base, data, args, sparsity, end_step=1, every=1, steps=args.steps + 1)
-        print(f"{sparsity:.0%} one-shot + train: {entry['one_shot']}", flush=True)
-        entry["schedule"] = train(base, data, args, sparsity, end_step=args.ramp, every=args.every, steps=args.steps)
-        print(f"{sparsity:.0%} schedule: {entry['schedule']}", flush=True)
-        entry["improvement"] = 1.0 - entry["schedule"]["ppl"] / entry["one_shot"]["ppl"]
+        if "one-shot" in args.arms:
+            entry["one_shot"] = train(base, data, args, sparsity, end_step=1, every=1, steps=args.steps + 1)
+            print(f"{sparsity:.0%} one-shot + train: {entry['one_shot']}", flush=True)
+        if "schedule" in args.arms:
+            ramp = {"end_step": args.ramp, "every": args.every}
+            entry["schedule"] = train(base, data, args, sparsity, **ramp, steps=args.steps)
+            print(f"{sparsity:.0%} schedule: {entry['schedule']}", flush=True)
+        if "one_shot" in entry and "schedule" in entry:
+            entry["improvement"] = 1.0 - entry["schedule"]["ppl"] / entry["one_shot"]["ppl"]
         results["runs"].append(entry)
-        rows += [
-            [f"wanda {sparsity:.0%} one-shot, no training", "0", f"{untrained_ppl:.2f}", "-", "-", "-"],
-            [
-                f"wanda {sparsity:.0%} one-shot + train",
-                str(entry["one_shot"]["train_steps"]),
-                f"{entry['one_shot']['ppl']:.2f}",
-                f"{entry['one_shot']['sparsity']:.2%}",
-                f"{entry['one_shot']['seconds']:.0f}",
-                "",
-            ],
-            [
-                f"wanda {sparsity:.0%} schedule",
-                str(entry["schedule"]["train_steps"]),
-                f"{entry['schedule']['ppl']:.2f}",
-                f"{entry['schedule']['sparsity']:.2%}",
-                f"{entry['schedule']['seconds']:.0f}",
-                f"{entry['improvement']:+.1%}",
-            ],
-        ]
+        rows.append([f"wanda {sparsity:.0%} one-shot, no training", "0", f"{untrained_ppl:.2f}", "-", "-", "-"])
+        for key, label in (("one_shot", "one-shot + train"), ("schedule", "schedule")):
+            if key in entry:
+                run = entry[key]
+                change = f"{entry['improvement']:+.1%}" if key == "schedule" and "improvement" in entry else ""
+                rows.append(
+                    [
+                        f"wanda {sparsity:.0%} {label}",
+                        str(run["train_steps"]),
+                        f"{run['ppl']:.2f}",
+                        f"{run['sparsity']:.2%}",
+                        f"{run['seconds']:.0f}",
+                        change,
+                    ]
+                )
         write_json(args.json, {"args": vars(args), "machine": machine(), **results})
     print()
     print_table(["run", "train steps", "held-out ppl", "sparsity", "fit s", "schedule vs one-shot"], rows)
