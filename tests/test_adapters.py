@@ -172,8 +172,11 @@ def test_merge_adapters_takes_exact_masks():
     assert float(merged.model.layers[1].self_attn.v_proj.weight[row, column]) == pytest.approx(float(delta))
     from_zeros = merge_adapters(model)
     assert float(from_zeros.model.layers[1].self_attn.v_proj.weight[row, column]) == 0.0
+    untouched = lora_llama()
+    state = {k: v.clone() for k, v in untouched.state_dict().items()}
     with pytest.raises(ValueError, match=r"mask given for .* has shape \(2, 2\)"):
-        merge_adapters(lora_llama(), masks={name: torch.ones(2, 2, dtype=torch.bool)})
+        merge_adapters(untouched, masks={name: torch.ones(2, 2, dtype=torch.bool)})
+    assert all(torch.equal(untouched.state_dict()[k], v) for k, v in state.items())  # nothing merged
 
 
 class Params4bit(nn.Parameter):

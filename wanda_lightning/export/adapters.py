@@ -34,14 +34,11 @@ def _peft_containers() -> tuple[type[Any], ...]:
     return (PeftModel, BaseTuner)
 
 
-def _merge_layer(name: str, layer: Any, keep: Tensor | None) -> None:
-    """Merges ``layer``'s active adapters into its base weight, then zeroes the pruned entries again."""
-    if bool(getattr(layer, "disable_adapters", False)) or bool(getattr(layer, "merged", False)):
-        return  # disabled: the base alone is the model; merged: already in the weight
+def _check_layer(name: str, layer: Any, keep: Tensor | None) -> None:
+    """Raises if ``layer`` cannot be merged keeping its zeros (quantized base, mask of another shape)."""
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
     if not isinstance(weight, Tensor):
-        layer.merge()
         return
     quantized = quantization_of(base, weight)
     if quantized is not None:
@@ -53,6 +50,17 @@ def _merge_layer(name: str, layer: Any, keep: Tensor | None) -> None:
         raise ValueError(
             f"the mask given for {name!r} has shape {tuple(keep.shape)}; its base weight has {tuple(weight.shape)}"
         )
+
+
+def _merge_layer(layer: Any, keep: Tensor | None) -> None:
+    """Merges ``layer``'s active adapters into its base weight, then zeroes the pruned entries again."""
+    if bool(getattr(layer, "disable_adapters", False)) or bool(getattr(layer, "merged", False)):
+        return  # disabled: the base alone is the model; merged: already in the weight
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, Tensor):
+        layer.merge()
+        return
     drop = (~keep.to(device=weight.device, dtype=torch.bool)) if keep is not None else weight.detach() == 0
     layer.merge()
     with torch.no_grad():
@@ -87,8 +95,7 @@ def merge_adapters(model: nn.Module, masks: Mapping[str, Tensor] | None = None) 
         The merged model, with no adapter left.
 
     Raises:
-        ValueError: If a base layer is quantized, or a mask does not fit its weight; nothing is merged then for that
-            layer and the ones after it.
+        ValueError: If a base layer is quantized, or a mask does not fit its weight; nothing is merged then.
 
     Example::
 
@@ -102,13 +109,15 @@ def merge_adapters(model: nn.Module, masks: Mapping[str, Tensor] | None = None) 
     tuner = tuner_layer_class()
     assert tuner is not None
     masks = masks or {}
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, tuner)]
-    for name, layer in reversed(layers):  # innermost first: nested wrappers merge into an already merged base
-        if not hasattr(layer, "base_layer"):
-            continue
-        base_name = name + ".base_layer" * _depth(layer)
-        keep = masks.get(f"{base_name}.weight")
-        _merge_layer(name, layer, keep)
+    layers = [
+        (name, module, masks.get(f"{name}{'.base_layer' * _depth(module)}.weight"))
+        for name, module in model.named_modules()
+        if isinstance(module, tuner) and hasattr(module, "base_layer")
+    ]
+    for name, layer, keep in layers:  # every check before the first merge: a refused model is left as it was
+        _check_layer(name, layer, keep)
+    for _, layer, keep in reversed(layers):  # innermost first: nested wrappers merge into an already merged base
+        _merge_layer(layer, keep)
 
     containers = _peft_containers()
     if isinstance(model, containers):
