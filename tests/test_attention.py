@@ -420,3 +420,18 @@ def test_the_attention_classifier_example_trains_prunes_and_reports_accuracy(sin
     assert "patches.weight" not in pruning.masks and "head.weight" not in pruning.masks
     accuracy = pruning.metrics["val_acc"]
     assert 0.0 <= accuracy["pruned"] <= 1.0 and accuracy["delta"] == accuracy["pruned"] - accuracy["dense"]
+
+
+def test_the_sparsity_metric_counts_the_packed_projection_too(single_thread):
+    from wanda_lightning import Sparsity
+
+    model = encoder()
+    prune(model, token_batches(), sparsity=SPARSITY)
+    metric = Sparsity()
+    metric.update(model)
+    assert float(metric.compute()) == SPARSITY  # in_proj_weight, out_proj, linear1, linear2: all at 50 %
+    with torch.no_grad():
+        model.layers[0].self_attn.in_proj_weight.zero_()
+    metric = Sparsity()
+    metric.update(model)
+    assert float(metric.compute()) > SPARSITY
