@@ -182,7 +182,7 @@ def test_everything_ignored(llama, calibration_batches):
 
 def test_model_without_linear_layers():
     model = nn.Sequential(nn.Conv2d(1, 1, 3))
-    expect_error(model, ValueError, ["no nn.Linear or Conv1D"], [torch.zeros(1, 1, 4, 4)])
+    expect_error(model, ValueError, ["no nn.Linear, Conv1D or MultiheadAttention"], [torch.zeros(1, 1, 4, 4)])
 
 
 class WithUnusedLayer(nn.Module):

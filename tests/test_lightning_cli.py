@@ -135,8 +135,9 @@ def test_help_shows_the_docstrings(capsys):
         )
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--trainer.callbacks.prune_on {fit_end,train_epoch_end,validate,checkpoint}" in text
+    assert "--trainer.callbacks.prune_on {fit_end,train_epoch_end,validate,checkpoint,schedule}" in text
     assert "When to prune" in text and "the zero-based epoch after which to prune" in text
+    assert "--trainer.callbacks.end_step" in text and "the global step where the ramp reaches" in text
 
 
 def test_bad_yaml_value_is_refused(tmp_path, capsys):
@@ -162,3 +163,16 @@ def test_refinement_names_are_checked_by_the_cli(tmp_path, capsys):
         LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
     assert exit_info.value.code != 0
     assert "refine" in capsys.readouterr().err
+
+
+def test_a_schedule_is_configured_from_yaml(tmp_path):
+    callback = """        sparsity: 0.7
+        prune_on: schedule
+        start_step: 10
+        end_step: 50
+        every_n_steps: 20"""
+    config = _config(tmp_path, callback, class_path="wanda_lightning.WandaPruningCallback")
+    cli = LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
+    (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
+    assert (pruning.prune_on, pruning.start_step, pruning.end_step, pruning.every_n_steps) == ("schedule", 10, 50, 20)
+    assert pruning._trigger.steps == [30, 50]  # type: ignore[attr-defined]

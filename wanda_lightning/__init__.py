@@ -30,6 +30,7 @@ from .export import (
     compress_state_dict,
     decompress_state_dict,
     load_pruned,
+    merge_adapters,
     save_pruned,
     to_semi_structured,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "keep_mask",
     "load_pruned",
     "load_shrunk_checkpoint",
+    "merge_adapters",
     "n_m_keep_mask",
     "parse_structure",
     "prune",

@@ -31,8 +31,8 @@ __all__ = [
 
 _CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 MODEL_HELP = (
-    "a transformers model directory, a .gguf file, a wanda-lightning export directory, or a Lightning .ckpt "
-    "(with --module package.Class)"
+    "a transformers model directory, a PEFT adapter directory (adapter_config.json, with its base model on disk), a "
+    ".gguf file, a wanda-lightning export directory, or a Lightning .ckpt (with --module package.Class)"
 )
 
 
@@ -43,7 +43,7 @@ class LoadedModel:
     Attributes:
         model: The module (eval mode).
         tokenizer: Its tokenizer, or ``None`` when none was found.
-        kind: ``"transformers"``, ``"gguf"``, ``"export"`` or ``"checkpoint"``.
+        kind: ``"transformers"``, ``"peft"``, ``"gguf"``, ``"export"`` or ``"checkpoint"``.
         module_class: ``"package.Class"`` for checkpoints and state-dict exports, else ``None``.
     """
 
@@ -56,7 +56,7 @@ class LoadedModel:
     def takes_keywords(self) -> bool:
         """Whether the model is called as ``model(input_ids=...)`` (transformers) rather than ``model(ids)``."""
         found = find_pretrained(self.model)
-        return found is not None and found[1] == ""
+        return self.kind == "peft" or (found is not None and found[1] == "")
 
 
 @contextmanager
@@ -156,6 +156,36 @@ def _load_checkpoint_module(path: Path, spec: str) -> nn.Module:
     return module
 
 
+def _load_adapters(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Path]:
+    """A PEFT adapter directory on its base model (the local directory its ``adapter_config.json`` names); returns the
+    ``PeftModel`` and the base model's directory."""
+    import json
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModuleNotFoundError(f"MODEL {str(path)!r} is a PEFT adapter directory: pip install peft") from None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"MODEL {str(path)!r}: adapter_config.json cannot be read: {error}") from None
+    base = Path(str(base_name or "")).expanduser()
+    if not base_name or not (base / "config.json").is_file():
+        raise ValueError(
+            f"MODEL {str(path)!r} is a PEFT adapter directory whose base model {base_name!r} is not a local "
+            "transformers directory; set `base_model_name_or_path` in its adapter_config.json to one"
+        )
+    with quiet_transformers():
+        try:
+            base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
+            model: nn.Module = PeftModel.from_pretrained(base_model, path)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"MODEL {str(path)!r}: the adapters cannot be loaded on {str(base)!r}: {error}") from None
+    return model, base
+
+
 def _load_export(path: Path, module: str | None, dtype: torch.dtype | None) -> tuple[nn.Module, str | None]:
     from ..export import load_compressed, load_pruned, read_manifest
 
@@ -188,8 +218,10 @@ def load_model(
     """Reads MODEL for the command line, whatever its kind.
 
     Args:
-        spec: A transformers directory (``config.json``), an export directory (``sparse_manifest.json``), a ``.gguf``
-            file, or a Lightning checkpoint (``.ckpt``/``.pt``/``.pth``, needs ``module``).
+        spec: A transformers directory (``config.json``), a PEFT adapter directory (``adapter_config.json``: the
+            ``PeftModel`` on its local base model, whose base layers are pruned and whose adapters are merged into the
+            export with the masks kept), an export directory (``sparse_manifest.json``), a ``.gguf`` file, or a
+            Lightning checkpoint (``.ckpt``/``.pt``/``.pth``, needs ``module``).
         module: ``package.Class`` of the checkpoint's module.
         tokenizer: Tokenizer directory or ``.gguf`` file; default the model's own.
         dtype: Floating dtype of the model; ``None`` keeps the stored one (float32 for GGUF, which is dequantized).
@@ -218,6 +250,15 @@ def load_model(
         if is_export(path):
             model, module_class = _load_export(path, module, dtype)
             kind = "export"
+        elif (path / "adapter_config.json").is_file():
+            if module is not None:
+                raise ValueError("--module is only for Lightning checkpoints; MODEL is a PEFT adapter directory")
+            model, base = _load_adapters(path, dtype)
+            kind = "peft"
+            if tokenizer is None:  # the adapter directory's own, else the base model's
+                own_tokenizer = _try_tokenizer(path)
+                if own_tokenizer is None:
+                    own_tokenizer = _try_tokenizer(base)
         elif (path / "config.json").is_file():
             if module is not None:
                 raise ValueError("--module is only for Lightning checkpoints; MODEL is a transformers directory")
@@ -231,7 +272,8 @@ def load_model(
             kind = "transformers"
         else:
             raise ValueError(f"MODEL {spec!r} is a directory without config.json or sparse_manifest.json")
-        own_tokenizer = _try_tokenizer(path) if tokenizer is None else None
+        if kind != "peft" and tokenizer is None:
+            own_tokenizer = _try_tokenizer(path)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
         if not _is_gguf(path):
             raise ValueError(f"MODEL {spec!r} is named .gguf but is not a GGUF file (it does not start with b'GGUF')")

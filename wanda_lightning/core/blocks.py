@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -19,13 +19,21 @@ class BlockStack:
     Attributes:
         name: Module name of the container (``"model.layers"``, ``"transformer.h"``, ...).
         blocks: The blocks, in execution order.
+        keys: Their names in the container: ``"0"``, ``"1"``, ... (the default), or the names of an
+            ``nn.Sequential`` built from an ``OrderedDict`` (torchvision's ViT: ``"encoder_layer_0"``, ...).
     """
 
     name: str
     blocks: list[nn.Module]
+    keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [str(index) for index in range(len(self.blocks))]
+        self._index = {key: index for index, key in enumerate(self.keys)}
 
     def block_name(self, index: int) -> str:
-        return f"{self.name}.{index}" if self.name else str(index)
+        return f"{self.name}.{self.keys[index]}" if self.name else self.keys[index]
 
     def index_of(self, layer_name: str) -> int | None:
         """Index of the block holding ``layer_name``, or ``None`` when it lies outside the stack."""
@@ -33,9 +41,12 @@ class BlockStack:
         if not layer_name.startswith(prefix):
             return None
         head = layer_name[len(prefix) :].split(".", 1)[0]
-        if head.isdigit() and int(head) < len(self.blocks):
-            return int(head)
-        return None
+        return self._index.get(head)
+
+
+def _stack(name: str, module: nn.Module) -> BlockStack:
+    keys, blocks = zip(*module.named_children(), strict=True)
+    return BlockStack(name=name, blocks=list(blocks), keys=list(keys))
 
 
 def _is_stack(module: nn.Module) -> bool:
@@ -83,7 +94,7 @@ def find_block_stack(model: nn.Module, targets: Sequence[TargetLayer], blocks: s
                 f"`blocks`={blocks!r} is a {type(module).__name__}; it must name a non-empty nn.ModuleList or "
                 "nn.Sequential of blocks"
             )
-        return BlockStack(name=blocks, blocks=list(module))
+        return _stack(blocks, module)
 
     best: BlockStack | None = None
     best_weight = 0
@@ -93,5 +104,5 @@ def find_block_stack(model: nn.Module, targets: Sequence[TargetLayer], blocks: s
         prefix = f"{name}." if name else ""
         weight = sum(t.weight_2d.numel() for t in targets if t.name.startswith(prefix))
         if weight > best_weight:
-            best, best_weight = BlockStack(name=name, blocks=list(module)), weight
+            best, best_weight = _stack(name, module), weight
     return best

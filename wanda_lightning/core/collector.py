@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .attention import split_attention
 from .statistics import LayerStatistics, flatten_tokens
 from .targets import TargetLayer
 
@@ -87,9 +88,11 @@ class StatisticsCollector:
         self._cache.append((inputs, version, type(stats), summary))
         return summary
 
-    def _hook(self, name: str) -> Callable[..., None]:
+    def _hook(self, layer: TargetLayer) -> Callable[..., None]:
+        name = layer.name
+
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            inputs = (args[0] if args else next(iter(kwargs.values()))).detach()
+            inputs = layer.input_of(args, kwargs).detach()
             version = inputs._version
             for stats in self.statistics[name].values():
                 stats.accumulate(self._summary(stats, inputs, version), self.num_sequences)
@@ -101,12 +104,13 @@ class StatisticsCollector:
 
     @contextmanager
     def attached(self) -> Iterator[StatisticsCollector]:
-        """Registers the hooks for the duration of the ``with`` block."""
-        handles = [
-            layer.module.register_forward_pre_hook(self._hook(layer.name), with_kwargs=True) for layer in self.layers
-        ]
+        """Registers the hooks for the duration of the ``with`` block (and splits the ``MultiheadAttention`` modules
+        whose ``out_proj`` is watched, so that it runs as a module: see :func:`~wanda_lightning.core.attention.
+        split_attention`)."""
+        handles = [layer.module.register_forward_pre_hook(self._hook(layer), with_kwargs=True) for layer in self.layers]
         try:
-            yield self
+            with split_attention(self.layers):
+                yield self
         finally:
             for handle in handles:
                 handle.remove()

@@ -149,8 +149,11 @@ class Action(ABC):
 
 @contextmanager
 def calibration_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no key/value caches and no autograd for the ``with`` block; modes and caches are restored after,
-    also when an error is raised.
+    """Eval mode, no key/value caches, no autograd and no fused attention fast paths for the ``with`` block; modes,
+    caches and the fast-path setting are restored after, also when an error is raised.
+
+    Torch's fast paths (``torch.backends.mha``) run ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` as
+    one fused kernel in eval mode without autograd: their linear layers' hooks would never see an input.
 
     Example::
 
@@ -164,7 +167,9 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
     modes = [(module, module.training) for module in model.modules()]
     configs: list[Any] = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
     caches = [config.use_cache for config in configs]
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         model.eval()
         for config in configs:
             config.use_cache = False
@@ -175,6 +180,7 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
         for config, cached in zip(configs, caches, strict=True):
             config.use_cache = cached
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def check_finite(layers: Sequence[TargetLayer], where: str, layout: ShardedLayout | None = None) -> None:

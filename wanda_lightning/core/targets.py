@@ -4,32 +4,68 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 
 from .layers import is_conv1d, is_linear_layer, local_tensor
 
-__all__ = ["TargetLayer", "find_targets", "matches_any", "validate_patterns"]
+__all__ = ["TargetLayer", "find_targets", "layer_masks", "matches_any", "parameter_masks", "validate_patterns"]
 
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head",)
 
 
 @dataclass
 class TargetLayer:
-    """A layer selected for pruning.
+    """A weight selected for pruning: a layer's ``weight``, or rows of another 2-D parameter of a module.
 
     Attributes:
-        name: Fully qualified module name in the model passed to ``prune()``.
-        module: The module (``nn.Linear`` or transformers' ``Conv1D``).
+        name: Name in reports, patterns and ``on_layer_pruned``: the module name of a linear layer
+            (``"model.layers.0.mlp.up_proj"``); for the query/key/value thirds of a ``MultiheadAttention``,
+            ``"<module>.in_proj_weight.q"`` (packed) or ``"<module>.q_proj_weight"`` (separate weights).
+        module: The module holding the weight (``nn.Linear``, transformers' ``Conv1D``, ``nn.MultiheadAttention``).
         transposed: True for ``Conv1D``, whose weight is stored ``(in_features, out_features)``.
+        parameter: Attribute of ``module`` holding the weight (``"weight"``, ``"in_proj_weight"``, ...).
+        rows: ``(start, stop)`` rows of that parameter, for a packed weight; ``None`` for all of it.
+        position: Which positional argument of ``module``'s forward is the input the weight multiplies.
+        keyword: The same argument's name, when it is passed by keyword (``"key"``); ``None``: the first keyword.
+        module_name: Module name of ``module`` (default: ``name``).
+        attention: For the ``out_proj`` of a ``MultiheadAttention``, the attention module, whose forward is split
+            around the projection while statistics are collected (:mod:`~wanda_lightning.core.attention`).
+
+    Example::
+
+        >>> layer = TargetLayer("fc", nn.Linear(3, 2))
+        >>> layer.shape, layer.parameter_name
+        ((2, 3), 'fc.weight')
     """
 
     name: str
     module: nn.Module
     transposed: bool = False
+    parameter: str = "weight"
+    rows: tuple[int, int] | None = None
+    position: int = 0
+    keyword: str | None = None
+    module_name: str | None = None
+    attention: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.module_name is None:
+            self.module_name = self.name
+
+    @property
+    def tensor(self) -> Tensor:
+        """The parameter holding the weight (all of it, also when the target is some of its rows)."""
+        return cast(Tensor, getattr(self.module, self.parameter))
+
+    @property
+    def parameter_name(self) -> str:
+        """Name of :attr:`tensor` in ``model.named_parameters()`` (``"model.layers.0.mlp.up_proj.weight"``)."""
+        return f"{self.module_name}.{self.parameter}" if self.module_name else self.parameter
 
     @property
     def weight_2d(self) -> Tensor:
@@ -37,32 +73,101 @@ class TargetLayer:
 
         For a DTensor weight (FSDP2), this rank's shard: its own output rows under ``Shard(0)``.
         """
-        weight = local_tensor(cast(Tensor, self.module.weight).data)
-        return weight.t() if self.transposed else weight
+        weight = local_tensor(self.tensor.data)
+        weight = weight.t() if self.transposed else weight
+        return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
 
     @property
     def in_features(self) -> int:
         # From the module's own attributes when it has them: FSDP1 flattens the weight outside its forward.
-        known = getattr(self.module, "nx" if self.transposed else "in_features", None)
+        known = getattr(self.module, "nx" if self.transposed else "in_features", None) if self._whole_layer else None
         return int(known) if isinstance(known, int) else int(self.weight_2d.shape[1])
 
     @property
     def out_features(self) -> int:
-        known = getattr(self.module, "nf" if self.transposed else "out_features", None)
+        if self.rows is not None:
+            return self.rows[1] - self.rows[0]
+        known = getattr(self.module, "nf" if self.transposed else "out_features", None) if self._whole_layer else None
         return int(known) if isinstance(known, int) else int(self.weight_2d.shape[0])
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(out_features, in_features)`` of the whole weight (of all shards, for a DTensor or under FSDP1)."""
-        weight = cast(Tensor, self.module.weight)
+        weight = self.tensor
         if weight.dim() != 2:  # flattened by FSDP1
             return (self.out_features, self.in_features)
         rows, columns = (int(d) for d in weight.shape)
+        if self.rows is not None:
+            return (self.rows[1] - self.rows[0], columns)
         return (columns, rows) if self.transposed else (rows, columns)
 
     @property
     def kind(self) -> str:
         return type(self.module).__name__
+
+    @property
+    def _whole_layer(self) -> bool:
+        return self.parameter == "weight" and self.rows is None
+
+    def input_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The input this weight multiplies, from the arguments of ``module``'s forward (as a pre-hook sees them)."""
+        if len(args) > self.position:
+            return cast(Tensor, args[self.position])
+        if self.keyword is not None and self.keyword in kwargs:
+            return cast(Tensor, kwargs[self.keyword])
+        return cast(Tensor, next(iter(kwargs.values())))
+
+
+def parameter_masks(layers: Sequence[TargetLayer], masks: Mapping[str, Tensor], fill: bool = True) -> dict[str, Tensor]:
+    """Per-layer ``(out_features, in_features)`` masks (by :attr:`TargetLayer.name`) as masks shaped like the
+    parameters that hold the weights (by :attr:`TargetLayer.parameter_name`).
+
+    ``Conv1D`` masks are transposed to the stored ``(in, out)`` layout; the rows of a packed parameter (the query, key
+    and value thirds of ``in_proj_weight``) are assembled into one mask, rows without a mask getting ``fill``.
+
+    Example::
+
+        >>> import torch
+        >>> layer = TargetLayer("fc", nn.Linear(2, 1))
+        >>> parameter_masks([layer], {"fc": torch.tensor([[True, False]])})
+        {'fc.weight': tensor([[ True, False]])}
+    """
+    result: dict[str, Tensor] = {}
+    for layer in layers:
+        mask = masks.get(layer.name)
+        if mask is None:
+            continue
+        if layer.rows is None:
+            result[layer.parameter_name] = mask.t().contiguous() if layer.transposed else mask
+            continue
+        whole = result.get(layer.parameter_name)
+        if whole is None:
+            shape = tuple(local_tensor(layer.tensor).shape)
+            whole = torch.full(shape, fill, dtype=mask.dtype, device=mask.device)
+            result[layer.parameter_name] = whole
+        whole[layer.rows[0] : layer.rows[1]] = mask
+    return result
+
+
+def layer_masks(layers: Sequence[TargetLayer], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`parameter_masks`: ``(out_features, in_features)`` masks by layer name, for the layers
+    whose parameter has a mask.
+
+    Example::
+
+        >>> import torch
+        >>> layer = TargetLayer("fc", nn.Linear(2, 1))
+        >>> layer_masks([layer], {"fc.weight": torch.tensor([[True, False]])})
+        {'fc': tensor([[ True, False]])}
+    """
+    result: dict[str, Tensor] = {}
+    for layer in layers:
+        mask = masks.get(layer.parameter_name)
+        if mask is None:
+            continue
+        mask = mask.t() if layer.transposed else mask
+        result[layer.name] = mask if layer.rows is None else mask[layer.rows[0] : layer.rows[1]]
+    return result
 
 
 def _storage_key(weight: Tensor) -> int:
@@ -135,12 +240,17 @@ def _embedding_weights(model: nn.Module) -> dict[int, str]:
 def find_targets(
     model: nn.Module, targets: Sequence[str] | str | None = None, ignore: Sequence[str] | str | None = None
 ) -> tuple[list[TargetLayer], list[tuple[str, str]]]:
-    """Lists the layers to prune and the prunable layers left alone, with the reason.
+    """Lists the weights to prune and the prunable layers left alone, with the reason.
+
+    Candidates are every ``nn.Linear`` and transformers ``Conv1D``, and the query, key and value projections of every
+    ``nn.MultiheadAttention`` (its ``out_proj`` is a linear layer; see :mod:`~wanda_lightning.core.attention`). In a
+    PEFT model the adapters (``lora_A``, ``lora_B``, DoRA's magnitude, ...) are never candidates: the wrapped
+    ``base_layer`` is, under its own name, and patterns match it by its wrapper's name too (``"*.q_proj"`` selects
+    ``"...q_proj.base_layer"``); see :mod:`~wanda_lightning.core.adapters`.
 
     Args:
         model: Any module.
-        targets: Name patterns of layers to prune (glob or ``re:`` regex); ``None`` means every ``nn.Linear`` and
-            ``Conv1D``.
+        targets: Name patterns of layers to prune (glob or ``re:`` regex); ``None`` means every candidate.
         ignore: Name patterns to leave alone; ``None`` means ``["lm_head"]``. Weights shared with an embedding are
             always left alone.
 
@@ -148,7 +258,9 @@ def find_targets(
         ``(targets, skipped)`` where ``skipped`` holds ``(name, reason)`` pairs.
 
     Raises:
-        ValueError: If no layer matches (the message lists the patterns and a few layer names).
+        ValueError: If no layer matches (the message lists the patterns and a few layer names; or says that they
+            match only adapter layers), if a selected layer is quantized (bitsandbytes) or if PEFT adapters are
+            merged into a selected base layer; nothing is changed then.
 
     Example::
 
@@ -156,35 +268,84 @@ def find_targets(
         >>> [t.name for t in layers], skipped
         (['0'], [('2', 'matches `ignore`')])
     """
+    from .adapters import adapter_roles, quantization_of
+    from .attention import attention_targets, is_attention
+
     target_patterns = validate_patterns(targets, "targets")
     ignore_patterns = validate_patterns(ignore, "ignore")
     if ignore_patterns is None:
         ignore_patterns = DEFAULT_IGNORE
     embeddings = _embedding_weights(model)
+    roles = adapter_roles(model)
     selected: list[TargetLayer] = []
     skipped: list[tuple[str, str]] = []
     candidates: list[str] = []
-    seen_weights: set[int] = set()
+    adapter_matches: list[str] = []
+    matched = 0
+    seen_weights: set[tuple[int, tuple[int, int] | None]] = set()
+    modules: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not is_linear_layer(module) or not name:
+        modules[name] = module
+        if is_attention(module):
+            found = attention_targets(name, module)
+        elif is_linear_layer(module) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules.get(parent_name)
+            owner = parent if child == "out_proj" and parent is not None and is_attention(parent) else None
+            found = [TargetLayer(name=name, module=module, transposed=is_conv1d(module), attention=owner)]
+        else:
             continue
-        candidates.append(name)
-        if target_patterns is not None and not matches_any(name, target_patterns):
-            continue
-        pointer = _storage_key(module.weight)
-        if pointer in embeddings:
-            skipped.append((name, f"weight shared with embedding `{embeddings[pointer]}`"))
-            continue
-        if matches_any(name, ignore_patterns):
-            skipped.append((name, "matches `ignore`"))
-            continue
-        if pointer in seen_weights:
-            skipped.append((name, "weight shared with another target layer (pruned once)"))
-            continue
-        seen_weights.add(pointer)
-        selected.append(TargetLayer(name=name, module=module, transposed=is_conv1d(module)))
+        role = roles.role_of(name)
+        alias = roles.aliases.get(name)
+        for layer in found:
+            names = [layer.name] + ([alias + layer.name[len(name) :]] if alias is not None else [])
+            wanted = target_patterns is None or any(matches_any(n, target_patterns) for n in names)
+            if role is not None and role[0] == "adapter":
+                if wanted and target_patterns is not None:
+                    adapter_matches.append(layer.name)
+                continue
+            candidates.append(layer.name)
+            if not wanted:
+                continue
+            matched += 1
+            if role is not None:
+                skipped.append((layer.name, role[1]))
+                continue
+            pointer = _storage_key(layer.tensor)
+            if pointer in embeddings:
+                skipped.append((layer.name, f"weight shared with embedding `{embeddings[pointer]}`"))
+                continue
+            if any(matches_any(n, ignore_patterns) for n in names):
+                skipped.append((layer.name, "matches `ignore`"))
+                continue
+            if (pointer, layer.rows) in seen_weights:
+                skipped.append((layer.name, "weight shared with another target layer (pruned once)"))
+                continue
+            quantized = quantization_of(module, layer.tensor)
+            if quantized is not None:
+                raise ValueError(
+                    f"layer {layer.name!r} is quantized ({quantized}): zeroing its packed data does not prune weights. "
+                    "Prune the model in floating point and quantize it afterwards, or leave the layer out with "
+                    "`ignore`"
+                )
+            merged = [w for w in roles.merged if name.startswith(f"{w}.")]
+            if merged:
+                raise ValueError(
+                    f"the PEFT adapters of {merged[0]!r} are merged into its base layer {layer.name!r}: pruning it "
+                    "would prune their update with it. Unmerge them first (`model.unmerge_adapter()`), or prune the "
+                    "merged model (`merge_and_unload()`)"
+                )
+            seen_weights.add((pointer, layer.rows))
+            selected.append(layer)
     if not selected:
-        examples = ", ".join(candidates[:5]) or "none: the model has no nn.Linear or Conv1D layer"
+        if adapter_matches and not matched:
+            wrapper = (roles.role_of(adapter_matches[0]) or ("", ""))[1]
+            raise ValueError(
+                f"`targets`={list(target_patterns or ())} match only PEFT adapter layers ({adapter_matches[:3]}), "
+                "which are never pruned: the layers they adapt are (the base layer's weight, from the statistics of "
+                f"the wrapper's input); select them by the wrapped layer's name, such as {wrapper!r}"
+            )
+        examples = ", ".join(candidates[:5]) or "none: the model has no nn.Linear, Conv1D or MultiheadAttention layer"
         raise ValueError(
             f"no layer to prune: `targets`={list(target_patterns) if target_patterns else None} and "
             f"`ignore`={list(ignore_patterns)} leave nothing; prunable layers include: {examples}"

@@ -130,9 +130,15 @@ def sharded_layout(layers: Sequence[Any]) -> ShardedLayout | None:
     mesh: Any = None
     sharded: list[str] = []
     for layer in layers:
-        weight = layer.module.weight
+        weight = layer.tensor
         if not is_dtensor(weight):
             continue
+        if layer.rows is not None:
+            raise ValueError(
+                f"layer {layer.name!r} is some rows of the sharded parameter {layer.parameter_name!r} (a packed "
+                "MultiheadAttention projection), whose shards do not follow those rows; prune before sharding, or "
+                "leave it out with `ignore`"
+            )
         placements = tuple(weight.placements)
         row_dim = 1 if layer.transposed else 0
         row_sharded = placements == (Shard(row_dim),)
@@ -190,7 +196,7 @@ def fsdp1_layout(model: nn.Module, layers: Sequence[Any]) -> ShardedLayout | Non
         found = [name for name in units if not name or layer.name.startswith(f"{name}.")]
         if found:
             owners[layer.name] = units[max(found, key=len)]
-        elif layer.module.weight.dim() != 2:
+        elif layer.tensor.dim() != 2:
             raise ValueError(
                 f"layer {layer.name!r} is flattened by an FSDP unit outside the module given to prune(); pass the "
                 "module that holds its FullyShardedDataParallel wrapper"

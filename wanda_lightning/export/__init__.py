@@ -19,7 +19,8 @@ Two moves, as in gpt-fast: make the compressed state (:func:`compress_state_dict
 Modules: :mod:`.packing` (bit encodings), :mod:`.format` (tensors to stored parts and back), :mod:`.manifest` (the
 JSON manifest), :mod:`.shards` (safetensors files), :mod:`.paths` (safe directory writes), :mod:`.directory`
 (:func:`save_compressed` / :func:`load_compressed`), :mod:`.checkpoints` (Lightning checkpoints), :mod:`.hf`
-(transformers models) and :mod:`.runtime` (2:4 semi-structured kernels on a GPU).
+(transformers models), :mod:`.adapters` (merging PEFT adapters into pruned weights) and
+:mod:`.runtime` (2:4 semi-structured kernels on a GPU).
 
 Example::
 
@@ -28,6 +29,7 @@ Example::
     model = load_pruned("pruned/")
 """
 
+from .adapters import merge_adapters
 from .checkpoints import compress_checkpoint, read_checkpoint
 from .directory import load_compressed, save_compressed
 from .format import (
@@ -63,6 +65,7 @@ __all__ = [
     "is_export",
     "load_compressed",
     "load_pruned",
+    "merge_adapters",
     "read_checkpoint",
     "read_manifest",
     "save_compressed",

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.adapters import has_adapters
 from ..core.layers import find_pretrained, is_conv1d
+from .adapters import merge_adapters
 from .directory import DEFAULT_MAX_SHARD_SIZE, load_compressed, save_compressed
 from .format import DEFAULT_MIN_SPARSITY, CorruptExportError
 from .manifest import ExportSummary
@@ -106,8 +108,14 @@ def save_pruned(
     written to a temporary directory and renamed into place. Works for GGUF-loaded models, whose ``save_pretrained``
     transformers refuses, without calling ``save_pretrained`` on the model. Read it back with :func:`load_pruned`.
 
+    A model with PEFT adapters (LoRA, DoRA) is exported merged: a copy is merged with
+    :func:`~wanda_lightning.merge_adapters`, which keeps the base weights' zeros at zero (peft's own
+    ``merge_and_unload`` would fill them with the adapters' dense update). The copy costs the model's memory once more
+    while the export is written.
+
     Args:
-        model: A transformers ``PreTrainedModel``, or a module (such as a LightningModule) holding exactly one.
+        model: A transformers ``PreTrainedModel``, or a module (such as a LightningModule or a ``PeftModel``) holding
+            exactly one.
         path: The directory to create.
         tokenizer: Saved alongside with ``tokenizer.save_pretrained`` when given.
         dtype: Store floating-point parameters and buffers in this dtype (``torch.bfloat16`` halves an fp32 export);
@@ -144,6 +152,11 @@ def save_pruned(
     """
     transformers = _transformers()
     hf_model, prefix = _hf_model(model)
+    if has_adapters(hf_model):
+        if state_dict is not None:
+            raise ValueError("`state_dict` cannot be combined with PEFT adapters: merge them first (merge_adapters)")
+        # A copy, so that the caller keeps its adapters; pruned entries stay zero through the merge.
+        hf_model = merge_adapters(copy.deepcopy(hf_model))
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"`tokenizer` must have save_pretrained(), got {type(tokenizer).__name__}")
     config = _export_config(hf_model, dtype)

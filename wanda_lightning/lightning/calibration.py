@@ -29,6 +29,7 @@ __all__ = [
     "CalibrationSource",
     "check_calibration",
     "first_loader",
+    "has_forward",
     "safe_len",
     "transfer_batch",
 ]
@@ -65,6 +66,18 @@ def first_loader(loaders: Any) -> Iterable[Any] | None:
     if isinstance(loaders, Mapping):
         return first_loader(next(iter(loaders.values()))) if loaders else None
     return cast(Iterable[Any], loaders)
+
+
+def has_forward(pl_module: nn.Module) -> bool:
+    """Whether the module's class defines ``forward`` (a LightningModule that does everything in its steps does not).
+
+    Example::
+
+        >>> has_forward(pl.LightningModule()), has_forward(nn.Linear(2, 2))
+        (False, True)
+    """
+    forward = getattr(type(pl_module), "forward", None)
+    return forward is not None and forward not in (pl.LightningModule.forward, nn.Module.forward)
 
 
 def safe_len(loader: Any) -> int | None:
@@ -111,6 +124,12 @@ class CalibrationData:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.forward = forward
+
+    @property
+    def step_name(self) -> str:
+        """The step that runs a module without ``forward`` on these batches: ``"training_step"`` for training data,
+        else ``"validation_step"``."""
+        return "training_step" if self.calibration == "train" else "validation_step"
 
     def source(self, trainer: pl.Trainer) -> Iterable[Any]:
         """The loader the batches come from.
@@ -215,8 +234,9 @@ class CalibrationData:
         try:
             return self.forward(cast(pl.LightningModule, model), batch)
         except (TypeError, KeyError, IndexError, AttributeError, ValueError, RuntimeError) as error:
+            what = type(model).__name__ if has_forward(model) else f"{type(model).__name__}.{self.step_name}"
             raise MisconfigurationException(
-                f"{type(model).__name__} could not run on a calibration batch of type {type(batch).__name__}: "
+                f"{what} could not run on a calibration batch of type {type(batch).__name__}: "
                 f"{type(error).__name__}: {error}. Pass `forward_fn=lambda pl_module, batch: ...` (or override "
                 "`calibration_forward`) to run the module on your batches"
             ) from error

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from copy import deepcopy
+from dataclasses import replace
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -33,23 +34,24 @@ from torch.utils.data import DataLoader
 
 from ..core.batches import default_forward
 from ..core.layers import local_tensor
-from ..core.targets import find_targets
+from ..core.targets import find_targets, layer_masks, parameter_masks
 from ..core.validation import check_bool, check_positive
 from ..distributed.sharding import holds_shards, is_fsdp1
 from ..methods.registry import AllocationName, RefinementName, get_method
+from ..pruning.action import check_keeps_pruned
 from ..pruning.api import prune_with
 from ..pruning.config import PruneConfig
 from ..pruning.report import PruningReport
-from .calibration import CalibrationData, CalibrationSource, first_loader, warn_if_no_validation
+from .calibration import CalibrationData, CalibrationSource, first_loader, has_forward, warn_if_no_validation
 from .checkpointing import put_pruned_weights, restore_dense_weights, unwrap_saves, wrap_weights_only_saves
 from .errors import misconfiguration
-from .evaluation import measure_validation
+from .evaluation import measure_validation, quiet_steps, run_step
 from .exporting import export_module
 from .masks import MaskKeeper, masks_of_zeros
 from .metrics import Sparsity
 from .progress import TrainerProgress
 from .strategies import check_strategy, is_sharded_strategy, strategy_sync
-from .summary import format_summary, log_to_loggers, metric_deltas
+from .summary import format_summary, log_to_loggers, metric_deltas, publish_metrics
 from .triggers import Due, PruneOn, make_trigger
 
 __all__ = ["WandaPruningCallback"]
@@ -57,8 +59,21 @@ __all__ = ["WandaPruningCallback"]
 _STATE_VERSION = 2  # 2: masks packed as in the export format (least significant bit first)
 
 
+def _check_schedulable(config: PruneConfig) -> None:
+    """Raises ``ValueError`` unless ``config`` can prune on a schedule (unstructured, keeping what was pruned)."""
+    structure = config.structure
+    if structure.is_n_m:
+        raise ValueError(
+            f"`prune_on`='schedule' raises the sparsity step by step, which `structure`={structure.name!r} fixes at "
+            f"{structure.sparsity:g} (N of every M kept from the first step); use structure='unstructured', or "
+            "another `prune_on` for N:M"
+        )
+    check_keeps_pruned(config)
+
+
 class WandaPruningCallback(Callback):
-    r"""Prunes the LightningModule with Wanda (``|W| * ||X||`` per output row) once, at a chosen point of the run.
+    r"""Prunes the LightningModule with Wanda (``|W| * ||X||`` per output row) at a chosen point of the run, or
+    gradually on a sparsity schedule.
 
     The callback calibrates on the run's own batches (by default the validation dataloader, with its DDP sampler),
     measures every metric the module logs in ``validation_step`` before and after pruning, logs sparsity and metric
@@ -81,18 +96,45 @@ class WandaPruningCallback(Callback):
       affected weights), while the live run keeps training dense. Full checkpoints also keep the dense weights under
       the top-level key ``"wanda_dense_weights"``: resuming with this callback continues the dense run; loading the
       checkpoint anywhere else gives the pruned model.
+    - ``"schedule"`` with ``end_step`` (and ``start_step``, ``every_n_steps``): gradual pruning (Zhu & Gupta, 2017).
+      Every ``every_n_steps`` optimizer steps from ``start_step`` to ``end_step`` the model is re-scored with Wanda on
+      the calibration batches and pruned to the sparsity of a cubic ramp from 0 to ``sparsity``
+      (``s(t) = sparsity * (1 - (1 - (t - start_step) / (end_step - start_step)) ** 3)``), with training in between.
+      Weights pruned at one step stay pruned at the next (they score below every other weight). Unstructured only,
+      with methods that score and select (``"wanda"``, ``"magnitude"``, ``"ria"``), no ``refine``; not under FSDP.
+      ``<metric>/dense`` is measured once, before the first step; ``/pruned`` after each step.
 
     While training continues after pruning, the gradients of pruned weights are zeroed before each optimizer step, and
     after each step the masks are re-applied and the optimizer states of pruned entries (``exp_avg``,
     ``exp_avg_sq``, ``momentum_buffer``, ...) are zeroed, so sparsity stays exact. The masks (bit-packed), the
     configuration and the report go through :meth:`state_dict`: a run resumed from a checkpoint saved after pruning
-    keeps its masks and does not prune again.
+    keeps its masks and does not prune again (a schedule goes on with its next step).
+
+    Models that are not a causal LM called through ``forward``:
+
+    - PEFT LoRA / DoRA (``get_peft_model``): the base layers' weights are pruned, from the statistics of the LoRA
+      layer's input (``...q_proj.base_layer``); the adapter matrices (``lora_A``, ``lora_B``, DoRA's magnitude) are
+      never targets, and target patterns match base layers by the wrapped layer's name too (``"*.q_proj"``). The masks
+      hold while the adapters train. ``export_dir`` merges the adapters on a copy with
+      :func:`~wanda_lightning.merge_adapters`, which keeps the pruned entries at zero (peft's own ``merge_and_unload``
+      cannot know the masks and fills them with the adapters' dense update). A bitsandbytes-quantized base is refused
+      with an error naming the layer.
+    - ``torch.nn.MultiheadAttention`` (``nn.TransformerEncoder``/``Decoder``, torchvision's ViT, custom models): the
+      query, key and value thirds of ``in_proj_weight`` (or the separate weights) are pruned from the statistics of
+      the ``query``, ``key`` and ``value`` inputs, ``out_proj`` from the attention output before the projection (see
+      :mod:`~wanda_lightning.core.attention`). Masks are by parameter name (``...self_attn.in_proj_weight``).
+    - A LightningModule without ``forward``: calibration runs ``validation_step`` on validation batches (or on a
+      ``DataLoader`` given as ``calibration``) and ``training_step`` on training batches (``calibration="train"``),
+      under ``no_grad``, with what they log captured and thrown away and their torchmetrics states restored.
+      ``forward_fn`` / :meth:`calibration_forward` still override.
 
     Logged with ``logger.log_metrics`` at ``trainer.global_step``: ``wanda/sparsity`` (over all pruned layers),
     ``wanda/sparsity/<layer>`` (through :class:`~wanda_lightning.lightning.metrics.Sparsity`), and, with
     ``evaluate=True``, for every metric the module logs in validation: ``<name>/dense``, ``<name>/pruned`` and
     ``<name>/delta`` (pruned minus dense), measured by running the module's ``validation_step`` over the same
-    validation batches before and after pruning.
+    validation batches before and after pruning. The same values (``wanda/sparsity`` and the three per metric) are put
+    in ``trainer.callback_metrics``, identical on every process, so that ``ModelCheckpoint(monitor="val_loss/pruned")``
+    and ``EarlyStopping`` can monitor them (again after a resume).
 
     Under DDP (``"ddp"``, ``"ddp_spawn"``, any number of nodes) the calibration statistics (float32 sums and int64
     counts) are all-reduced, so every process computes the same masks as one process would over the union of all
@@ -144,21 +186,26 @@ class WandaPruningCallback(Callback):
             with its distributed sampler); ``"train"``: the training dataloader; or a ``DataLoader`` (or any iterable
             of batches), whose batches are split between DDP processes.
         prune_on: When to prune: ``"fit_end"``, ``"train_epoch_end"``, ``"train_step"``, ``"fit_start"``,
-            ``"validate"`` or ``"checkpoint"`` (see above).
+            ``"validate"``, ``"checkpoint"`` or ``"schedule"`` (see above).
         epoch: With ``prune_on="train_epoch_end"`` only (and required there): the zero-based epoch after which to
             prune.
         step: With ``prune_on="train_step"`` only (and required there): prune once this many optimizer steps are done
             (``trainer.global_step`` reaches it); training then goes on sparse.
+        start_step: With ``prune_on="schedule"`` only: the global step where the sparsity ramp starts (default 0).
+        end_step: With ``prune_on="schedule"`` only (and required there): the global step where the ramp reaches
+            ``sparsity``; greater than ``start_step``.
+        every_n_steps: With ``prune_on="schedule"`` only: optimizer steps between two pruning steps (default: a tenth
+            of the ramp, at least 1).
         evaluate: Measure the module's validation metrics before and after pruning and log the deltas.
         num_eval_batches: Most validation batches (per process) for each of the two measurements; ``None`` for as
             many as the trainer validates (``limit_val_batches``).
         forward_fn: ``forward_fn(pl_module, batch)`` runs the module on one calibration batch, for modules whose
             ``forward`` does not take the batch as is (default: ``pl_module(**batch)`` for a mapping,
-            ``pl_module(batch[0])`` for a tuple or list, ``pl_module(batch)`` for a tensor). Or override
-            :meth:`calibration_forward`.
-        export_dir: After pruning, rank zero writes the compressed export there (see
-            :func:`~wanda_lightning.save_pruned`; an existing export is replaced) and logs ``wanda/export_bytes`` and
-            ``wanda/export_ratio``. Not with ``prune_on="checkpoint"``.
+            ``pl_module(batch[0])`` for a tuple or list, ``pl_module(batch)`` for a tensor; for a module without
+            ``forward``, its ``validation_step`` or ``training_step``). Or override :meth:`calibration_forward`.
+        export_dir: After pruning (after the last step of a schedule), rank zero writes the compressed export there
+            (see :func:`~wanda_lightning.save_pruned`; PEFT adapters merged with the masks kept; an existing export is
+            replaced) and logs ``wanda/export_bytes`` and ``wanda/export_ratio``. Not with ``prune_on="checkpoint"``.
         verbose: Print the summary table (the report and the metric deltas) on rank zero.
 
     Raises:
@@ -175,6 +222,12 @@ class WandaPruningCallback(Callback):
 
         trainer = Trainer(max_steps=100, callbacks=[WandaPruningCallback(sparsity=0.5, num_eval_batches=8)])
         trainer.fit(model, train_loader, val_loader)  # fine-tunes, then prunes; the last checkpoint is sparse
+
+    Gradually, to 70 % over 200 steps (pruning at steps 50, 100, 150 and 200), keeping the best pruned checkpoint::
+
+        pruning = WandaPruningCallback(sparsity=0.7, prune_on="schedule", start_step=0, end_step=200, every_n_steps=50)
+        best = ModelCheckpoint(monitor="val_loss/pruned", mode="min")
+        Trainer(max_steps=300, callbacks=[pruning, best]).fit(model, train_loader, val_loader)
 
     In a LightningCLI YAML config::
 
@@ -207,6 +260,9 @@ class WandaPruningCallback(Callback):
         prune_on: PruneOn = "fit_end",
         epoch: int | None = None,
         step: int | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        every_n_steps: int | None = None,
         evaluate: bool = True,
         num_eval_batches: int | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
@@ -241,8 +297,23 @@ class WandaPruningCallback(Callback):
                 check_bool(flag, name)
             check_positive(num_eval_batches, "num_eval_batches")
             self._calibration = CalibrationData(calibration, num_samples, batch_size, self.calibration_forward)
-            self._trigger = make_trigger(prune_on, epoch, step)
-            if self._config.method.permute_channels and prune_on in ("train_epoch_end", "train_step", "fit_start"):
+            self._trigger = make_trigger(
+                prune_on,
+                epoch,
+                step,
+                sparsity=self._config.structure.sparsity,
+                start_step=start_step,
+                end_step=end_step,
+                every_n_steps=every_n_steps,
+            )
+            if self._trigger.repeats:
+                _check_schedulable(self._config)
+            if self._config.method.permute_channels and prune_on in (
+                "train_epoch_end",
+                "train_step",
+                "fit_start",
+                "schedule",
+            ):
                 raise ValueError(
                     f"`method`={method!r} reorders the hidden units of MLPs, and training goes on after "
                     f"`prune_on`={prune_on!r} with optimizer state kept in their old order; use "
@@ -276,6 +347,9 @@ class WandaPruningCallback(Callback):
         self.prune_on = prune_on
         self.epoch = epoch
         self.step = step
+        self.start_step = start_step
+        self.end_step = end_step
+        self.every_n_steps = every_n_steps
         self.evaluate = evaluate
         self.num_eval_batches = num_eval_batches
         self.forward_fn = forward_fn
@@ -288,6 +362,8 @@ class WandaPruningCallback(Callback):
         self.global_sparsity = 0.0
         self.sparsities: dict[str, float] = {}
         self.evaluation_seconds = 0.0
+        #: A schedule's dense measurement, taken before its first step and kept for the deltas of the later ones.
+        self._dense_metrics: dict[str, float] | None = None
         self._keeper = MaskKeeper(self.targets, self.ignore)
         self._pruned_in_this_run = False
         self._wrapped_save = False
@@ -310,8 +386,11 @@ class WandaPruningCallback(Callback):
         """Runs ``pl_module`` on one calibration batch, already on its device; override for custom batch formats.
 
         The default calls ``forward_fn(pl_module, batch)`` when given, else ``pl_module(**batch)`` for a mapping,
-        ``pl_module(batch[0])`` for a tuple or list and ``pl_module(batch)`` for a tensor. It runs in ``no_grad``,
-        under the precision plugin's forward context, with the module in eval mode. The output is ignored.
+        ``pl_module(batch[0])`` for a tuple or list and ``pl_module(batch)`` for a tensor. A module that does not
+        define ``forward`` runs the step the trainer runs on such batches instead: ``training_step(batch, 0)`` for
+        ``calibration="train"``, else ``validation_step(batch, 0)`` (what it logs is captured and thrown away, and its
+        torchmetrics states are restored afterwards). It runs in ``no_grad``, under the precision plugin's forward
+        context, with the module in eval mode. The output is ignored.
 
         Args:
             pl_module: The LightningModule being pruned.
@@ -329,6 +408,8 @@ class WandaPruningCallback(Callback):
         """
         if self.forward_fn is not None:
             return self.forward_fn(pl_module, batch)
+        if not has_forward(pl_module):
+            return run_step(pl_module, self._calibration.step_name, batch)
         return default_forward(pl_module, batch)
 
     def summary(self) -> str:
@@ -343,6 +424,12 @@ class WandaPruningCallback(Callback):
         if stage in ("fit", "validate"):
             with misconfiguration():
                 check_strategy(trainer)
+            if is_sharded_strategy(trainer) and self._trigger.repeats:
+                raise MisconfigurationException(
+                    f"`prune_on`='schedule' re-prunes a partly pruned model, which is not supported under "
+                    f"{type(trainer.strategy).__name__} (sharded weights) yet: use DDP or a single device, or another "
+                    "`prune_on`"
+                )
             if is_sharded_strategy(trainer) and self._trigger.on_checkpoints:
                 raise MisconfigurationException(
                     "`prune_on`='checkpoint' prunes temporary copies of the weights, which FSDP2 "
@@ -367,8 +454,10 @@ class WandaPruningCallback(Callback):
         if self.pruned:
             with misconfiguration():
                 self._keeper.attach(trainer, pl_module)
-            return
-        if self._trigger.checks_at_train_start:
+            self._publish(trainer)
+            if not self._trigger.repeats:
+                return
+        elif self._trigger.checks_at_train_start:
             self._preflight(trainer, pl_module)
         self._act(trainer, pl_module, self._trigger.at_train_start(trainer))
 
@@ -430,15 +519,17 @@ class WandaPruningCallback(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """The configuration, the bit-packed masks, the report and the measured metrics."""
+        """The configuration, the bit-packed masks, the report, the measured metrics and where a schedule stands."""
         return {
             "version": _STATE_VERSION,
             "config": self._state_config(),
             **self._keeper.state_dict(),
             "report": self.report.to_dict() if self.report is not None else None,
             "metrics": deepcopy(self.metrics),
+            "dense_metrics": deepcopy(self._dense_metrics),
             "global_sparsity": self.global_sparsity,
             "sparsities": dict(self.sparsities),
+            "trigger": self._trigger.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -457,6 +548,9 @@ class WandaPruningCallback(Callback):
         self.metrics = deepcopy(state_dict.get("metrics", {}))
         self.global_sparsity = float(state_dict.get("global_sparsity", 0.0))
         self.sparsities = dict(state_dict.get("sparsities", {}))
+        dense = state_dict.get("dense_metrics")
+        self._dense_metrics = deepcopy(dense) if dense is not None else None
+        self._trigger.load_state_dict(state_dict.get("trigger") or {})
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._keeper.detach()
@@ -470,6 +564,8 @@ class WandaPruningCallback(Callback):
         state.update(batch_size=self.batch_size, prune_on=self.prune_on, epoch=self.epoch)
         if self.step is not None:
             state["step"] = self.step
+        if self._trigger.repeats:
+            state.update(start_step=self.start_step, end_step=self.end_step, every_n_steps=self.every_n_steps)
         return state
 
     def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -482,10 +578,12 @@ class WandaPruningCallback(Callback):
         warn_if_no_validation(trainer, self.evaluate)
 
     def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due | None) -> None:
-        """Prunes the live module when ``due`` (once), and handles a fit that stopped early."""
-        if due is None or self.pruned:
+        """Prunes the live module when ``due`` (once, or at every step of a schedule), and handles a fit that stopped
+        early."""
+        if due is None or (self.pruned and not self._trigger.repeats):
             return
-        self._prune(trainer, pl_module, due.when)
+        self._prune(trainer, pl_module, due)
+        self._trigger.acted(due)
         if due.stopped_early:
             rank_zero_warn(
                 "WandaPruningCallback: the fit stopped before its last planned step (early stopping, `max_time`, ...), "
@@ -496,14 +594,15 @@ class WandaPruningCallback(Callback):
                 if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
                     trainer.save_checkpoint(callback.last_model_path, weights_only=callback.save_weights_only)
 
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due) -> None:
         """Prunes the live module in place, keeps the masks, logs, and (when training) keeps the masks applied."""
-        report, drops, before, after = self._run(trainer, pl_module, temporary=False)
+        report, drops, before, after = self._run(trainer, pl_module, temporary=False, sparsity=due.sparsity)
         self._keeper.set(drops, from_weights=holds_shards(pl_module))
-        self._record(trainer, report, before, after, when)
+        self._record(trainer, report, before, after, due.when)
         self._pruned_in_this_run = True
-        if self.export_dir is not None:
-            self.export_summary = export_module(trainer, pl_module, self.export_dir)
+        if self.export_dir is not None and due.final:
+            with misconfiguration():
+                self.export_summary = export_module(trainer, pl_module, self.export_dir, masks=self.masks)
             if self.export_summary is not None:
                 summary = self.export_summary
                 log_to_loggers(
@@ -530,15 +629,17 @@ class WandaPruningCallback(Callback):
         pl_module: pl.LightningModule,
         temporary: bool,
         pruned_out: dict[str, Tensor] | None = None,
+        sparsity: float | None = None,
     ) -> tuple[PruningReport, dict[str, Tensor], dict[str, float], dict[str, float]]:
         """Calibrates, measures, prunes and measures again, leaving the random state as it found it.
 
         With ``temporary``, the target weights are swapped for copies that are pruned and measured, handed out in
-        ``pruned_out``, and swapped back: the live weights are never written.
+        ``pruned_out``, and swapped back: the live weights are never written. ``sparsity`` overrides the configured
+        one (a schedule's step); weights the masks already hold stay pruned.
         """
         # `trainer.validate` runs its hooks under inference mode, whose tensors could not be updated in place later.
         with isolate_rng(), torch.inference_mode(False):
-            return self._run_isolated(trainer, pl_module, temporary, pruned_out)
+            return self._run_isolated(trainer, pl_module, temporary, pruned_out, sparsity)
 
     def _run_isolated(
         self,
@@ -546,20 +647,25 @@ class WandaPruningCallback(Callback):
         pl_module: pl.LightningModule,
         temporary: bool,
         pruned_out: dict[str, Tensor] | None,
+        sparsity: float | None,
     ) -> tuple[PruningReport, dict[str, Tensor], dict[str, float], dict[str, float]]:
         with misconfiguration():
             check_strategy(trainer)
             layers, _ = find_targets(pl_module, self.targets, self.ignore)
-        parameters = {f"{layer.name}.weight": cast(nn.Parameter, layer.module.weight) for layer in layers}
+        # One entry per parameter: the query/key/value thirds of a MultiheadAttention share `in_proj_weight`.
+        parameters = {layer.parameter_name: cast(nn.Parameter, layer.tensor) for layer in layers}
         batches = self._calibration.batches(trainer, pl_module) if self._config.needs_data else None
         start = time.perf_counter()
         loader = first_loader(trainer.val_dataloaders) if self.evaluate else None
-        before = self._measure(trainer, pl_module, loader, "dense")
+        if self._trigger.repeats and self._dense_metrics is not None:
+            before = dict(self._dense_metrics)  # a schedule's later step: deltas against the dense model
+        else:
+            before = self._measure(trainer, pl_module, loader, "dense")
+            if self._trigger.repeats:
+                self._dense_metrics = dict(before)
         self.evaluation_seconds = time.perf_counter() - start
 
-        drops: dict[str, Tensor] = {}
-        layer_params = {layer.name: f"{layer.name}.weight" for layer in layers}
-        transposed = {layer.name for layer in layers if layer.transposed}
+        keeps: dict[str, Tensor] = {}
         progress = TrainerProgress(trainer, "Wanda pruning", len(layers))
         # FSDP1 hands out full masks while each process holds a flattened piece of each weight: the masks are read
         # back from the pruned shards afterwards instead.
@@ -567,10 +673,13 @@ class WandaPruningCallback(Callback):
 
         def on_layer_pruned(name: str, keep: Tensor) -> None:
             if not fsdp1:
-                # Shaped like the parameter (Conv1D stores (in, out)); under FSDP2, like this rank's shard of it.
-                drops[layer_params[name]] = (~keep).t().contiguous() if name in transposed else ~keep
+                keeps[name] = keep
             progress.advance()
 
+        config = self._config.with_batches_as_given()
+        if sparsity is not None:
+            config = replace(config, structure=replace(config.structure, sparsity=sparsity))
+        already = layer_masks(layers, self._keeper.drops) if self._trigger.repeats and self._keeper.drops else None
         live = {name: param.data for name, param in parameters.items()}
         if temporary:
             for name, param in parameters.items():
@@ -580,16 +689,22 @@ class WandaPruningCallback(Callback):
                 stack.enter_context(torch.no_grad())
                 stack.enter_context(trainer.precision_plugin.forward_context())
                 stack.enter_context(progress)
+                if self._runs_steps(pl_module):
+                    stack.enter_context(quiet_steps(pl_module))
                 report = prune_with(
                     pl_module,
                     batches,
-                    self._config.with_batches_as_given(),
+                    config,
                     forward_fn=self._calibration.forward_fn(trainer, pl_module),
                     sync_statistics=strategy_sync(trainer),
                     on_layer_pruned=on_layer_pruned,
+                    already_pruned=already,
                 )
             if fsdp1:
                 drops = masks_of_zeros(pl_module, self.targets, self.ignore)
+            else:
+                # Shaped like the parameters (Conv1D stores (in, out)); under FSDP2, like this rank's shard of them.
+                drops = {name: ~keep for name, keep in parameter_masks(layers, keeps).items()}
             self.global_sparsity, self.sparsities = _measure_sparsity(parameters)
             start = time.perf_counter()
             after = self._measure(trainer, pl_module, loader, "pruned")
@@ -601,6 +716,14 @@ class WandaPruningCallback(Callback):
                 for name, param in parameters.items():
                     param.data = live[name]
         return report, drops, before, after
+
+    def _runs_steps(self, pl_module: pl.LightningModule) -> bool:
+        """Whether calibration runs the module's ``validation_step``/``training_step`` (a module without forward)."""
+        return (
+            self.forward_fn is None
+            and type(self).calibration_forward is WandaPruningCallback.calibration_forward
+            and not has_forward(pl_module)
+        )
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Iterable[Any] | None, stage: str
@@ -627,6 +750,18 @@ class WandaPruningCallback(Callback):
         for name, values in self.metrics.items():
             logged.update({f"{name}/{key}": value for key, value in values.items()})
         log_to_loggers(trainer, logged)
+        self._publish(trainer)
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        """Puts ``wanda/sparsity`` and every ``<metric>/dense|pruned|delta`` in ``trainer.callback_metrics``, where
+        ``ModelCheckpoint`` and ``EarlyStopping`` look for what they monitor (the values are the same on every
+        process: they were reduced across processes when measured)."""
+        if self.report is None:
+            return
+        values = {"wanda/sparsity": self.global_sparsity}
+        for name, measured in self.metrics.items():
+            values.update({f"{name}/{key}": value for key, value in measured.items()})
+        publish_metrics(trainer, values)
 
     def _print_summary(self) -> None:
         if self.verbose:

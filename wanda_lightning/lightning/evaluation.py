@@ -4,8 +4,8 @@ reduced as Lightning would, so that the callbacks can compare dense and pruned m
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from copy import deepcopy
 from typing import Any, ClassVar
 
@@ -20,7 +20,7 @@ from .calibration import safe_len, transfer_batch
 from .progress import TrainerProgress
 from .strategies import fsdp1_wrapper
 
-__all__ = ["LogCapture", "measure_validation"]
+__all__ = ["LogCapture", "measure_validation", "quiet_steps", "run_step"]
 
 
 def measure_validation(
@@ -77,6 +77,36 @@ def measure_validation(
             progress.advance()
         pl_module.on_validation_epoch_end()
         return capture.reduce(trainer)
+
+
+@contextmanager
+def quiet_steps(pl_module: pl.LightningModule) -> Iterator[None]:
+    """For the ``with`` block, what the module's steps log goes nowhere (a :class:`LogCapture` that is thrown away)
+    and its torchmetrics states are restored afterwards: the steps can run on calibration batches without touching
+    the run's results.
+
+    Example::
+
+        >>> module = pl.LightningModule()
+        >>> with quiet_steps(module):
+        ...     module.log("loss", 1.0)  # captured, thrown away
+    """
+    metrics = [module for module in pl_module.modules() if isinstance(module, Metric)]
+    snapshots = [_metric_snapshot(metric) for metric in metrics]
+    with ExitStack() as stack:
+        stack.callback(_restore, pl_module, [], metrics, snapshots)
+        stack.enter_context(LogCapture().attached(pl_module))
+        yield
+
+
+def run_step(pl_module: pl.LightningModule, step: str, batch: Any) -> Any:
+    """Runs ``pl_module.<step>(batch, 0)`` (``validation_step`` or ``training_step``); with a ``dataloader_idx``
+    argument that has no default, ``(batch, 0, 0)``."""
+    method = getattr(pl_module, step)
+    parameter = inspect.signature(method).parameters.get("dataloader_idx")
+    if parameter is not None and parameter.default is inspect.Parameter.empty:
+        return method(batch, 0, 0)
+    return method(batch, 0)
 
 
 def _metric_snapshot(metric: Metric) -> dict[str, Any]:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Mapping
 from typing import cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from ..core.adapters import has_adapters
 from ..core.layers import find_pretrained
 from ..distributed.sharding import holds_shards
-from ..export import ExportSummary, save_compressed, save_pruned
+from ..export import ExportSummary, merge_adapters, save_compressed, save_pruned
+from ..export.adapters import merged_state_dict
 
 __all__ = ["export_module"]
 
 
 def export_module(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, export_dir: str | os.PathLike[str]
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    export_dir: str | os.PathLike[str],
+    masks: Mapping[str, Tensor] | None = None,
 ) -> ExportSummary | None:
     """Writes ``pl_module``'s export on rank zero (every process must call it); returns the summary there, ``None``
     elsewhere.
@@ -33,6 +40,12 @@ def export_module(
         found = None
     full_state: dict[str, Tensor] | None = None
     hf_state: dict[str, Tensor] | None = None
+    adapters = has_adapters(pl_module)
+    if adapters and holds_shards(pl_module):
+        raise ValueError(
+            "`export_dir`: merging PEFT adapters into sharded weights is not supported; export after gathering the "
+            "model, or merge with wanda_lightning.merge_adapters on one process"
+        )
     if holds_shards(pl_module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -46,9 +59,17 @@ def export_module(
         # Masks come from the zeros of the weights: pruned weights are exactly 0 and the export is bit-exact.
         if found is not None:
             tokenizer = getattr(pl_module, "tokenizer", None)
-            summary = save_pruned(pl_module, export_dir, tokenizer, overwrite=True, state_dict=hf_state)
+            hf_model, prefix = found
+            if adapters:  # merged on a copy: training may go on with the adapters
+                hf_model = merge_adapters(copy.deepcopy(hf_model), _relative(masks, prefix))
+            summary = save_pruned(hf_model, export_dir, tokenizer, overwrite=True, state_dict=hf_state)
         else:
-            state = full_state if full_state is not None else pl_module.state_dict()
+            if full_state is not None:
+                state = full_state
+            elif adapters:
+                state = merged_state_dict(pl_module, masks)
+            else:
+                state = pl_module.state_dict()
             summary = save_compressed(state, export_dir, overwrite=True)
         rank_zero_info(
             f"WandaPruningCallback: exported to {export_dir} ({summary.disk_bytes / 2**20:.1f} MiB on disk; "
@@ -56,3 +77,11 @@ def export_module(
         )
     trainer.strategy.barrier("wanda_export")
     return summary
+
+
+def _relative(masks: Mapping[str, Tensor] | None, prefix: str) -> dict[str, Tensor] | None:
+    """``masks`` named relative to the submodule ``prefix``."""
+    if masks is None:
+        return None
+    start = f"{prefix}." if prefix else ""
+    return {name.removeprefix(start): mask for name, mask in masks.items() if name.startswith(start)}

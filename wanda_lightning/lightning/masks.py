@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -60,7 +60,7 @@ def masks_of_zeros(
     """Drop masks read from the zeros of the target weights (this process's shards): pruned weights are exactly 0
     (a kept weight that happens to be exactly 0 is then held at 0 too)."""
     layers, _ = find_targets(pl_module, targets, ignore)
-    weights = {f"{layer.name}.weight": cast(Tensor, layer.module.weight).detach() for layer in layers}
+    weights = {layer.parameter_name: layer.tensor.detach() for layer in layers}
     return {name: local_tensor(weight) == 0 for name, weight in weights.items()}
 
 

@@ -28,15 +28,28 @@ def _weights_of(value: Tensor | nn.Module) -> list[Tensor]:
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, nn.Module):
-        weights = [cast(Tensor, module.weight) for module in value.modules() if is_linear_layer(module)]
+        weights: list[Tensor] = []
+        for module in value.modules():
+            if is_linear_layer(module):
+                weights.append(cast(Tensor, module.weight))
+            elif isinstance(module, nn.MultiheadAttention):  # its projections (out_proj is a linear layer)
+                names = (
+                    ("in_proj_weight",)
+                    if module._qkv_same_embed_dim
+                    else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+                )
+                weights += [cast(Tensor, getattr(module, name)) for name in names]
         if not weights:
-            raise ValueError(f"`value` {type(value).__name__} holds no nn.Linear or Conv1D layer to measure")
+            raise ValueError(
+                f"`value` {type(value).__name__} holds no nn.Linear, Conv1D or MultiheadAttention to measure"
+            )
         return weights
     raise TypeError(f"`value` must be a tensor or an nn.Module, got {type(value).__name__}")
 
 
 def _sparsity_update(value: Tensor | nn.Module) -> tuple[Tensor, Tensor]:
-    """Counts the exact zeros and the elements of a tensor, or of the ``nn.Linear``/``Conv1D`` weights of a module.
+    """Counts the exact zeros and the elements of a tensor, or of the ``nn.Linear``/``Conv1D`` weights (and the
+    ``nn.MultiheadAttention`` projection weights) of a module.
 
     Returns:
         ``(zeros, total)`` as int64 scalars on the (first) tensor's device.
@@ -57,7 +70,8 @@ def _sparsity_compute(zeros: Tensor, total: Tensor) -> Tensor:
 
 
 def sparsity(value: Tensor | nn.Module) -> Tensor:
-    """Fraction of exact zeros in a tensor, or in the ``nn.Linear``/``Conv1D`` weights of a module (biases excluded).
+    """Fraction of exact zeros in a tensor, or in the ``nn.Linear``/``Conv1D`` and ``nn.MultiheadAttention`` projection
+    weights of a module (biases excluded).
 
     Args:
         value: A tensor, or a module whose linear weights are counted together.
@@ -86,7 +100,8 @@ class Sparsity(Metric):
     """Fraction of exact zeros over every tensor (or module's linear weights) it was updated with.
 
     As input to ``update`` the metric takes a tensor or an ``nn.Module``; a module counts the weights of all its
-    ``nn.Linear`` (and transformers ``Conv1D``) layers, biases excluded. ``compute`` returns the float64 fraction of
+    ``nn.Linear`` (and transformers ``Conv1D``) layers and the projection weights of its ``nn.MultiheadAttention``
+    modules, biases excluded. ``compute`` returns the float64 fraction of
     zeros among all counted elements. The states (``zeros`` and ``total``, int64) are summed across processes.
 
     Args:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
+import torch
 
 from ..pruning.report import PruningReport
 
-__all__ = ["format_summary", "log_to_loggers", "metric_deltas"]
+__all__ = ["format_summary", "log_to_loggers", "metric_deltas", "publish_metrics"]
 
 
 def metric_deltas(
@@ -33,6 +34,13 @@ def log_to_loggers(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
     hook, where ``LightningModule.log`` does not)."""
     for logger in trainer.loggers:
         logger.log_metrics(dict(values), step=trainer.global_step)
+
+
+def publish_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+    """Puts ``values`` in ``trainer.callback_metrics`` (as float32 CPU tensors, like logged values), where
+    ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read what they monitor. They stay there until the trainer's
+    next ``fit``/``validate`` starts, unless the module logs the same names."""
+    trainer.callback_metrics.update({name: torch.tensor(float(value)) for name, value in values.items()})
 
 
 def format_summary(

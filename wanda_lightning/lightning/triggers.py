@@ -3,6 +3,9 @@
 Each hook of the callback asks its trigger whether the action is due now; a trigger answers with a :class:`Due`
 (what to call the moment, for the summary) or ``None``. A new mode is a new trigger, not a new branch in every hook.
 
+Most triggers act once; :class:`OnSchedule` acts again and again (:attr:`Trigger.repeats`), each time with a higher
+sparsity, and keeps where it is in :meth:`Trigger.state_dict` so that a resumed run goes on where it stopped.
+
 Example::
 
     >>> trigger = make_trigger("train_epoch_end", epoch=2)
@@ -13,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
@@ -27,13 +30,14 @@ __all__ = [
     "AtFitEnd",
     "AtFitStart",
     "Due",
+    "OnSchedule",
     "OnValidate",
     "PruneOn",
     "Trigger",
     "make_trigger",
 ]
 
-PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start"]
+PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start", "schedule"]
 PRUNE_ON: tuple[str, ...] = get_args(PruneOn)
 
 
@@ -44,10 +48,16 @@ class Due:
     Attributes:
         when: What to call this moment in the summary (``"end of fit"``, ``"end of epoch 2"``).
         stopped_early: The fit ended before its planned last step, so checkpoints saved during it are dense.
+        sparsity: The sparsity to reach now, for a trigger that raises it step by step; ``None``: the configured one.
+        step: The global step of a scheduled action (``None`` for the others).
+        final: Whether this is the last action (the model is as sparse as it will get: time to export).
     """
 
     when: str
     stopped_early: bool = False
+    sparsity: float | None = None
+    step: int | None = None
+    final: bool = True
 
 
 class Trigger:
@@ -58,11 +68,13 @@ class Trigger:
         checks_at_train_start: Whether ``on_train_start`` checks that the action will be possible (so a
             misconfigured run fails before it trains).
         on_checkpoints: The action runs on each saved checkpoint's copy of the weights, never on the live model.
+        repeats: The action runs more than once on the live model (a schedule); otherwise once.
     """
 
     name: str = ""
     checks_at_train_start: bool = True
     on_checkpoints: bool = False
+    repeats: bool = False
 
     def at_train_start(self, trainer: pl.Trainer) -> Due | None:
         """Asked in ``on_train_start``."""
@@ -87,6 +99,16 @@ class Trigger:
     def describe(self) -> str:
         """The moment, in words."""
         return self.name
+
+    def acted(self, due: Due) -> None:
+        """Told after the action ran for ``due``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on where this one stopped (saved in the callback's state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
 
 
 def _last_in_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -208,12 +230,137 @@ class AtCheckpoints(Trigger):
     on_checkpoints = True
 
 
-def make_trigger(prune_on: str, epoch: int | None, step: int | None = None) -> Trigger:
-    """The trigger for a ``prune_on`` value (with ``epoch`` for ``"train_epoch_end"``, ``step`` for
-    ``"train_step"``, and neither otherwise).
+class OnSchedule(Trigger):
+    """Gradual pruning (Zhu & Gupta, 2017): every ``every_n_steps`` optimizer steps from ``start_step`` to
+    ``end_step``, the model is pruned again at the sparsity of a cubic ramp from 0 to ``sparsity``,
+
+    ``s(t) = sparsity * (1 - (1 - (t - start_step) / (end_step - start_step)) ** 3)``,
+
+    and a last time at ``end_step`` (at ``sparsity``) when the steps do not land on it. Training goes on between the
+    steps; each acts after the optimizer step that reaches it. The last step acted on is saved in the callback's state:
+    a resumed run goes on with the next one (and catches up with one it missed).
+
+    Args:
+        sparsity: The final sparsity.
+        start_step: Global step where the ramp starts (sparsity 0 there, so nothing is pruned at it).
+        end_step: Global step where the ramp reaches ``sparsity``; greater than ``start_step``.
+        every_n_steps: Steps between two pruning steps.
+
+    Example::
+
+        >>> schedule = OnSchedule(0.7, start_step=0, end_step=200, every_n_steps=50)
+        >>> [(step, round(schedule.sparsity_at(step), 4)) for step in schedule.steps]
+        [(50, 0.4047), (100, 0.6125), (150, 0.6891), (200, 0.7)]
+    """
+
+    name = "schedule"
+    repeats = True
+
+    def __init__(self, sparsity: float, start_step: int, end_step: int, every_n_steps: int) -> None:
+        self.sparsity = sparsity
+        self.start_step = start_step
+        self.end_step = end_step
+        self.every_n_steps = every_n_steps
+        self.steps = [*range(start_step + every_n_steps, end_step, every_n_steps), end_step]
+        self.last_step: int | None = None
+
+    def sparsity_at(self, step: int) -> float:
+        """The ramp's sparsity at global step ``step`` (0 before ``start_step``, ``sparsity`` from ``end_step`` on)."""
+        progress = min(max((step - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
+        return self.sparsity * (1.0 - (1.0 - progress) ** 3)
+
+    def _due(self, step: int) -> Due | None:
+        if self.last_step is not None and step <= self.last_step:
+            return None
+        sparsity = self.sparsity_at(step)
+        final = step >= self.end_step
+        return Due(f"step {step} of the schedule ({sparsity:.2%})", sparsity=sparsity, step=step, final=final)
+
+    def at_train_start(self, trainer: pl.Trainer) -> Due | None:
+        # Resumed after a scheduled step whose pruning the checkpoint does not hold: catch up at that step's sparsity.
+        missed = [step for step in self.steps if step <= trainer.global_step]
+        return self._due(missed[-1]) if missed else None
+
+    def after_train_batch(self, trainer: pl.Trainer, batch_idx: int) -> Due | None:
+        step = trainer.global_step
+        return self._due(step) if step in self.steps else None
+
+    def at_train_end(self, trainer: pl.Trainer, acted: bool) -> Due | None:
+        if self.last_step is None or self.last_step < self.end_step:
+            reached = self.sparsity_at(self.last_step) if self.last_step is not None else 0.0
+            rank_zero_warn(
+                f"WandaPruningCallback: training ended at step {trainer.global_step}, before `end_step`="
+                f"{self.end_step}: the schedule reached sparsity {reached:.2%}, not {self.sparsity:.2%}"
+            )
+        return None
+
+    def acted(self, due: Due) -> None:
+        self.last_step = due.step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        last = state.get("last_step")
+        self.last_step = int(last) if last is not None else None
+
+    def describe(self) -> str:
+        return (
+            f"schedule to {self.sparsity:.2%} over steps {self.start_step}-{self.end_step}, every {self.every_n_steps}"
+        )
+
+
+def _check_step(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def make_schedule(
+    sparsity: float, start_step: int | None, end_step: int | None, every_n_steps: int | None
+) -> OnSchedule:
+    """The :class:`OnSchedule` for the callback's arguments (``start_step`` default 0, ``every_n_steps`` default a
+    tenth of the ramp).
 
     Raises:
-        ValueError: For an unknown mode, a missing or negative ``epoch``/``step``, or one given to another mode.
+        ValueError: For a missing ``end_step``, ``end_step <= start_step``, a negative ``start_step`` or
+            ``every_n_steps < 1``.
+
+    Example::
+
+        >>> make_schedule(0.5, None, 100, None).steps
+        [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    """
+    start = 0 if start_step is None else start_step
+    _check_step(start, "start_step", 0)
+    if end_step is None:
+        raise ValueError(
+            "`prune_on`='schedule' needs `end_step`, the global step at which sparsity reaches `sparsity` (an int "
+            "greater than `start_step`)"
+        )
+    _check_step(end_step, "end_step", 0)
+    if end_step <= start:
+        raise ValueError(f"`end_step`={end_step!r} must be greater than `start_step`={start!r}")
+    every = max(1, (end_step - start) // 10) if every_n_steps is None else every_n_steps
+    _check_step(every, "every_n_steps", 1)
+    return OnSchedule(sparsity, start, end_step, every)
+
+
+def make_trigger(
+    prune_on: str,
+    epoch: int | None,
+    step: int | None = None,
+    *,
+    sparsity: float = 0.5,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    every_n_steps: int | None = None,
+) -> Trigger:
+    """The trigger for a ``prune_on`` value (with ``epoch`` for ``"train_epoch_end"`` only, ``step`` for
+    ``"train_step"`` only; ``sparsity``, ``start_step``, ``end_step`` and ``every_n_steps`` for ``"schedule"`` only).
+
+    Raises:
+        ValueError: For an unknown mode, a missing or negative ``epoch``/``step``, or one given to another mode; for
+            schedule arguments without ``"schedule"``, or invalid ones (see :func:`make_schedule`).
     """
     if prune_on not in PRUNE_ON:
         raise ValueError(f"`prune_on` must be one of {list(PRUNE_ON)}, got {prune_on!r}")
@@ -229,6 +376,12 @@ def make_trigger(prune_on: str, epoch: int | None, step: int | None = None) -> T
             )
         if prune_on == mode and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ValueError(f"`prune_on`={mode!r} needs `{argument}`=k, {meaning}, got {value!r}")
+    if prune_on == "schedule":
+        return make_schedule(sparsity, start_step, end_step, every_n_steps)
+    given = {"start_step": start_step, "end_step": end_step, "every_n_steps": every_n_steps}
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(f"`{name}`={value!r} is only used with `prune_on`='schedule', got `prune_on`={prune_on!r}")
     if prune_on == "train_epoch_end":
         assert epoch is not None
         return AfterEpoch(epoch)

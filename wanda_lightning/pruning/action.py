@@ -14,15 +14,50 @@ from ..core.pipeline import Action, CalibrationPipeline, Step
 from ..core.statistics import InputNormStatistics, LayerStatistics
 from ..core.targets import TargetLayer
 from ..distributed.sharding import with_full_weights
+from ..methods.base import PruningMethod
 from ..methods.channels import find_channel_couplings
 from ..methods.wanda import Wanda
 from .config import PruneConfig
 from .report import LayerReport, PruningReport
 
-__all__ = ["LayerCallback", "MaskAction"]
+__all__ = ["LayerCallback", "MaskAction", "check_keeps_pruned"]
 
 LayerCallback = Callable[[str, Tensor], None]
 """Called as ``callback(layer_name, keep_mask)`` after each layer is pruned."""
+
+
+def check_keeps_pruned(config: PruneConfig) -> None:
+    """Raises unless ``config`` can re-prune a partly pruned model keeping what was pruned (``already_pruned``): the
+    method must score and select (not rewrite kept weights or select by cumulative scores), without a refinement that
+    swaps pruned and kept weights, or a channel permutation.
+
+    Raises:
+        ValueError: Naming the argument that stands in the way.
+
+    Example::
+
+        >>> check_keeps_pruned(PruneConfig.create(method="wanda"))
+        >>> check_keeps_pruned(PruneConfig.create(method="sparsegpt"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `method`='sparsegpt' rewrites the kept weights while it selects, ...
+    """
+    method = config.method
+    if type(method).prune_layer is not PruningMethod.prune_layer or method.permute_channels:
+        raise ValueError(
+            f"`method`={method.describe()!r} rewrites the kept weights while it selects, so it cannot re-prune a "
+            "partly pruned model keeping what was pruned; use 'wanda', 'magnitude' or 'ria'"
+        )
+    if getattr(method, "variant", False):
+        raise ValueError(
+            "`variant`=True selects by cumulative scores, which weights pruned before would distort; use the plain "
+            "per-row selection (variant=False)"
+        )
+    if config.refinement is not None:
+        raise ValueError(
+            f"`refine`={config.refinement.describe()!r} swaps pruned and kept weights, which would bring back weights "
+            "pruned before; leave `refine` out"
+        )
 
 
 class MaskAction(Action):
@@ -38,6 +73,9 @@ class MaskAction(Action):
         layers: The target layers.
         report: Filled as layers are pruned.
         on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer.
+        already_pruned: ``(out_features, in_features)`` masks, True where a weight was pruned before, by layer name:
+            those weights score below every other and stay pruned whatever the new scores (a gradual schedule
+            re-scores a partly pruned model). Needs a method that scores and selects (see :func:`check_keeps_pruned`).
     """
 
     verb = "pruned"
@@ -49,8 +87,10 @@ class MaskAction(Action):
         layers: Sequence[TargetLayer],
         report: PruningReport,
         on_layer_pruned: LayerCallback | None = None,
+        already_pruned: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.config = config
+        self.already_pruned = dict(already_pruned or {})
         self.model = model
         self.layers = list(layers)
         self.report = report
@@ -120,8 +160,12 @@ class MaskAction(Action):
         weight = layer.weight_2d
         sparsity = self.layer_sparsity.get(layer.name, config.structure.sparsity)
         dense = weight.float().clone() if config.refinement is not None else None
+        already = self.already_pruned.get(layer.name)
         try:
-            keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
+            if already is None:
+                keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
+            else:
+                keep = self._prune_again(weight, group.get("method"), sparsity, already)
         except FloatingPointError as error:
             raise FloatingPointError(f"layer {layer.name!r}: {error}") from None
         except torch.linalg.LinAlgError as error:
@@ -147,6 +191,24 @@ class MaskAction(Action):
                 block=block,
             )
         )
+
+    def _prune_again(
+        self, weight: Tensor, statistics: LayerStatistics | None, sparsity: float, already: Tensor
+    ) -> Tensor:
+        """Scores and selects like :meth:`PruningMethod.prune_layer`, with the weights pruned before scored below every
+        other and kept pruned."""
+        method, structure = self.config.method, self.config.structure
+        already = already.to(device=weight.device, dtype=torch.bool)
+        if tuple(already.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"the mask of weights pruned before has shape {tuple(already.shape)}, not {tuple(weight.shape)}"
+            )
+        scores = method.score(weight, statistics)
+        if not bool(torch.isfinite(scores).all()):
+            raise FloatingPointError("scores contain NaN or Inf (the weight itself is not finite)")
+        keep = method.select(scores.masked_fill(already, -torch.inf), structure, sparsity) & ~already
+        weight.masked_fill_(~keep, 0)
+        return keep
 
     def _permute_channels(
         self, layers: Sequence[TargetLayer], statistics: dict[str, dict[str, LayerStatistics]]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.batches import ForwardFn, batch_size_of, prepare_batches
 from ..core.blocks import find_block_stack
@@ -20,7 +20,7 @@ from ..distributed.sharding import ShardedLayout, fsdp1_layout, same_count_on_ev
 from ..distributed.streaming import SafetensorsCheckpoint, meta_tensor_names
 from ..methods.base import PruningMethod, Refinement
 from ..methods.owl import OWL
-from .action import LayerCallback, MaskAction
+from .action import LayerCallback, MaskAction, check_keeps_pruned
 from .config import PruneConfig
 from .report import PruningReport, SkippedLayer
 
@@ -174,9 +174,15 @@ def prune_with(
     sync_statistics: StatisticsSync | None = None,
     on_layer_pruned: LayerCallback | None = None,
     on_block_pruned: BlockCallback | None = None,
+    already_pruned: Mapping[str, Tensor] | None = None,
 ) -> PruningReport:
     """:func:`prune` with a :class:`~wanda_lightning.pruning.config.PruneConfig` made beforehand (the callback builds
     one when it is constructed, and prunes with it later).
+
+    ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by layer
+    name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
+    weights stay pruned whatever their new scores (see :func:`~wanda_lightning.pruning.action.check_keeps_pruned`
+    for what the configuration must allow).
 
     Checks what depends on the model (target layers, sharding, N:M shapes, finite weights, a meta-device model's
     checkpoint) before any weight changes, then runs the :class:`~wanda_lightning.core.pipeline.CalibrationPipeline`
@@ -199,6 +205,8 @@ def prune_with(
         raise TypeError(
             f"`on_block_pruned` must be callable as on_block_pruned(block_name, block), got {on_block_pruned!r}"
         )
+    if already_pruned:
+        check_keeps_pruned(config)
     total_start = time.perf_counter()
     meta = meta_tensor_names(model)
     source = _open_checkpoint(model, config, meta)
@@ -269,7 +277,8 @@ def prune_with(
         on_block_done=on_block_pruned,
         progress=progress,
     )
-    pipeline.run(MaskAction(config, model, layers, report, on_layer_pruned), batches)
+    action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
+    pipeline.run(action, batches)
     report.calibration_seconds = pipeline.calibration_seconds
     if layout is not None and layout.sharded_layers:
         _gather_layer_counts(report, layout)
