@@ -61,7 +61,10 @@ def test_bad_trigger_arguments_are_refused(kwargs, match):
 
 def test_every_mode_has_a_trigger():
     for mode in PRUNE_ON:
-        trigger = make_trigger(mode, 0 if mode == "train_epoch_end" else None, 3 if mode == "train_step" else None)
+        schedule = {"end_step": 10} if mode == "schedule" else {}
+        trigger = make_trigger(
+            mode, 0 if mode == "train_epoch_end" else None, 3 if mode == "train_step" else None, **schedule
+        )
         assert trigger.name == mode
     assert isinstance(make_trigger("fit_start", None), AtFitStart)
     assert isinstance(make_trigger("train_step", None, 3), AfterStep)
