@@ -24,7 +24,12 @@ from ..core.statistics import LayerStatistics
 from ..core.structure import SparsityStructure
 from .channels import reallocate_channels
 
-__all__ = ["PruningMethod", "Refinement"]
+__all__ = ["PruningMethod", "PruningWarning", "Refinement"]
+
+
+class PruningWarning(UserWarning):
+    """A method or refinement fell back on one layer (say, a numerical safeguard); ``prune()`` re-issues it with the
+    layer's name in front."""
 
 
 class PruningMethod(ABC):
@@ -99,6 +104,12 @@ class PruningMethod(ABC):
         rows of a weight (FSDP2's ``Shard(0)``) can prune them alone; ``False`` (the safe default) refuses sharded
         weights."""
         return False
+
+    def for_row_shards(self, structure: SparsityStructure) -> PruningMethod | None:
+        """The method to run when target weights are split by output rows across processes (FSDP2's ``Shard(0)``):
+        ``self`` when :meth:`shard_local`, else a variant whose rows are pruned independently, or ``None`` (the
+        default) when there is none and sharded weights are refused. ``prune()`` warns when it switches."""
+        return self if self.shard_local(structure) else None
 
     def describe(self) -> str:
         """Short human-readable name, including options."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from ..core.pipeline import Action, CalibrationPipeline, Step
 from ..core.statistics import InputNormStatistics, LayerStatistics
 from ..core.targets import TargetLayer
 from ..distributed.sharding import with_full_weights
+from ..methods.base import PruningWarning
 from ..methods.channels import find_channel_couplings
 from ..methods.wanda import Wanda
 from .config import PruneConfig
@@ -121,7 +124,8 @@ class MaskAction(Action):
         sparsity = self.layer_sparsity.get(layer.name, config.structure.sparsity)
         dense = weight.float().clone() if config.refinement is not None else None
         try:
-            keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
+            with _named_warnings(layer.name):
+                keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
         except FloatingPointError as error:
             raise FloatingPointError(f"layer {layer.name!r}: {error}") from None
         except torch.linalg.LinAlgError as error:
@@ -129,7 +133,8 @@ class MaskAction(Action):
         self.report.scoring_seconds += time.perf_counter() - start
         if config.refinement is not None and dense is not None:
             start = time.perf_counter()
-            keep = config.refinement.refine(dense, weight, keep, group.get("refine"), config.structure)
+            with _named_warnings(layer.name):
+                keep = config.refinement.refine(dense, weight, keep, group.get("refine"), config.structure)
             del dense
             self.report.refine_seconds += time.perf_counter() - start
         num_pruned = int(keep.numel() - keep.sum())
@@ -168,3 +173,19 @@ class MaskAction(Action):
                 stats.permute_inputs(index)
             self.report.permuted_layers.append(layer.name)
         self.report.scoring_seconds += time.perf_counter() - start
+
+
+@contextmanager
+def _named_warnings(name: str) -> Iterator[None]:
+    """Re-issues the :class:`~wanda_lightning.methods.base.PruningWarning` raised in the ``with`` block with the
+    layer's name in front (methods do not know it); other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PruningWarning)  # one per layer, not one per line of code
+        yield
+    for record in caught:
+        if issubclass(record.category, PruningWarning):
+            warnings.warn(f"layer {name!r}: {record.message}", record.category, stacklevel=4)
+        else:
+            warnings.warn_explicit(
+                record.message, record.category, record.filename, record.lineno, source=record.source
+            )

@@ -6,6 +6,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -205,7 +206,7 @@ def prune_with(
     layers, skipped = find_targets(model, config.targets, config.ignore)
     layout = sharded_layout(layers) or fsdp1_layout(model, layers)
     if layout is not None:
-        _check_shardable(layout, config)
+        config = _check_shardable(layout, config)
     # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
     # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()
@@ -313,14 +314,26 @@ def _check_n_m_shapes(layers: Sequence[TargetLayer], structure: SparsityStructur
         )
 
 
-def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> None:
+def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> PruneConfig:
+    """Refuses what cannot run on row shards; returns ``config`` with the method to use on them (a row-local variant
+    of the configured one, with a warning, when it has one)."""
     method, structure = config.method, config.structure
     if layout.sharded_layers and not method.shard_local(structure):
-        raise ValueError(
-            f"`method`={method.describe()!r} with `structure`={structure.name!r} compares weights across output rows, "
-            f"and layer(s) {layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes "
-            "(FSDP2); use 'wanda', 'magnitude' or an N:M structure with 'sparsegpt', or prune before sharding"
+        variant = method.for_row_shards(structure)
+        if variant is None:
+            raise ValueError(
+                f"`method`={method.describe()!r} with `structure`={structure.name!r} compares weights across output "
+                f"rows, and layer(s) {layout.sharded_layers[:3]} are split by rows across {layout.world_size} "
+                "processes (FSDP2); use 'wanda', 'magnitude', 'admm' or an N:M structure with 'sparsegpt', or prune "
+                "before sharding"
+            )
+        warnings.warn(
+            f"`method`={method.describe()!r} ranks weights across output rows, and layer(s) "
+            f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2): each row is "
+            f"ranked on its own instead ({variant.describe()!r})",
+            stacklevel=4,
         )
+        config = replace(config, method=variant)
     refinement = config.refinement
     if layout.sharded_layers and refinement is not None and not refinement.shard_local(structure):
         raise ValueError(
@@ -338,6 +351,7 @@ def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> None:
             f"`method`={method.describe()!r} reorders the hidden units of whole MLPs, whose weights are split "
             f"across {layout.world_size} processes here; prune before sharding, or use method='ria'"
         )
+    return config
 
 
 def _gather_layer_counts(report: PruningReport, layout: ShardedLayout) -> None:
