@@ -254,6 +254,35 @@ def test_wanda_mask_plus_admm_update_is_one_call(llama, calibration_batches):
     assert not torch.equal(llama.state_dict()[q_proj], wanda.state_dict()[q_proj])
 
 
+def test_layers_fed_the_same_input_share_one_inverse_and_nothing_outlives_a_block(
+    llama, calibration_batches, monkeypatch
+):
+    import wanda_lightning.methods.admm as admm_module
+
+    uncached = copy.deepcopy(llama)
+    real = torch.linalg.inv_ex
+    sizes = []
+
+    def counting(matrix, *args, **kwargs):
+        sizes.append(matrix.shape[0])
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "inv_ex", counting)
+    method = ADMM()
+    prune(llama, calibration_batches, method=method, refine="admm-update")
+    # Per block: q/k/v share one inverse, o_proj has its own, gate/up share one, down_proj has its own (14 layers,
+    # 8 inverses); the refinement (pruning the same layer right after the method) keeps a cache of its own.
+    assert sizes == [64, 64, 64, 64, 64, 64, 128, 128] * 2
+    assert method._cache._gram is None  # cleared after each block: nothing held once prune() returns
+    monkeypatch.setattr(
+        admm_module._SystemCache, "get", lambda self, gram, percdamp, rho: admm_system(gram, percdamp=percdamp, rho=rho)
+    )
+    prune(uncached, calibration_batches, method="admm", refine="admm-update")
+    assert all(
+        torch.equal(a, b) for a, b in zip(llama.state_dict().values(), uncached.state_dict().values(), strict=True)
+    )
+
+
 def test_registry_names_and_options():
     assert isinstance(get_method("admm"), ADMM)
     assert (
@@ -307,7 +336,9 @@ def _dead_feature_model():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dead_features_and_a_tiny_calibration_set_stay_finite_and_warn(dtype):
     model = _dead_feature_model().to(dtype)
-    tiny = [torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).to(dtype)]  # 3 tokens for 24 inputs: a singular Gram matrix
+    tiny = [
+        torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ]  # 3 tokens for 24 inputs: a singular Gram matrix
     dense = model[2].weight.detach().clone()
     with pytest.warns(PruningWarning, match=r"layer '2': ADMM: 5 of 24 input features had \(almost\) no calibration"):
         prune(model, tiny, method="admm", targets=["2"], sparsity=0.5)

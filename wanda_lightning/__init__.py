@@ -34,11 +34,14 @@ from .export import (
 )
 from .lightning import CausalLMModule, Perplexity, Sparsity, WandaPruningCallback
 from .methods import (
+    ADMM,
     OWL,
     RIA,
+    ADMMUpdate,
     DSnoT,
     Magnitude,
     PruningMethod,
+    PruningWarning,
     Refinement,
     SparseGPT,
     Wanda,
@@ -51,8 +54,10 @@ from .pruning import LayerReport, PruneConfig, PruningReport, SkippedLayer, prun
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMM",
     "OWL",
     "RIA",
+    "ADMMUpdate",
     "BlockSaver",
     "CausalLMModule",
     "CorruptExportError",
@@ -68,6 +73,7 @@ __all__ = [
     "PruneConfig",
     "PruningMethod",
     "PruningReport",
+    "PruningWarning",
     "Refinement",
     "SkippedLayer",
     "SparseGPT",

@@ -35,7 +35,16 @@ from ..core.statistics import GramStatistics, LayerStatistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod, PruningWarning, Refinement
 
-__all__ = ["ADMM", "ADMMSystem", "ADMMUpdate", "admm_iterations", "admm_prune", "admm_system", "admm_update"]
+__all__ = [
+    "ADMM",
+    "ADMMSystem",
+    "ADMMUpdate",
+    "admm_iterations",
+    "admm_prune",
+    "admm_system",
+    "admm_update",
+    "preconditioner",
+]
 
 Selection = Literal["layer", "row"]
 _SELECTIONS: tuple[str, ...] = ("layer", "row")
@@ -64,6 +73,25 @@ class ADMMSystem:
     weak_features: int
 
 
+def preconditioner(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Each input feature's norm ``sqrt(G_jj)``, floored at :data:`WEAK_FEATURE_FLOOR` times their mean, and the
+    ``(in,)`` bool mask of the floored (weak) features; all ones (and all weak) when every input is zero.
+
+    Example::
+
+        >>> scale, weak = preconditioner(torch.diag(torch.tensor([4.0, 0.0, 9.0])))
+        >>> [round(v, 5) for v in scale.tolist()], weak.tolist()
+        ([2.0, 0.00167, 3.0], [False, True, False])
+    """
+    norms = torch.diagonal(gram).float().clamp_min(0.0).sqrt()  # (in,)
+    mean_norm = float(norms.mean())
+    if mean_norm > 0:
+        floor = WEAK_FEATURE_FLOOR * mean_norm
+        weak = norms < floor
+        return torch.where(weak, torch.full_like(norms, floor), norms), weak
+    return torch.ones_like(norms), torch.ones_like(norms, dtype=torch.bool)  # no input ever active
+
+
 def admm_system(gram: Tensor, *, percdamp: float = 0.1, rho: float = 0.5, retries: int = 3) -> ADMMSystem:
     """Preconditions, damps and inverts a Gram matrix for :func:`admm_iterations`, in float32.
 
@@ -86,27 +114,21 @@ def admm_system(gram: Tensor, *, percdamp: float = 0.1, rho: float = 0.5, retrie
 
     Example::
 
-        >>> system = admm_system(torch.diag(torch.tensor([4.0, 0.0, 9.0])), rho=1.0)
-        >>> system.scale.tolist(), system.weak_features
-        ([2.0, 0.0017..., 3.0], 1)
+        >>> system = admm_system(torch.diag(torch.tensor([4.0, 0.0, 9.0])), percdamp=0.0, rho=1.0)
+        >>> torch.diagonal(system.inverse).tolist(), system.weak_features
+        ([0.5, 1.0, 0.5], 1)
     """
     if not bool(torch.isfinite(gram).all()):
         raise FloatingPointError("the Gram matrix holds NaN or Inf")
     g = gram.float()
-    norms = torch.diagonal(g).clamp_min(0.0).sqrt()  # (in,)
-    mean_norm = float(norms.mean())
-    if mean_norm > 0:
-        floor = WEAK_FEATURE_FLOOR * mean_norm
-        weak = norms < floor
-        scale = torch.where(weak, torch.full_like(norms, floor), norms)
-    else:  # no input ever active: nothing to precondition with
-        weak = torch.ones_like(norms, dtype=torch.bool)
-        scale = torch.ones_like(norms)
-    preconditioned = g / scale.unsqueeze(1) / scale.unsqueeze(0)  # (in, in), diagonal 1 except weak features
+    scale, weak = preconditioner(g)
+    preconditioned = g / torch.outer(scale, scale)  # (in, in), diagonal 1 except weak features
     damping = percdamp * float(torch.diagonal(preconditioned).mean())
-    identity = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    shift = 0.0
     for attempt in range(retries + 1):
-        inverse, info = torch.linalg.inv_ex(preconditioned + (damping + rho) * identity)
+        preconditioned.diagonal().add_(damping + rho - shift)
+        shift = damping + rho
+        inverse, info = torch.linalg.inv_ex(preconditioned)
         if int(info) == 0 and bool(torch.isfinite(inverse).all()):
             return ADMMSystem(scale, inverse, float(rho), damping, int(weak.sum()))
         if attempt < retries:
@@ -119,6 +141,19 @@ def _ramp(target: float, step: int, ramp_iterations: int) -> float:
     return target - target * (1.0 - (step + 1) / ramp_iterations) ** 3
 
 
+def _n_m_keep(magnitude: Tensor, n: int, m: int) -> Tensor:
+    """:func:`~wanda_lightning.core.masks.n_m_keep_mask` (ties pruned from the lower column first), by comparing
+    every pair in a group: for small ``m`` this avoids a selection per group of ``m`` weights."""
+    if m > 16:
+        return n_m_keep_mask(magnitude, n, m)
+    rows, columns = magnitude.shape
+    groups = magnitude.reshape(rows, columns // m, m)  # (out, in / M, M)
+    others, own = groups.unsqueeze(-2), groups.unsqueeze(-1)  # (out, G, 1, M), (out, G, M, 1): [i, j] = own i, other j
+    earlier = torch.ones(m, m, dtype=torch.bool, device=magnitude.device).tril(-1)  # [i, j]: j < i
+    below = (others < own) | ((others == own) & earlier)  # other j goes before own i in the pruning order
+    return (below.sum(dim=-1) >= m - n).reshape(rows, columns)
+
+
 def _select(magnitude: Tensor, fraction: float, target: float, n: int | None, m: int | None, per_row: bool) -> Tensor:
     """Keep mask that prunes the ``fraction`` smallest of ``magnitude`` (per row, or over the whole layer).
 
@@ -128,7 +163,7 @@ def _select(magnitude: Tensor, fraction: float, target: float, n: int | None, m:
     rows, columns = magnitude.shape
     if m is not None:
         assert n is not None
-        final = n_m_keep_mask(magnitude, n, m)
+        final = _n_m_keep(magnitude, n, m)
         if fraction >= target:
             return final
         magnitude = magnitude.masked_fill(final, math.inf)
@@ -179,27 +214,32 @@ def admm_iterations(
     """
     scale = system.scale.to(weight.device)
     inverse = system.inverse.to(weight.device)
-    dense = weight.float() * scale  # (out, in): preconditioned dense weights
+    rho, alpha = system.rho, relaxation
+    dense = weight.float() * scale  # (out, in): preconditioned dense weights W0_hat
     target = (1.0 - n / m) if (m is not None and n is not None) else sparsity
     mask = keep
     if mask is None and ramp_iterations == 0:
         mask = _select(dense.abs(), target, target, n, m, per_row)
-    current = dense.clone()  # W_hat after over-relaxation
-    dual = torch.zeros_like(dense)  # U
+    # The whole state is V = W_hat + U (over-relaxed W_hat). With Z = M * V and U' = (1 - M) * V, one iteration is
+    #   V' = a (W0_hat + rho (Z - U' - W0_hat) B) + (1 - a) Z + U' = a W0_hat - a rho (W0_hat - V * S) B + V * C
+    # with S = 2 M - 1 and C = 1 - a M: one matrix product and two elementwise passes.
+    merged = dense.clone()  # V, starting from W_hat = W0_hat and U = 0
+    spare, residual = torch.empty_like(dense), torch.empty_like(dense)
+    scaled_dense = dense * alpha
+    sign = cross = None
     for step in range(iterations):
-        merged = current.add_(dual)  # W_hat + U (current is rebuilt below)
         if keep is None and step < ramp_iterations:
             mask = _select(merged.abs(), _ramp(target, step, ramp_iterations), target, n, m, per_row)
-        assert mask is not None
-        projected = merged * mask  # Z
-        dual = merged.sub_(projected)  # U = W_hat + U - Z (pruned entries of W_hat + U)
-        residual = projected - dual - dense  # Z - U - W0_hat
-        current = torch.addmm(dense, residual, inverse, alpha=system.rho)  # least-squares step
-        if relaxation != 1.0:
-            current.mul_(relaxation).add_(projected, alpha=1.0 - relaxation)
+            sign = cross = None
+        if sign is None or cross is None:
+            assert mask is not None
+            kept = mask.to(dense.dtype)
+            sign, cross = kept * 2 - 1, 1 - alpha * kept
+        torch.addcmul(dense, merged, sign, value=-1.0, out=residual)  # W0_hat - (Z - U')
+        torch.addmm(scaled_dense, residual, inverse, alpha=-alpha * rho, out=spare)
+        merged, spare = spare.addcmul_(merged, cross), merged
     assert mask is not None
-    result = current.add_(dual).mul_(mask).div_(scale)
-    return result, mask
+    return merged.mul_(mask).div_(scale), mask
 
 
 def admm_prune(
@@ -263,6 +303,32 @@ def admm_update(
     system = admm_system(gram, percdamp=percdamp, rho=rho)
     new_weight, _ = admm_iterations(weight, system, keep=keep, iterations=iterations, relaxation=relaxation)
     return new_weight
+
+
+class _SystemCache:
+    """The last Gram matrix (a copy) and its :class:`ADMMSystem`: layers fed the same input (``q``/``k``/``v``,
+    ``gate``/``up``) are pruned one after the other with Gram matrices of identical contents, and share one inverse."""
+
+    def __init__(self) -> None:
+        self._gram: Tensor | None = None
+        self._system: ADMMSystem | None = None
+
+    def get(self, gram: Tensor, percdamp: float, rho: float) -> ADMMSystem:
+        cached = self._gram
+        if (
+            cached is not None
+            and self._system is not None
+            and (cached.shape, cached.device) == (gram.shape, gram.device)
+            and torch.equal(cached, gram)
+        ):
+            return self._system
+        self.clear()
+        system = admm_system(gram, percdamp=percdamp, rho=rho)
+        self._gram, self._system = gram.clone(), system
+        return system
+
+    def clear(self) -> None:
+        self._gram = self._system = None
 
 
 def _keep_as_many(scores: Tensor, kept: Tensor, n: int | None, m: int | None) -> Tensor:
@@ -380,6 +446,7 @@ class ADMM(PruningMethod):
         self.relaxation = float(relaxation)
         self.percdamp = float(percdamp)
         self.selection: Selection = selection
+        self._cache = _SystemCache()
 
     def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
         return GramStatistics(in_features, device)
@@ -387,7 +454,7 @@ class ADMM(PruningMethod):
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         """The preconditioned magnitude ``|W_ij| s_j`` that ranks the first mask (Wanda's score)."""
         gram = _gram(statistics, "ADMM")
-        return weight.float().abs() * admm_system(gram, percdamp=self.percdamp, rho=self.rho).scale.unsqueeze(0)
+        return weight.float().abs() * preconditioner(gram)[0].to(weight.device).unsqueeze(0)
 
     def prune_layer(
         self, weight: Tensor, statistics: LayerStatistics | None, structure: SparsityStructure, sparsity: float
@@ -397,7 +464,7 @@ class ADMM(PruningMethod):
             raise FloatingPointError("the weight is not finite")
         per_row = self.selection == "row"
         try:
-            system = admm_system(gram, percdamp=self.percdamp, rho=self.rho)
+            system = self._cache.get(gram, self.percdamp, self.rho)
         except torch.linalg.LinAlgError as error:
             warnings.warn(
                 f"ADMM: {error}; the layer keeps its dense weights under the mask of Wanda's scores",
@@ -437,6 +504,9 @@ class ADMM(PruningMethod):
 
     def shard_local(self, structure: SparsityStructure) -> bool:
         return self.selection == "row"
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     def for_row_shards(self, structure: SparsityStructure) -> PruningMethod:
         if self.selection == "row":
@@ -485,9 +555,13 @@ class ADMMUpdate(Refinement):
         self.rho = float(rho)
         self.relaxation = float(relaxation)
         self.percdamp = float(percdamp)
+        self._cache = _SystemCache()
 
     def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
         return GramStatistics(in_features, device)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     def refine(
         self,
@@ -500,7 +574,7 @@ class ADMMUpdate(Refinement):
         """Writes the updated kept weights into ``weight`` (in place); returns ``keep`` unchanged."""
         gram = _gram(statistics, "refine='admm-update'")
         try:
-            system = admm_system(gram, percdamp=self.percdamp, rho=self.rho)
+            system = self._cache.get(gram, self.percdamp, self.rho)
         except torch.linalg.LinAlgError as error:
             warnings.warn(f"admm-update: {error}; the layer keeps the method's weights", PruningWarning, stacklevel=2)
             return keep

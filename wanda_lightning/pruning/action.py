@@ -114,8 +114,13 @@ class MaskAction(Action):
         config = self.config
         if config.method.permute_channels and config.structure.is_n_m and step.statistics is not None:
             self._permute_channels(step.layers, step.statistics)
-        for layer in step.writable():
-            self._prune_layer(layer, step.take(layer.name), step.block_of(layer))
+        try:
+            for layer in step.writable():
+                self._prune_layer(layer, step.take(layer.name), step.block_of(layer))
+        finally:
+            config.method.clear_cache()
+            if config.refinement is not None:
+                config.refinement.clear_cache()
 
     def _prune_layer(self, layer: TargetLayer, group: dict[str, LayerStatistics], block: int | None) -> None:
         config = self.config

@@ -70,16 +70,20 @@ def prune(
         sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
             implied by N:M structures.
         structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
-        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"ria"``, ``"ria-permuted"`` (N:M with RIA's channel
-            permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another registered name, or a
-            :class:`PruningMethod` instance such as ``Wanda(variant=True)`` or ``RIA(a=0.5)``.
+        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"admm"`` (the mask chosen inside ADMM iterations
+            that update the kept weights, see :class:`~wanda_lightning.ADMM`), ``"ria"``, ``"ria-permuted"`` (N:M
+            with RIA's channel permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another
+            registered name, or a :class:`PruningMethod` instance such as ``Wanda(variant=True)``, ``RIA(a=0.5)`` or
+            ``ADMM(selection="row")``.
         allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
             sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
             unstructured only). The per-block values are in the report.
         refine: ``None`` or DSnoT's training-free swaps of pruned and kept weights after each layer's mask:
             ``"dsnot"`` / ``"dsnot-expected"`` (swaps that lower the expected output error under DSnoT's input model;
             Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact reconstruction error; collects
-            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance.
+            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance;
+            or ``"admm-update"`` / ``ADMMUpdate(...)``: the method's mask with the kept weights that best reproduce
+            the dense layer's outputs on the calibration data (ADMM on each layer's Gram matrix).
         targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
             transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
