@@ -6,7 +6,9 @@ same calibration batches and prints perplexity, wall time of `prune()` (and its 
 same setting, measured side by side) and peak RSS during `prune()`.
 
 With `--sparsegpt-reference DIR` (a checkout of github.com/IST-DASLab/sparsegpt, not shipped here) the reference
-`SparseGPT` solver runs through the same calibration pipeline as a side-by-side row.
+`SparseGPT` solver runs through the same calibration pipeline as a side-by-side row; with `--admm-reference DIR` (a
+checkout of github.com/fmfi-compbio/admm-pruning) so does the reference `AdmmPruner` (its `prune_admm` settings:
+`percdamp=0.1`, 20 iterations, mask ramp over 15, ranked over the whole layer; its N:M branch is 2:4 only).
 
     python benchmarks/bench_quality.py [--eval-windows N] [--json benchmarks/results/quality.json]
 
@@ -41,6 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 UNSTRUCTURED = [
     ("wanda", {}),
     ("sparsegpt", dict(method="sparsegpt")),
+    ("admm", dict(method="admm")),
+    ("wanda+admm-update", dict(refine="admm-update")),
     ("ria", dict(method="ria")),
     ("wanda+owl", dict(allocation="owl")),
     ("wanda+dsnot", dict(refine="dsnot")),
@@ -54,6 +58,8 @@ UNSTRUCTURED = [
 N_M = [
     ("wanda", {}),
     ("sparsegpt", dict(method="sparsegpt")),
+    ("admm", dict(method="admm")),
+    ("wanda+admm-update", dict(refine="admm-update")),
     ("ria", dict(method="ria")),
     ("wanda+dsnot", dict(refine="dsnot")),
     ("wanda+dsnot(exact)", dict(refine="dsnot-exact")),
@@ -64,14 +70,78 @@ N_M = [
 ]
 
 
-def reference_sparsegpt_method(checkout: str) -> PruningMethod:
-    """Wraps the reference repository's `SparseGPT` class (imported from `checkout`) as a pruning method."""
+def _import_reference(checkout: str, relative: str, name: str) -> Any:
     sys.path.insert(0, checkout)
-    spec = importlib.util.spec_from_file_location("reference_sparsegpt", os.path.join(checkout, "sparsegpt.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(checkout, relative))
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"no sparsegpt.py in {checkout}")
+        raise FileNotFoundError(f"no {relative} in {checkout}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def reference_admm_method(checkout: str) -> PruningMethod:
+    """Wraps the reference repository's `AdmmPruner` (`lib/admm.py` in `checkout`) as a pruning method, called as its
+    `prune_admm` calls it."""
+    module = _import_reference(checkout, os.path.join("lib", "admm.py"), "reference_admm")
+
+    class ReferenceStatistics(LayerStatistics):
+        def __init__(self, in_features: int, device: torch.device) -> None:
+            self._in = in_features
+            self.solver = module.AdmmPruner(nn.Linear(in_features, 1, bias=False, device=device))
+            self.tokens = 0
+
+        @property
+        def in_features(self) -> int:
+            return self._in
+
+        def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
+            return (tokens,)
+
+        def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
+            (tokens,) = summary
+            self.solver.add_batch(tokens, None)
+            self.tokens += tokens.shape[0]
+
+        def state_tensors(self) -> list[Tensor]:
+            return [self.solver.XX]
+
+        @property
+        def num_tokens(self) -> int:
+            return self.tokens
+
+    class ReferenceADMM(PruningMethod):
+        name = "admm (reference)"
+
+        def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
+            return ReferenceStatistics(in_features, device)
+
+        def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
+            raise NotImplementedError
+
+        def prune_layer(
+            self, weight: Tensor, statistics: LayerStatistics | None, structure: SparsityStructure, sparsity: float
+        ) -> Tensor:
+            assert isinstance(statistics, ReferenceStatistics)
+            if structure.is_n_m and (structure.n, structure.m) != (2, 4):
+                raise ValueError("the reference ADMM code prunes 2:4 only")
+            solver = statistics.solver
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            layer.weight.data = weight.clone()
+            solver.layer, solver.rows = layer, weight.shape[0]
+            prune_n, prune_m = (structure.n, structure.m) if structure.is_n_m else (0, 0)
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints norms and sparsity per layer
+                solver.fasterprune(sparsity, prune_n=prune_n, prune_m=prune_m, percdamp=0.1)
+            weight.copy_(layer.weight.data)
+            solver.free()
+            return weight != 0
+
+    return ReferenceADMM()
+
+
+def reference_sparsegpt_method(checkout: str) -> PruningMethod:
+    """Wraps the reference repository's `SparseGPT` class (imported from `checkout`) as a pruning method."""
+    module = _import_reference(checkout, "sparsegpt.py", "reference_sparsegpt")
 
     class ReferenceStatistics(LayerStatistics):
         def __init__(self, in_features: int, device: torch.device) -> None:
@@ -145,6 +215,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="cap on held-out windows (default: all)")
     parser.add_argument("--only", nargs="*", default=None, help="combination names to run (wanda always runs)")
     parser.add_argument("--sparsegpt-reference", default=None, help="checkout of IST-DASLab/sparsegpt to compare")
+    parser.add_argument("--admm-reference", default=None, help="checkout of fmfi-compbio/admm-pruning to compare")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -159,6 +230,7 @@ def main() -> None:
     batches = [{"input_ids": ids} for ids in calibration.split(args.batch_size)]
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     reference = reference_sparsegpt_method(args.sparsegpt_reference) if args.sparsegpt_reference else None
+    admm_reference = reference_admm_method(args.admm_reference) if args.admm_reference else None
     dense_ppl = perplexity(model, splits.heldout)
     print(
         f"SmolLM2-135M fp32, {args.samples} x {args.seqlen} calibration (offset {args.calibration_offset}), "
@@ -174,6 +246,10 @@ def main() -> None:
         combos = list(N_M if structured else UNSTRUCTURED)
         if reference is not None:
             combos.insert(2, ("sparsegpt-reference", dict(method=reference)))
+        if admm_reference is not None:
+            combos.insert(
+                combos.index(("admm", dict(method="admm"))) + 1, ("admm-reference", dict(method=admm_reference))
+            )
         wanda_seconds = wanda_ppl = None
         for name, extra in combos:
             if args.only and name != "wanda" and name not in args.only:

@@ -115,6 +115,43 @@ def options(out: str, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def admm(out: str, rank: int) -> None:
+    """ADMM (unstructured: switched to per-row selection, with a warning; 2:4) and Wanda + the ADMM update."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from wanda_lightning import prune
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    mine = calibration()[rank::2]
+    results = {}
+    for label, kwargs in {
+        "admm": dict(method="admm", sparsity=0.5),
+        "admm-2:4": dict(method="admm", structure="2:4"),
+        "wanda+admm-update": dict(refine="admm-update", sparsity=0.5),
+    }.items():
+        model = tiny_llama()
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        gathers = count_full_gathers()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = prune(model, mine, num_samples=None, **kwargs)
+        gathered = dict(gathers)
+        results[label] = dict(
+            full={n: p.full_tensor().clone() for n, p in model.named_parameters()},
+            method=report.method,
+            sparsity=report.global_sparsity,
+            gathers=gathered,
+            warnings=[str(w.message) for w in caught],
+        )
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
+    dist.destroy_process_group()
+
+
 def _fsdp1_wrap(model: Any, use_orig_params: bool) -> Any:
     import functools
 
@@ -305,6 +342,8 @@ def main() -> None:
         functional(out, rank, uneven=True, structure="unstructured")
     elif scenario == "options":
         options(out, rank)
+    elif scenario == "admm":
+        admm(out, rank)
     elif scenario == "fsdp1-trainer":
         fsdp1_trainer(out, rank)
     elif scenario == "fsdp1":

@@ -671,6 +671,8 @@ def test_model_parallel_refuses_prune_on_checkpoint():
         dict(method="ria", allocation="owl", refine="dsnot", sparsity=0.6),
         dict(method="wanda", refine="dsnot-exact", structure="2:4"),
         dict(method="ria-permuted", structure="2:4"),
+        dict(method="admm", structure="2:4"),
+        dict(method="wanda", refine="admm-update", sparsity=0.6),
     ],
 )
 def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
@@ -683,6 +685,8 @@ def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
     assert pruning.report is not None and pruning.report.method.startswith(options["method"].split("-")[0])
     if options.get("refine") == "dsnot-exact":
         assert pruning.report.refinement == "dsnot (exact guard)"
+    if options.get("refine") == "admm-update":
+        assert pruning.report.refinement == "admm-update"
     assert bool(pruning.report.permuted_layers) == (options["method"] == "ria-permuted")
     if "allocation" in options:
         assert pruning.report.allocation.startswith("owl") and pruning.report.refinement == "dsnot"

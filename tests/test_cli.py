@@ -86,7 +86,7 @@ def test_every_subcommand_has_help(command: str, capsys) -> None:
     out = capsys.readouterr().out
     assert f"usage: wanda-lightning {command}" in out and "--json" in out
     if command in ("prune", "bench"):  # the same refinements as prune() and the callback
-        assert all(name in out for name in ("dsnot-expected", "dsnot-exact", "dsnot-unguarded"))
+        assert all(name in out for name in ("dsnot-expected", "dsnot-exact", "dsnot-unguarded", "admm-update"))
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------
@@ -359,6 +359,8 @@ def test_prune_the_real_smollm2_gguf(tmp_path: Path, capsys, monkeypatch: pytest
         (["--refine", "dsnot-exact", "--structure", "2:4"], "wanda", None, "dsnot (exact guard)"),
         (["--method", "ria", "--allocation", "owl", "--sparsity", "0.6"], "ria (a=0.5)", "owl", None),
         (["--method", "ria-permuted", "--structure", "2:4"], "ria (a=0.5, permuted channels)", None, None),
+        (["--method", "admm", "--structure", "2:4"], "admm", None, None),
+        (["--refine", "admm-update"], "wanda", None, "admm-update"),
     ],
 )
 def test_prune_exposes_methods_allocation_and_refinement(

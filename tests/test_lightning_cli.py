@@ -157,6 +157,15 @@ def test_canonical_class_path_builds_the_callback(tmp_path):
     assert (pruning.sparsity, pruning.refine, pruning.allocation) == (0.6, "dsnot-exact", "owl")
 
 
+def test_admm_method_and_update_refinement_are_accepted(tmp_path):
+    callback = """        method: admm
+        refine: admm-update"""
+    config = _config(tmp_path, callback, class_path="wanda_lightning.WandaPruningCallback")
+    cli = LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
+    (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
+    assert (pruning.method, pruning.refine) == ("admm", "admm-update")
+
+
 def test_refinement_names_are_checked_by_the_cli(tmp_path, capsys):
     config = _config(tmp_path, "        refine: dsnot-sometimes", class_path="wanda_lightning.WandaPruningCallback")
     with pytest.raises(SystemExit) as exit_info:

@@ -14,6 +14,7 @@ from conftest import make_batches, tiny_llama
 
 from wanda_lightning import prune
 from wanda_lightning.distributed.testing import ProcessesFailed, launch_processes
+from wanda_lightning.methods import ADMM
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -83,6 +84,34 @@ def test_fsdp2_methods_comparing_across_rows_are_refused_and_owl_dsnot_match(tmp
                 got = result["results"][label]["block_sparsity"]
                 assert got.keys() == report.block_sparsity.keys()
                 assert all(abs(got[k] - v) < 1e-9 for k, v in report.block_sparsity.items())
+
+
+def test_fsdp2_admm_equals_one_process_with_per_row_selection(tmp_path, llama):
+    ranks = run_two_processes("admm", tmp_path)
+    batches = make_batches(num_batches=4, batch=2, seed=3)
+    for label, kwargs in {
+        "admm": dict(method=ADMM(selection="row"), sparsity=0.5),
+        "admm-2:4": dict(method=ADMM(selection="row"), structure="2:4"),
+        "wanda+admm-update": dict(refine="admm-update", sparsity=0.5),
+    }.items():
+        single = copy.deepcopy(llama)
+        prune(single, batches, num_samples=None, **kwargs)
+        expected = {name: param.detach() for name, param in single.named_parameters()}
+        for result in ranks:
+            got = result[label]
+            assert got["gathers"] == {"full_tensor": 0, "redistribute": 0}, label  # row shards pruned in place
+            assert got["sparsity"] == pytest.approx(0.5), label
+            for name, weight in expected.items():
+                if name.endswith("proj.weight"):
+                    assert torch.equal(got["full"][name] == 0, weight == 0), (label, name)
+                    assert torch.allclose(got["full"][name], weight, rtol=1e-4, atol=1e-6), (label, name)
+    for label in ("admm", "admm-2:4"):  # even N:M: the gradual order is ranked over the layer by default
+        switched = [w for w in ranks[0][label]["warnings"] if "ranks weights across output rows" in w]
+        assert ranks[0][label]["method"] == "admm (per-row selection)" and len(switched) == 1, label
+    assert not any("ranks weights across" in w for w in ranks[0]["wanda+admm-update"]["warnings"])
+    assert all(
+        torch.equal(ranks[0][k]["full"][n], ranks[1][k]["full"][n]) for k in ranks[0] for n in ranks[0][k]["full"]
+    )
 
 
 def test_fsdp2_uneven_batch_counts_are_truncated_not_hung(tmp_path, llama):

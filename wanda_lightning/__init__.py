@@ -44,11 +44,14 @@ from .lightning import (
     load_shrunk_checkpoint,
 )
 from .methods import (
+    ADMM,
     OWL,
     RIA,
+    ADMMUpdate,
     DSnoT,
     Magnitude,
     PruningMethod,
+    PruningWarning,
     Refinement,
     SparseGPT,
     Wanda,
@@ -63,9 +66,11 @@ from .width.saving import save_plain_pretrained
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMM",
     "FLAP",
     "OWL",
     "RIA",
+    "ADMMUpdate",
     "BlockSaver",
     "CausalLMModule",
     "CorruptExportError",
@@ -83,6 +88,7 @@ __all__ = [
     "PruneConfig",
     "PruningMethod",
     "PruningReport",
+    "PruningWarning",
     "Refinement",
     "ShrinkConfig",
     "ShrinkReport",

@@ -84,7 +84,8 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, refine_help: str) 
     parser.add_argument(
         "--method",
         default="wanda",
-        help="'wanda' (default), 'magnitude', 'sparsegpt', 'ria', 'ria-permuted' (N:M) or another registered one",
+        help="'wanda' (default), 'magnitude', 'sparsegpt', 'admm', 'ria', 'ria-permuted' (N:M) or another registered "
+        "one",
     )
     parser.add_argument(
         "--allocation", default="uniform", choices=list(ALLOCATIONS), help="layer-wise sparsity: uniform or OWL"

@@ -18,7 +18,7 @@ def register(subparsers: Any) -> None:
         help="prune SmolLM2-135M on the pydoc corpus (offline) and print the report with held-out perplexity",
         description="Prune the offline SmolLM2-135M-Instruct on CPython's pydoc text and compare perplexities.",
     )
-    add_pruning_arguments(parser, refine_help="none or DSnoT (dsnot = dsnot-expected)")
+    add_pruning_arguments(parser, refine_help="none, DSnoT (dsnot = dsnot-expected) or admm-update")
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")

@@ -20,7 +20,8 @@ __all__ = ["REFINE_HELP", "register", "run"]
 
 REFINE_HELP = (
     "mask refinement: none, or DSnoT with its default guard (dsnot = dsnot-expected), the exact-error guard "
-    "(dsnot-exact, needs each layer's Gram matrix) or none (dsnot-unguarded)"
+    "(dsnot-exact, needs each layer's Gram matrix) or none (dsnot-unguarded), or admm-update (the method's mask with "
+    "optimal kept weights, by ADMM on each layer's Gram matrix)"
 )
 
 

@@ -146,7 +146,8 @@ class WandaPruningCallback(Callback):
     the sharded forwards stay in step. The masks are not kept in the callback state (each process holds only its
     shards'); a resumed run reads them back from the zeros of the restored weights. ``prune_on="checkpoint"`` is
     refused there; ``export_dir`` gathers the full weights on rank zero's CPU. Methods that compare weights across
-    rows (SparseGPT unstructured, RIA, Wanda's variant) are refused with sharded weights.
+    rows (SparseGPT unstructured, RIA, Wanda's variant) are refused with sharded weights; ADMM ranks within each row
+    there instead of over whole layers, with a warning.
 
     Under ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``, Lightning's default) calibration runs in one pass through
     the FSDP root (block-sequential calibration would stop FSDP1 forwards midway), then each FSDP unit's full
@@ -160,8 +161,9 @@ class WandaPruningCallback(Callback):
         structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept, such as
             ``"2:4"``).
         method: Pruning method name: ``"wanda"``, ``"magnitude"`` (which needs no calibration), ``"sparsegpt"``,
-            ``"ria"``, ``"ria-permuted"`` (N:M only; not with ``prune_on="train_epoch_end"``), or another name
-            registered with :func:`~wanda_lightning.register_method`.
+            ``"admm"`` (see :class:`~wanda_lightning.ADMM`), ``"ria"``, ``"ria-permuted"`` (N:M only; not with
+            ``prune_on="train_epoch_end"``), or another name registered with
+            :func:`~wanda_lightning.register_method`.
         variant: For ``"wanda"``, the reference code's per-row cumulative-score selection (``--use_variant``).
         allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: per-block sparsities from the outlier
             share of Wanda scores (unstructured only; see :class:`~wanda_lightning.OWL`).
@@ -169,7 +171,8 @@ class WandaPruningCallback(Callback):
             ``"dsnot"`` (its default guard, ``"expected"``), ``"dsnot-expected"`` (swaps that lower the expected output
             error under DSnoT's input model; Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact
             reconstruction error; needs each layer's input Gram matrix) or ``"dsnot-unguarded"`` (the paper's rules
-            alone).
+            alone); or ``"admm-update"``: the method's mask with the kept weights that best reproduce the dense
+            layer's outputs (ADMM on each layer's Gram matrix, see :class:`~wanda_lightning.ADMMUpdate`).
         targets: Name patterns (glob, or regex prefixed with ``re:``) of the layers to prune, relative to the
             LightningModule (``"model.model.layers.*"``); default every ``nn.Linear`` and transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights tied to an embedding are always left

@@ -24,7 +24,12 @@ from ..core.statistics import LayerStatistics
 from ..core.structure import SparsityStructure
 from .channels import reallocate_channels
 
-__all__ = ["PruningMethod", "Refinement"]
+__all__ = ["PruningMethod", "PruningWarning", "Refinement"]
+
+
+class PruningWarning(UserWarning):
+    """A method or refinement fell back on one layer (say, a numerical safeguard); ``prune()`` re-issues it with the
+    layer's name in front."""
 
 
 class PruningMethod(ABC):
@@ -100,6 +105,16 @@ class PruningMethod(ABC):
         weights."""
         return False
 
+    def clear_cache(self) -> None:  # noqa: B027 - optional
+        """Drops what the method keeps from one layer to the next (say, a factorisation shared by layers fed the
+        same input); ``prune()`` calls it after each block, so nothing outlives the block it came from."""
+
+    def for_row_shards(self, structure: SparsityStructure) -> PruningMethod | None:
+        """The method to run when target weights are split by output rows across processes (FSDP2's ``Shard(0)``):
+        ``self`` when :meth:`shard_local`, else a variant whose rows are pruned independently, or ``None`` (the
+        default) when there is none and sharded weights are refused. ``prune()`` warns when it switches."""
+        return self if self.shard_local(structure) else None
+
     def describe(self) -> str:
         """Short human-readable name, including options."""
         return self.name
@@ -158,6 +173,9 @@ class Refinement(ABC):
         """Whether each output row is refined from that row and the statistics alone (so FSDP2 row shards can be
         refined in place)."""
         return True
+
+    def clear_cache(self) -> None:  # noqa: B027 - optional
+        """Drops what the refinement keeps from one layer to the next; ``prune()`` calls it after each block."""
 
     def describe(self) -> str:
         """Short human-readable name, including options."""

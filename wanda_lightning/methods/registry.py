@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, get_args
 
+from .admm import ADMM, ADMMUpdate
 from .base import PruningMethod, Refinement
 from .dsnot import DSnoT
 from .magnitude import Magnitude
@@ -31,7 +32,7 @@ __all__ = [
 
 AllocationName = Literal["uniform", "owl"]
 ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
-RefinementName = Literal["none", "dsnot", "dsnot-expected", "dsnot-exact", "dsnot-unguarded"]
+RefinementName = Literal["none", "dsnot", "dsnot-expected", "dsnot-exact", "dsnot-unguarded", "admm-update"]
 REFINEMENTS: tuple[str, ...] = get_args(RefinementName)
 
 _REGISTRY: dict[str, Callable[..., PruningMethod]] = {}
@@ -109,7 +110,8 @@ def get_refinement(refine: str | Refinement | None) -> Refinement | None:
     :data:`REFINEMENTS`.
 
     ``"dsnot"`` is DSnoT with its default guard; ``"dsnot-expected"``, ``"dsnot-exact"`` and ``"dsnot-unguarded"``
-    name the guard (``"expected"``, ``"exact"``, ``"none"``).
+    name the guard (``"expected"``, ``"exact"``, ``"none"``); ``"admm-update"`` is :class:`~wanda_lightning.methods.
+    admm.ADMMUpdate` (optimal weights for the method's mask).
 
     Example::
 
@@ -122,6 +124,8 @@ def get_refinement(refine: str | Refinement | None) -> Refinement | None:
         name = refine.lower()
         if name == "none":
             return None
+        if name == "admm-update":
+            return ADMMUpdate()
         if name == "dsnot":
             return DSnoT()
         guard = name.removeprefix("dsnot-")
@@ -132,5 +136,6 @@ def get_refinement(refine: str | Refinement | None) -> Refinement | None:
 register_method("wanda", Wanda)
 register_method("magnitude", Magnitude)
 register_method("sparsegpt", SparseGPT)
+register_method("admm", ADMM)
 register_method("ria", RIA)
 register_method("ria-permuted", lambda **options: RIA(permute_channels=True, **options))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from ..core.pipeline import Action, CalibrationPipeline, Step
 from ..core.statistics import InputNormStatistics, LayerStatistics
 from ..core.targets import TargetLayer
 from ..distributed.sharding import with_full_weights
-from ..methods.base import PruningMethod
+from ..methods.base import PruningMethod, PruningWarning
 from ..methods.channels import find_channel_couplings
 from ..methods.wanda import Wanda
 from .config import PruneConfig
@@ -151,8 +153,13 @@ class MaskAction(Action):
         config = self.config
         if config.method.permute_channels and config.structure.is_n_m and step.statistics is not None:
             self._permute_channels(step.layers, step.statistics)
-        for layer in step.writable():
-            self._prune_layer(layer, step.take(layer.name), step.block_of(layer))
+        try:
+            for layer in step.writable():
+                self._prune_layer(layer, step.take(layer.name), step.block_of(layer))
+        finally:
+            config.method.clear_cache()
+            if config.refinement is not None:
+                config.refinement.clear_cache()
 
     def _prune_layer(self, layer: TargetLayer, group: dict[str, LayerStatistics], block: int | None) -> None:
         config = self.config
@@ -162,10 +169,11 @@ class MaskAction(Action):
         dense = weight.float().clone() if config.refinement is not None else None
         already = self.already_pruned.get(layer.name)
         try:
-            if already is None:
-                keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
-            else:
-                keep = self._prune_again(weight, group.get("method"), sparsity, already)
+            with _named_warnings(layer.name):
+                if already is None:
+                    keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
+                else:
+                    keep = self._prune_again(weight, group.get("method"), sparsity, already)
         except FloatingPointError as error:
             raise FloatingPointError(f"layer {layer.name!r}: {error}") from None
         except torch.linalg.LinAlgError as error:
@@ -173,7 +181,8 @@ class MaskAction(Action):
         self.report.scoring_seconds += time.perf_counter() - start
         if config.refinement is not None and dense is not None:
             start = time.perf_counter()
-            keep = config.refinement.refine(dense, weight, keep, group.get("refine"), config.structure)
+            with _named_warnings(layer.name):
+                keep = config.refinement.refine(dense, weight, keep, group.get("refine"), config.structure)
             del dense
             self.report.refine_seconds += time.perf_counter() - start
         num_pruned = int(keep.numel() - keep.sum())
@@ -230,3 +239,19 @@ class MaskAction(Action):
                 stats.permute_inputs(index)
             self.report.permuted_layers.append(layer.name)
         self.report.scoring_seconds += time.perf_counter() - start
+
+
+@contextmanager
+def _named_warnings(name: str) -> Iterator[None]:
+    """Re-issues the :class:`~wanda_lightning.methods.base.PruningWarning` raised in the ``with`` block with the
+    layer's name in front (methods do not know it); other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PruningWarning)  # one per layer, not one per line of code
+        yield
+    for record in caught:
+        if issubclass(record.category, PruningWarning):
+            warnings.warn(f"layer {name!r}: {record.message}", record.category, stacklevel=4)
+        else:
+            warnings.warn_explicit(
+                record.message, record.category, record.filename, record.lineno, source=record.source
+            )

@@ -6,6 +6,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -69,16 +70,20 @@ def prune(
         sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
             implied by N:M structures.
         structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
-        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"ria"``, ``"ria-permuted"`` (N:M with RIA's channel
-            permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another registered name, or a
-            :class:`PruningMethod` instance such as ``Wanda(variant=True)`` or ``RIA(a=0.5)``.
+        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"admm"`` (the mask chosen inside ADMM iterations
+            that update the kept weights, see :class:`~wanda_lightning.ADMM`), ``"ria"``, ``"ria-permuted"`` (N:M
+            with RIA's channel permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another
+            registered name, or a :class:`PruningMethod` instance such as ``Wanda(variant=True)``, ``RIA(a=0.5)`` or
+            ``ADMM(selection="row")``.
         allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
             sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
             unstructured only). The per-block values are in the report.
         refine: ``None`` or DSnoT's training-free swaps of pruned and kept weights after each layer's mask:
             ``"dsnot"`` / ``"dsnot-expected"`` (swaps that lower the expected output error under DSnoT's input model;
             Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact reconstruction error; collects
-            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance.
+            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance;
+            or ``"admm-update"`` / ``ADMMUpdate(...)``: the method's mask with the kept weights that best reproduce
+            the dense layer's outputs on the calibration data (ADMM on each layer's Gram matrix).
         targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
             transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
@@ -213,7 +218,7 @@ def prune_with(
     layers, skipped = find_targets(model, config.targets, config.ignore)
     layout = sharded_layout(layers) or fsdp1_layout(model, layers)
     if layout is not None:
-        _check_shardable(layout, config)
+        config = _check_shardable(layout, config)
     # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
     # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()
@@ -322,14 +327,26 @@ def _check_n_m_shapes(layers: Sequence[TargetLayer], structure: SparsityStructur
         )
 
 
-def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> None:
+def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> PruneConfig:
+    """Refuses what cannot run on row shards; returns ``config`` with the method to use on them (a row-local variant
+    of the configured one, with a warning, when it has one)."""
     method, structure = config.method, config.structure
     if layout.sharded_layers and not method.shard_local(structure):
-        raise ValueError(
-            f"`method`={method.describe()!r} with `structure`={structure.name!r} compares weights across output rows, "
-            f"and layer(s) {layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes "
-            "(FSDP2); use 'wanda', 'magnitude' or an N:M structure with 'sparsegpt', or prune before sharding"
+        variant = method.for_row_shards(structure)
+        if variant is None:
+            raise ValueError(
+                f"`method`={method.describe()!r} with `structure`={structure.name!r} compares weights across output "
+                f"rows, and layer(s) {layout.sharded_layers[:3]} are split by rows across {layout.world_size} "
+                "processes (FSDP2); use 'wanda', 'magnitude', 'admm' or an N:M structure with 'sparsegpt', or prune "
+                "before sharding"
+            )
+        warnings.warn(
+            f"`method`={method.describe()!r} ranks weights across output rows, and layer(s) "
+            f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2): each row is "
+            f"ranked on its own instead ({variant.describe()!r})",
+            stacklevel=4,
         )
+        config = replace(config, method=variant)
     refinement = config.refinement
     if layout.sharded_layers and refinement is not None and not refinement.shard_local(structure):
         raise ValueError(
@@ -347,6 +364,7 @@ def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> None:
             f"`method`={method.describe()!r} reorders the hidden units of whole MLPs, whose weights are split "
             f"across {layout.world_size} processes here; prune before sharding, or use method='ria'"
         )
+    return config
 
 
 def _gather_layer_counts(report: PruningReport, layout: ShardedLayout) -> None:
