@@ -182,6 +182,7 @@ def test_spawning_strategies_are_refused_before_anything_runs():
         ({"mlp": 0.0}, r"`mlp` and `heads` are both 0"),
         ({"mlp": 0.5, "method": "random"}, r"`method` must be one of"),
         ({"mlp": 0.5, "prune_on": "checkpoint"}, r"`prune_on`='checkpoint' is not offered for shrinking"),
+        ({"mlp": 0.5, "prune_on": "schedule"}, r"`prune_on`='schedule' is not offered for shrinking"),
         ({"mlp": 0.5, "prune_on": "train_step"}, r"`prune_on`='train_step' needs `step`=k"),
         ({"mlp": 0.5, "step": 3}, r"`step`=3 is only used with `prune_on`='train_step'"),
         ({"mlp": 0.5, "distill_weight": 2}, r"`distill_weight` must be in \[0, 1\], got 2"),

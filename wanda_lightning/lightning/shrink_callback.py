@@ -164,11 +164,14 @@ class WandaShrinkCallback(Callback):
                 batch_size=batch_size,
                 offload_device=offload_device,
             )
-            if prune_on == "checkpoint":
+            unsupported = {
+                "checkpoint": "checkpoints of other shapes than the live model could not be resumed",
+                "schedule": "units are removed once (a gradual width schedule is not offered)",
+            }
+            if prune_on in unsupported:
                 raise ValueError(
-                    "`prune_on`='checkpoint' is not offered for shrinking: checkpoints of other shapes than the live "
-                    "model could not be resumed; use 'fit_start', 'train_step', 'train_epoch_end', 'fit_end' or "
-                    "'validate'"
+                    f"`prune_on`={prune_on!r} is not offered for shrinking: {unsupported[prune_on]}; use 'fit_start', "
+                    "'train_step', 'train_epoch_end', 'fit_end' or 'validate'"
                 )
             self._trigger = make_trigger(prune_on, epoch, step)
             for flag, name in ((distill, "distill"), (evaluate, "evaluate"), (verbose, "verbose")):
