@@ -31,7 +31,7 @@ import torch
 from _common import machine, print_table, read_rss_mib, reset_peak_rss, write_json
 from torch import Tensor, nn
 
-from wanda_lightning import PruningMethod, prune
+from wanda_lightning import ADMM, PruningMethod, prune
 from wanda_lightning.core.statistics import LayerStatistics
 from wanda_lightning.core.structure import SparsityStructure
 from wanda_lightning.data.corpus import split_tokens
@@ -44,6 +44,7 @@ UNSTRUCTURED = [
     ("wanda", {}),
     ("sparsegpt", dict(method="sparsegpt")),
     ("admm", dict(method="admm")),
+    ("admm(12 iterations)", dict(method=ADMM(iterations=12, ramp_iterations=8))),
     ("wanda+admm-update", dict(refine="admm-update")),
     ("ria", dict(method="ria")),
     ("wanda+owl", dict(allocation="owl")),
@@ -59,6 +60,7 @@ N_M = [
     ("wanda", {}),
     ("sparsegpt", dict(method="sparsegpt")),
     ("admm", dict(method="admm")),
+    ("admm(12 iterations)", dict(method=ADMM(iterations=12, ramp_iterations=8))),
     ("wanda+admm-update", dict(refine="admm-update")),
     ("ria", dict(method="ria")),
     ("wanda+dsnot", dict(refine="dsnot")),

@@ -58,6 +58,10 @@ def dense_forward_seconds(model: torch.nn.Module, batches: list[dict]) -> float:
     return time.perf_counter() - start
 
 
+def _row_name(method: str, update: str | None) -> str:
+    return f"{method}{' + ' + update if update else ''}"
+
+
 class EvalAt(pl.Callback):
     """Held-out perplexity (and a copy of the weights) of the module's model after the given global steps, before
     later callbacks act."""
@@ -114,6 +118,13 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--recover", nargs="*", default=["mlp50"], choices=list(SETTINGS), help="settings recovered")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model, in turns (default 5)")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[_row_name(*entry) for entry in METHODS],
+        choices=[_row_name(*entry) for entry in METHODS],
+        help="width methods run (default: all)",
+    )
     parser.add_argument("--no-speed", action="store_true", help="skip the timing (perplexities and recovery only)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
@@ -146,11 +157,13 @@ def main() -> None:
     best: dict[str, tuple[str, str | None, float, str]] = {}
     for setting in args.settings:
         for method, update in METHODS:
+            if _row_name(method, update) not in args.methods:
+                continue
             small = copy.deepcopy(model)
             forward = dense_forward_seconds(model, batches)
             report = shrink(small, batches, method=method, update=update, num_samples=None, **SETTINGS[setting])
             row = record(
-                f"{method}{' + ' + update if update else ''} {setting}",
+                f"{_row_name(method, update)} {setting}",
                 small,
                 setting=setting,
                 method=method,
@@ -217,7 +230,7 @@ def main() -> None:
                     copy.deepcopy(fine_tuned), train_windows, heldout, n, [n], [callback, shrunk]
                 )
                 recipe = "distillation" if distill else "fine-tuning"
-                name = f"{method}{' + ' + update if update else ''} {setting}, {recipe}"
+                name = f"{_row_name(method, update)} {setting}, {recipe}"
                 recovery.append(
                     {
                         "name": name,

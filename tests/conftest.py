@@ -34,6 +34,15 @@ def _tiny_gpt2():
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_master_port(monkeypatch):
+    """Every test gets its own free ``MASTER_PORT``: Lightning keeps the port it picked in ``os.environ``, and a later
+    ``ddp_spawn`` test on the same port fails to listen while anything still holds it (EADDRINUSE)."""
+    from wanda_lightning.distributed.testing import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
 @pytest.fixture
 def single_thread():
     """Runs a test on one intra-op thread: the models are tiny, and on a busy 2-core machine thread hand-offs cost

@@ -135,7 +135,8 @@ def test_help_shows_the_docstrings(capsys):
         )
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--trainer.callbacks.prune_on {fit_end,train_epoch_end,validate,checkpoint,schedule}" in text
+    modes = "{fit_end,train_epoch_end,validate,checkpoint,train_step,fit_start,schedule}"
+    assert f"--trainer.callbacks.prune_on {modes}" in text
     assert "When to prune" in text and "the zero-based epoch after which to prune" in text
     assert "--trainer.callbacks.end_step" in text and "the global step where the ramp reaches" in text
 
