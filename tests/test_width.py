@@ -22,16 +22,10 @@ WITH_HEADS = ("llama", "qwen2")  # configs with an explicit head_dim: fewer head
 
 def tiny(family: str) -> torch.nn.Module:
     """A tiny random causal LM of ``family`` (2 blocks, hidden 64, MLP 128, 4 heads; GQA 4/2 where offered)."""
+    if family == "llama":
+        return tiny_llama()
     torch.manual_seed(0)
     configs = {
-        "llama": lambda: transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
         "qwen2": lambda: transformers.Qwen2Config(
             vocab_size=VOCAB,
             hidden_size=64,
