@@ -82,41 +82,44 @@ def _import_reference(checkout: str, relative: str, name: str) -> Any:
     return module
 
 
+class ReferenceStatistics(LayerStatistics):
+    """Input statistics kept by a reference solver object (its own Gram/Hessian accumulation), for one layer."""
+
+    def __init__(self, solver: Any, in_features: int, gram: str, per_sequence: bool) -> None:
+        self.solver, self._in, self._gram, self._per_sequence = solver, in_features, gram, per_sequence
+        self.tokens = 0
+
+    @property
+    def in_features(self) -> int:
+        return self._in
+
+    def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
+        return (tokens,)
+
+    def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
+        (tokens,) = summary
+        self.solver.add_batch(tokens.reshape(num_sequences, -1, self._in) if self._per_sequence else tokens, None)
+        self.tokens += tokens.shape[0]
+
+    def state_tensors(self) -> list[Tensor]:
+        return [getattr(self.solver, self._gram)]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens
+
+
 def reference_admm_method(checkout: str) -> PruningMethod:
     """Wraps the reference repository's `AdmmPruner` (`lib/admm.py` in `checkout`) as a pruning method, called as its
     `prune_admm` calls it."""
     module = _import_reference(checkout, os.path.join("lib", "admm.py"), "reference_admm")
 
-    class ReferenceStatistics(LayerStatistics):
-        def __init__(self, in_features: int, device: torch.device) -> None:
-            self._in = in_features
-            self.solver = module.AdmmPruner(nn.Linear(in_features, 1, bias=False, device=device))
-            self.tokens = 0
-
-        @property
-        def in_features(self) -> int:
-            return self._in
-
-        def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
-            return (tokens,)
-
-        def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
-            (tokens,) = summary
-            self.solver.add_batch(tokens, None)
-            self.tokens += tokens.shape[0]
-
-        def state_tensors(self) -> list[Tensor]:
-            return [self.solver.XX]
-
-        @property
-        def num_tokens(self) -> int:
-            return self.tokens
-
     class ReferenceADMM(PruningMethod):
         name = "admm (reference)"
 
         def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
-            return ReferenceStatistics(in_features, device)
+            solver = module.AdmmPruner(nn.Linear(in_features, 1, bias=False, device=device))
+            return ReferenceStatistics(solver, in_features, "XX", per_sequence=False)
 
         def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
             raise NotImplementedError
@@ -145,36 +148,12 @@ def reference_sparsegpt_method(checkout: str) -> PruningMethod:
     """Wraps the reference repository's `SparseGPT` class (imported from `checkout`) as a pruning method."""
     module = _import_reference(checkout, "sparsegpt.py", "reference_sparsegpt")
 
-    class ReferenceStatistics(LayerStatistics):
-        def __init__(self, in_features: int, device: torch.device) -> None:
-            self._in = in_features
-            self.solver = module.SparseGPT(nn.Linear(in_features, 1, bias=False, device=device))
-            self.tokens = 0
-
-        @property
-        def in_features(self) -> int:
-            return self._in
-
-        def summarize(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
-            return (tokens,)
-
-        def accumulate(self, summary: tuple[Tensor, ...], num_sequences: int) -> None:
-            (tokens,) = summary
-            self.solver.add_batch(tokens.reshape(num_sequences, -1, self._in), None)
-            self.tokens += tokens.shape[0]
-
-        def state_tensors(self) -> list[Tensor]:
-            return [self.solver.H]
-
-        @property
-        def num_tokens(self) -> int:
-            return self.tokens
-
     class ReferenceSparseGPT(PruningMethod):
         name = "sparsegpt (reference)"
 
         def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics:
-            return ReferenceStatistics(in_features, device)
+            solver = module.SparseGPT(nn.Linear(in_features, 1, bias=False, device=device))
+            return ReferenceStatistics(solver, in_features, "H", per_sequence=True)
 
         def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
             raise NotImplementedError
