@@ -83,7 +83,9 @@ class CalibrationOptions:
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
             raise TypeError(f"`blocks` must be a module name such as 'model.layers' or None, got {self.blocks!r}")
         if self.forward_fn is not None and not callable(self.forward_fn):
-            raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), or None, got {self.forward_fn!r}")
+            raise TypeError(
+                f"`forward_fn` must be callable as forward_fn(model, batch), or None, got {self.forward_fn!r}"
+            )
         # Frozen: normalise the devices once, so that every user of the options sees a torch.device.
         object.__setattr__(self, "device", as_device(self.device, "device"))
         object.__setattr__(self, "offload_device", as_device(self.offload_device, "offload_device"))
