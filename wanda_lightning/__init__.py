@@ -20,6 +20,7 @@ Example::
 """
 
 from .core.masks import keep_mask, n_m_keep_mask, unstructured_keep_mask, variant_keep_mask
+from .core.options import CalibrationOptions
 from .core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
 from .core.structure import SparsityStructure, parse_structure
 from .core.targets import TargetLayer, find_targets
@@ -35,10 +36,16 @@ from .export import (
     to_semi_structured,
 )
 from .lightning import (
+    AfterEpoch,
+    AfterStep,
+    CalibratedCallback,
     CausalLMModule,
+    Distillation,
     Distiller,
     Perplexity,
+    Schedule,
     Sparsity,
+    Trigger,
     WandaPruningCallback,
     WandaShrinkCallback,
     load_shrunk_checkpoint,
@@ -71,10 +78,15 @@ __all__ = [
     "OWL",
     "RIA",
     "ADMMUpdate",
+    "AfterEpoch",
+    "AfterStep",
     "BlockSaver",
+    "CalibratedCallback",
+    "CalibrationOptions",
     "CausalLMModule",
     "CorruptExportError",
     "DSnoT",
+    "Distillation",
     "Distiller",
     "ExportSummary",
     "GramStatistics",
@@ -90,6 +102,7 @@ __all__ = [
     "PruningReport",
     "PruningWarning",
     "Refinement",
+    "Schedule",
     "ShrinkConfig",
     "ShrinkReport",
     "SkippedLayer",
@@ -97,6 +110,7 @@ __all__ = [
     "Sparsity",
     "SparsityStructure",
     "TargetLayer",
+    "Trigger",
     "Wanda",
     "WandaPruningCallback",
     "WandaSP",

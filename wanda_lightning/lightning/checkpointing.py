@@ -7,17 +7,19 @@ on dense. Loaded anywhere else, the checkpoint is the pruned model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "DENSE_WEIGHTS_KEY",
     "put_pruned_weights",
     "restore_dense_weights",
+    "temporary_weights",
     "unwrap_saves",
     "wrap_weights_only_saves",
 ]
@@ -80,3 +82,29 @@ def wrap_weights_only_saves(pl_module: pl.LightningModule, on_weights_only: Call
 def unwrap_saves(pl_module: pl.LightningModule) -> None:
     """Undoes :func:`wrap_weights_only_saves`."""
     vars(pl_module).pop("on_save_checkpoint", None)
+
+
+@contextmanager
+def temporary_weights(parameters: Mapping[str, nn.Parameter]) -> Iterator[dict[str, Tensor]]:
+    """For the ``with`` block, each parameter holds a copy of its data, which the block may change (prune, measure);
+    the yielded mapping is filled with those copies as the block leaves them, and the live data comes back afterwards,
+    never written.
+
+    Example::
+
+        >>> weight = nn.Parameter(torch.ones(2))
+        >>> with temporary_weights({"w": weight}) as changed:
+        ...     _ = weight.data.zero_()
+        >>> weight.tolist(), changed["w"].tolist()
+        ([1.0, 1.0], [0.0, 0.0])
+    """
+    live = {name: param.data for name, param in parameters.items()}
+    changed: dict[str, Tensor] = {}
+    for name, param in parameters.items():
+        param.data = live[name].clone()
+    try:
+        yield changed
+        changed.update({name: param.data for name, param in parameters.items()})
+    finally:
+        for name, param in parameters.items():
+            param.data = live[name]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Distiller", "distillation_loss"]
+from ..core.layers import find_pretrained
+from ..core.validation import as_device, check_number
+from ..width.surgery import fit_to_state_dict
+
+__all__ = ["TEACHER_KEY", "Distillation", "DistillationPhase", "Distiller", "distillation_loss", "student_of"]
+
+#: Where full checkpoints keep the teacher's weights, so that distillation resumes.
+TEACHER_KEY = "wanda_teacher_state_dict"
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
 
@@ -166,3 +174,131 @@ class Distiller:
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
         return lambda: vars(pl_module).pop("training_step", None)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How a callback distils after it acted: the loss, and where the teacher lives.
+
+    The teacher is the model at the moment the callback acts (for post-fine-tune compression with
+    ``prune_on="fit_start"``, the user's fine-tuned model). Checked when made.
+
+    Args:
+        weight: Share of the distillation term in the loss, in ``[0, 1]`` (1: distillation alone).
+        temperature: Softening temperature (> 0).
+        teacher_device: Where the frozen teacher lives (say ``"cpu"``); ``None``: where the model is.
+
+    Example::
+
+        >>> Distillation(weight=0.5).temperature
+        2.0
+        >>> Distillation(temperature=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `temperature` must be in (0, inf), got 0
+    """
+
+    weight: float = 1.0
+    temperature: float = 2.0
+    teacher_device: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", check_number(self.weight, "weight", 0.0, 1.0, closed=True))
+        temperature = check_number(self.temperature, "temperature", 0.0, float("inf"), closed=False)
+        object.__setattr__(self, "temperature", temperature)
+        as_device(self.teacher_device, "teacher_device")
+
+    @classmethod
+    def resolve(cls, distill: bool | Distillation | None) -> Distillation | None:
+        """``True``: the defaults; ``False``/``None``: no distillation; a :class:`Distillation` as is.
+
+        Raises:
+            TypeError: For anything else (naming ``distill``).
+        """
+        if distill is True:
+            return cls()
+        if distill is False or distill is None:
+            return None
+        if isinstance(distill, Distillation):
+            return distill
+        raise TypeError(f"`distill` must be True, False or a Distillation(...), got {distill!r}")
+
+
+def student_of(pl_module: nn.Module) -> nn.Module:
+    """The transformers model inside the module: what distillation trains and the teacher copies.
+
+    Raises:
+        ValueError: When the module holds none.
+    """
+    found = find_pretrained(pl_module)
+    if found is None:
+        raise ValueError(
+            f"{type(pl_module).__name__} holds no transformers model: distillation needs one (its logits); pass "
+            "distill=False"
+        )
+    return found[0]
+
+
+class DistillationPhase:
+    """A callback's teacher, from the moment it acts to the end of the fit: taken before the action, distilled from
+    while training goes on, kept in full checkpoints (under :data:`TEACHER_KEY`) and restored on resume, even when the
+    student's shapes changed since.
+
+    Args:
+        options: How to distil; ``None``: never.
+    """
+
+    def __init__(self, options: Distillation | None) -> None:
+        self.options = options
+        self.distiller: Distiller | None = None
+        self._saved_teacher: dict[str, Any] | None = None
+        self._undo: Callable[[], None] | None = None
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher while distilling, else ``None``."""
+        return self.distiller.teacher if self.distiller is not None else None
+
+    def snapshot(self, pl_module: nn.Module) -> nn.Module | None:
+        """A copy of the student as it is now, to distil from after the action; ``None`` when not distilling, or
+        already distilling (the teacher of a schedule is the model before its first step)."""
+        if self.options is None or self.distiller is not None:
+            return None
+        return copy.deepcopy(student_of(pl_module))
+
+    def start(self, teacher: nn.Module, pl_module: pl.LightningModule) -> None:
+        """Distils from ``teacher`` in every following ``training_step``."""
+        assert self.options is not None
+        self.distiller = Distiller(
+            teacher,
+            student_of(pl_module),
+            weight=self.options.weight,
+            temperature=self.options.temperature,
+            device=self.options.teacher_device,
+        )
+        self._undo = self.distiller.wrap_training_step(pl_module)
+
+    def resume(self, pl_module: pl.LightningModule) -> None:
+        """After a restore: the teacher comes back from the checkpoint (resized to its saved shapes)."""
+        if self.options is None or self.distiller is not None or self._saved_teacher is None:
+            return
+        teacher = copy.deepcopy(student_of(pl_module))
+        fit_to_state_dict(teacher, self._saved_teacher)
+        teacher.load_state_dict(self._saved_teacher)
+        self._saved_teacher = None
+        self.start(teacher, pl_module)
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        """Puts the teacher's weights in a full checkpoint."""
+        if self.distiller is not None:
+            checkpoint[TEACHER_KEY] = {k: v.detach().cpu() for k, v in self.distiller.teacher.state_dict().items()}
+
+    def load(self, checkpoint: Mapping[str, Any]) -> None:
+        """Keeps a resumed checkpoint's teacher until training starts."""
+        self._saved_teacher = checkpoint.get(TEACHER_KEY)
+
+    def stop(self) -> None:
+        """Undoes the ``training_step`` wrapper (the teacher is kept for :attr:`teacher`)."""
+        if self._undo is not None:
+            self._undo()
+            self._undo = None

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..core.layers import local_tensor
-from ..core.targets import find_targets
+from ..distributed.readback import drop_masks_from_zeros
 from ..export.packing import pack_bits, unpack_bits
 
-__all__ = ["MaskKeeper", "masks_of_zeros", "pack_mask", "unpack_mask"]
+__all__ = ["MaskKeeper", "pack_mask", "unpack_mask"]
 
 # Masks in callback states of version 1 were packed most significant bit first; version 2 uses the export format's
 # packing (least significant bit first).
@@ -52,16 +52,6 @@ def unpack_mask(entry: dict[str, Any], msb_first: bool = False) -> Tensor:
     if msb_first:
         bits = _REVERSED_BITS.index_select(0, bits.int())
     return unpack_bits(bits, math.prod(shape)).reshape(shape)
-
-
-def masks_of_zeros(
-    pl_module: nn.Module, targets: Sequence[str] | None, ignore: Sequence[str] | None
-) -> dict[str, Tensor]:
-    """Drop masks read from the zeros of the target weights (this process's shards): pruned weights are exactly 0
-    (a kept weight that happens to be exactly 0 is then held at 0 too)."""
-    layers, _ = find_targets(pl_module, targets, ignore)
-    weights = {layer.parameter_name: layer.tensor.detach() for layer in layers}
-    return {name: local_tensor(weight) == 0 for name, weight in weights.items()}
 
 
 class MaskKeeper:
@@ -108,7 +98,7 @@ class MaskKeeper:
         assert self.drops is not None
         parameters = dict(pl_module.named_parameters())
         if self.from_weights:
-            self.drops = masks_of_zeros(pl_module, self.targets, self.ignore)
+            self.drops = drop_masks_from_zeros(pl_module, self.targets, self.ignore)
         for name, drop in list(self.drops.items()):
             param = parameters.get(name)
             if param is None or tuple(local_tensor(param).shape) != tuple(drop.shape):

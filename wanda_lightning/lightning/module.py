@@ -21,7 +21,7 @@ class CausalLMModule(pl.LightningModule):
 
     Batches are mappings with ``input_ids`` ``(B, T)`` and optionally ``attention_mask`` and ``labels`` (default: the
     ids, with padding masked out). ``forward(**batch)`` runs the wrapped model, so the module can be calibrated by
-    :class:`~wanda_lightning.lightning.callback.WandaPruningCallback` as is.
+    :class:`~wanda_lightning.WandaPruningCallback` as is.
 
     Logged: ``train_loss`` each step; ``val_loss`` (the model's mean token loss, averaged over batches) and
     ``val_ppl`` (token-level :class:`~wanda_lightning.lightning.metrics.Perplexity` over the whole validation set)

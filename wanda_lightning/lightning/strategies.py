@@ -5,12 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
-from ..distributed.sharding import is_fsdp1
+from ..distributed.sharding import holds_shards, is_fsdp1
 
-__all__ = ["check_strategy", "fsdp1_wrapper", "is_sharded_strategy", "strategy_all_reduce", "strategy_sync"]
+__all__ = [
+    "check_strategy",
+    "fsdp1_wrapper",
+    "is_sharded_strategy",
+    "rebuild_optimizers",
+    "strategy_all_reduce",
+    "strategy_sync",
+]
 
 # Checked by name so that none of them has to be importable; DeepSpeedStrategy subclasses DDPStrategy.
 _UNSUPPORTED_STRATEGIES = frozenset({"DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy"})
@@ -20,11 +28,15 @@ _SUPPORTED = (
 )
 
 
-def check_strategy(trainer: pl.Trainer, owner: str = "WandaPruningCallback") -> None:
+def check_strategy(trainer: pl.Trainer, owner: str = "WandaPruningCallback", *, reshapes: bool = False) -> None:
     """Raises ``ValueError`` for a strategy whose weights the callback cannot address (DeepSpeed, tensor parallelism,
-    FSDP1 without ``use_orig_params``, XLA, ...)."""
+    FSDP1 without ``use_orig_params``, XLA, ...); with ``reshapes`` (the callback changes the shapes of weights), also
+    for sharded strategies and sharded weights, whose every shard would change shape, and for the spawning launchers,
+    which load the workers' weights back into the main process's module of the old shapes."""
     strategy = trainer.strategy
     names = {cls.__name__ for cls in type(strategy).__mro__}
+    if reshapes:
+        _check_reshapable(trainer, owner, names)
     if "DeepSpeedStrategy" in names:
         raise ValueError(
             f"{owner} does not support DeepSpeed ({type(strategy).__name__}) yet: ZeRO keeps flattened "
@@ -57,6 +69,35 @@ def check_strategy(trainer: pl.Trainer, owner: str = "WandaPruningCallback") -> 
             f"{owner} does not support the {type(strategy).__name__} strategy yet: use {_SUPPORTED}, "
             "or prune the model after training with `wanda_lightning.prune`"
         )
+
+
+def _check_reshapable(trainer: pl.Trainer, owner: str, names: set[str]) -> None:
+    strategy = trainer.strategy
+    if names & {"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy"}:
+        raise ValueError(
+            f"{owner} does not support {type(strategy).__name__}: removing units changes the shape of every shard. "
+            "Use a single device or DDP, or shrink the model before sharding it"
+        )
+    if trainer.lightning_module is not None and holds_shards(trainer.lightning_module):
+        raise ValueError(f"{owner}: the module's weights are sharded (FSDP); shrink before sharding")
+    if type(getattr(strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+        raise ValueError(
+            f"{owner} does not support the spawning strategy {type(strategy).__name__} (start method "
+            f"{getattr(strategy, '_start_method', '?')!r}): when the fit ends, Lightning loads the workers' weights "
+            "into the main process's module, which still has the original shapes. Use strategy='ddp' (processes "
+            "started from your script or by torchrun)"
+        )
+
+
+def rebuild_optimizers(trainer: pl.Trainer) -> None:
+    """New optimizers and LR schedulers from ``configure_optimizers`` for the module's new parameters (and, under DDP,
+    a new wrapper: its gradient buckets were sized for the old ones)."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and strategy.lightning_module is not None:
+        strategy.model = strategy._setup_model(strategy.lightning_module)
+        strategy._register_ddp_hooks()
+    strategy.setup_optimizers(trainer)
+    _optimizers_to_device(strategy.optimizers, strategy.root_device)
 
 
 def is_sharded_strategy(trainer: pl.Trainer) -> bool:

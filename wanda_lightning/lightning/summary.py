@@ -7,8 +7,6 @@ from collections.abc import Mapping
 import lightning.pytorch as pl
 import torch
 
-from ..pruning.report import PruningReport
-
 __all__ = ["format_summary", "log_to_loggers", "metric_deltas", "publish_metrics"]
 
 
@@ -45,22 +43,36 @@ def publish_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
 
 def format_summary(
     owner: str,
-    report: PruningReport | None,
+    report: object | None,
     when: str,
     metrics: Mapping[str, Mapping[str, float]],
     evaluation_seconds: float,
+    stage: str = "pruned",
 ) -> str:
-    """The summary table: the report, then dense/pruned/delta for each validation metric, then the evaluation time."""
+    """The summary table: the report, then dense/``stage``/delta for each validation metric, then the evaluation time.
+
+    Example::
+
+        >>> print(format_summary("Cb", "report", "step 2", {"loss": {"dense": 1.0, "shrunk": 1.5, "delta": 0.5}}, 0.1,
+        ...                      stage="shrunk"))
+        Cb: shrunk at step 2
+        report
+        <BLANKLINE>
+        metric         dense        shrunk         delta
+        ------  ------------  ------------  ------------
+        loss          1.0000        1.5000       +0.5000
+        evaluation time: 0.10 s
+    """
     if report is None:
-        return f"{owner}: nothing pruned yet"
-    lines = [f"{owner}: pruned at {when}", str(report)]
+        return f"{owner}: nothing {stage} yet"
+    lines = [f"{owner}: {stage} at {when}", str(report)]
     if metrics:
         width = max(len("metric"), *(len(name) for name in metrics))
-        lines += ["", f"{'metric':<{width}}  {'dense':>12}  {'pruned':>12}  {'delta':>12}"]
+        lines += ["", f"{'metric':<{width}}  {'dense':>12}  {stage:>12}  {'delta':>12}"]
         lines.append("  ".join(["-" * width] + ["-" * 12] * 3))
         for name, values in metrics.items():
             lines.append(
-                f"{name:<{width}}  {values['dense']:>12.4f}  {values['pruned']:>12.4f}  {values['delta']:>+12.4f}"
+                f"{name:<{width}}  {values['dense']:>12.4f}  {values[stage]:>12.4f}  {values['delta']:>+12.4f}"
             )
         lines.append(f"evaluation time: {evaluation_seconds:.2f} s")
     return "\n".join(lines)

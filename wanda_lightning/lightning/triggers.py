@@ -3,7 +3,7 @@
 Each hook of the callback asks its trigger whether the action is due now; a trigger answers with a :class:`Due`
 (what to call the moment, for the summary) or ``None``. A new mode is a new trigger, not a new branch in every hook.
 
-Most triggers act once; :class:`OnSchedule` acts again and again (:attr:`Trigger.repeats`), each time with a higher
+Most triggers act once; :class:`Schedule` acts again and again (:attr:`Trigger.repeats`), each time with a higher
 sparsity, and keeps where it is in :meth:`Trigger.state_dict` so that a resumed run goes on where it stopped.
 
 Example::
@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -30,14 +31,14 @@ __all__ = [
     "AtFitEnd",
     "AtFitStart",
     "Due",
-    "OnSchedule",
     "OnValidate",
     "PruneOn",
+    "Schedule",
     "Trigger",
     "make_trigger",
 ]
 
-PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start", "schedule"]
+PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start"]
 PRUNE_ON: tuple[str, ...] = get_args(PruneOn)
 
 
@@ -157,6 +158,7 @@ class AfterEpoch(Trigger):
     name = "train_epoch_end"
 
     def __init__(self, epoch: int) -> None:
+        _check_step(epoch, "epoch", 0)
         self.epoch = epoch
 
     def at_train_start(self, trainer: pl.Trainer) -> Due | None:
@@ -175,8 +177,8 @@ class AfterEpoch(Trigger):
     def at_train_end(self, trainer: pl.Trainer, acted: bool) -> Due | None:
         if not acted:
             rank_zero_warn(
-                f"WandaPruningCallback: training ended at epoch {trainer.current_epoch} before the end of `epoch`="
-                f"{self.epoch}, so nothing was pruned"
+                f"training ended at epoch {trainer.current_epoch} before the end of `epoch`="
+                f"{self.epoch}, so nothing was changed"
             )
         return None
 
@@ -191,6 +193,7 @@ class AfterStep(Trigger):
     name = "train_step"
 
     def __init__(self, step: int) -> None:
+        _check_step(step, "step", 1)
         self.step = step
 
     def at_train_start(self, trainer: pl.Trainer) -> Due | None:
@@ -230,39 +233,54 @@ class AtCheckpoints(Trigger):
     on_checkpoints = True
 
 
-class OnSchedule(Trigger):
+class Schedule(Trigger):
     """Gradual pruning (Zhu & Gupta, 2017): every ``every_n_steps`` optimizer steps from ``start_step`` to
-    ``end_step``, the model is pruned again at the sparsity of a cubic ramp from 0 to ``sparsity``,
+    ``end_step``, the model is pruned again at the sparsity of a cubic ramp from 0 to the callback's ``sparsity`` ``S``,
 
-    ``s(t) = sparsity * (1 - (1 - (t - start_step) / (end_step - start_step)) ** 3)``,
+    ``s(t) = S * (1 - (1 - (t - start_step) / (end_step - start_step)) ** 3)``,
 
-    and a last time at ``end_step`` (at ``sparsity``) when the steps do not land on it. Training goes on between the
-    steps; each acts after the optimizer step that reaches it. The last step acted on is saved in the callback's state:
-    a resumed run goes on with the next one (and catches up with one it missed).
+    and a last time at ``end_step`` (at ``S``) when the steps do not land on it. Training goes on between the steps;
+    each acts after the optimizer step that reaches it. The last step acted on is saved in the callback's state: a
+    resumed run goes on with the next one (and catches up with one it missed).
 
     Args:
-        sparsity: The final sparsity.
+        end_step: Global step where the ramp reaches the callback's ``sparsity``; greater than ``start_step``.
         start_step: Global step where the ramp starts (sparsity 0 there, so nothing is pruned at it).
-        end_step: Global step where the ramp reaches ``sparsity``; greater than ``start_step``.
-        every_n_steps: Steps between two pruning steps.
+        every_n_steps: Steps between two pruning steps; default a tenth of the ramp (at least 1).
+
+    Raises:
+        ValueError: For ``end_step <= start_step``, a negative ``start_step`` or ``every_n_steps < 1``.
 
     Example::
 
-        >>> schedule = OnSchedule(0.7, start_step=0, end_step=200, every_n_steps=50)
+        >>> schedule = Schedule(end_step=200, every_n_steps=50).toward(0.7)
         >>> [(step, round(schedule.sparsity_at(step), 4)) for step in schedule.steps]
         [(50, 0.4047), (100, 0.6125), (150, 0.6891), (200, 0.7)]
+        >>> Schedule(end_step=100).steps[:3]
+        [10, 20, 30]
     """
 
     name = "schedule"
     repeats = True
 
-    def __init__(self, sparsity: float, start_step: int, end_step: int, every_n_steps: int) -> None:
-        self.sparsity = sparsity
+    def __init__(self, end_step: int, start_step: int = 0, every_n_steps: int | None = None) -> None:
+        _check_step(start_step, "start_step", 0)
+        _check_step(end_step, "end_step", 0)
+        if end_step <= start_step:
+            raise ValueError(f"`end_step`={end_step!r} must be greater than `start_step`={start_step!r}")
+        every = max(1, (end_step - start_step) // 10) if every_n_steps is None else every_n_steps
+        _check_step(every, "every_n_steps", 1)
         self.start_step = start_step
         self.end_step = end_step
-        self.every_n_steps = every_n_steps
-        self.steps = [*range(start_step + every_n_steps, end_step, every_n_steps), end_step]
+        self.every_n_steps = every
+        self.sparsity = 1.0
+        self.steps = [*range(start_step + every, end_step, every), end_step]
         self.last_step: int | None = None
+
+    def toward(self, sparsity: float) -> Schedule:
+        """This schedule, ramping to ``sparsity`` (the callback sets its own ``sparsity`` here)."""
+        self.sparsity = sparsity
+        return self
 
     def sparsity_at(self, step: int) -> float:
         """The ramp's sparsity at global step ``step`` (0 before ``start_step``, ``sparsity`` from ``end_step`` on)."""
@@ -289,8 +307,8 @@ class OnSchedule(Trigger):
         if self.last_step is None or self.last_step < self.end_step:
             reached = self.sparsity_at(self.last_step) if self.last_step is not None else 0.0
             rank_zero_warn(
-                f"WandaPruningCallback: training ended at step {trainer.global_step}, before `end_step`="
-                f"{self.end_step}: the schedule reached sparsity {reached:.2%}, not {self.sparsity:.2%}"
+                f"training ended at step {trainer.global_step}, before `end_step`={self.end_step}: the schedule "
+                f"reached sparsity {reached:.2%}, not {self.sparsity:.2%}"
             )
         return None
 
@@ -315,55 +333,37 @@ def _check_step(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
-def make_schedule(
-    sparsity: float, start_step: int | None, end_step: int | None, every_n_steps: int | None
-) -> OnSchedule:
-    """The :class:`OnSchedule` for the callback's arguments (``start_step`` default 0, ``every_n_steps`` default a
-    tenth of the ramp).
+def make_trigger(prune_on: PruneOn | Trigger, epoch: int | None = None, step: int | None = None) -> Trigger:
+    """The callback's own trigger for ``prune_on``: a mode name (with ``epoch`` for ``"train_epoch_end"`` only,
+    ``step`` for ``"train_step"`` only) or a :class:`Trigger` object, which is copied (its progress is the callback's).
 
     Raises:
-        ValueError: For a missing ``end_step``, ``end_step <= start_step``, a negative ``start_step`` or
-            ``every_n_steps < 1``.
+        ValueError: For an unknown mode, a missing or negative ``epoch``/``step``, or one given to another mode.
 
     Example::
 
-        >>> make_schedule(0.5, None, 100, None).steps
-        [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+        >>> make_trigger("train_step", step=100).describe()
+        'step 100'
+        >>> make_trigger(Schedule(end_step=200)).describe()
+        'schedule to 100.00% over steps 0-200, every 20'
     """
-    start = 0 if start_step is None else start_step
-    _check_step(start, "start_step", 0)
-    if end_step is None:
+    if isinstance(prune_on, Trigger):
+        for value, argument in ((epoch, "epoch"), (step, "step")):
+            if value is not None:
+                raise ValueError(
+                    f"`{argument}`={value!r} is only used with a `prune_on` name, got the object {prune_on!r}; give "
+                    f"the moment to the object instead"
+                )
+        return copy.deepcopy(prune_on)
+    if prune_on == "schedule":
         raise ValueError(
-            "`prune_on`='schedule' needs `end_step`, the global step at which sparsity reaches `sparsity` (an int "
-            "greater than `start_step`)"
+            "`prune_on`='schedule' needs its steps: pass prune_on=Schedule(end_step=..., start_step=..., "
+            "every_n_steps=...) (from wanda_lightning)"
         )
-    _check_step(end_step, "end_step", 0)
-    if end_step <= start:
-        raise ValueError(f"`end_step`={end_step!r} must be greater than `start_step`={start!r}")
-    every = max(1, (end_step - start) // 10) if every_n_steps is None else every_n_steps
-    _check_step(every, "every_n_steps", 1)
-    return OnSchedule(sparsity, start, end_step, every)
-
-
-def make_trigger(
-    prune_on: str,
-    epoch: int | None,
-    step: int | None = None,
-    *,
-    sparsity: float = 0.5,
-    start_step: int | None = None,
-    end_step: int | None = None,
-    every_n_steps: int | None = None,
-) -> Trigger:
-    """The trigger for a ``prune_on`` value (with ``epoch`` for ``"train_epoch_end"`` only, ``step`` for
-    ``"train_step"`` only; ``sparsity``, ``start_step``, ``end_step`` and ``every_n_steps`` for ``"schedule"`` only).
-
-    Raises:
-        ValueError: For an unknown mode, a missing or negative ``epoch``/``step``, or one given to another mode; for
-            schedule arguments without ``"schedule"``, or invalid ones (see :func:`make_schedule`).
-    """
     if prune_on not in PRUNE_ON:
-        raise ValueError(f"`prune_on` must be one of {list(PRUNE_ON)}, got {prune_on!r}")
+        raise ValueError(
+            f"`prune_on` must be one of {list(PRUNE_ON)} or a Trigger such as Schedule(...), got {prune_on!r}"
+        )
     needs = {
         "epoch": ("train_epoch_end", 0, "the zero-based epoch after which to prune (an int >= 0)"),
         "step": ("train_step", 1, "the number of optimizer steps after which to prune (an int >= 1)"),
@@ -376,12 +376,6 @@ def make_trigger(
             )
         if prune_on == mode and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ValueError(f"`prune_on`={mode!r} needs `{argument}`=k, {meaning}, got {value!r}")
-    if prune_on == "schedule":
-        return make_schedule(sparsity, start_step, end_step, every_n_steps)
-    given = {"start_step": start_step, "end_step": end_step, "every_n_steps": every_n_steps}
-    for name, value in given.items():
-        if value is not None:
-            raise ValueError(f"`{name}`={value!r} is only used with `prune_on`='schedule', got `prune_on`={prune_on!r}")
     if prune_on == "train_epoch_end":
         assert epoch is not None
         return AfterEpoch(epoch)

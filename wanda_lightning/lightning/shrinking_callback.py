@@ -1,0 +1,242 @@
+r"""
+WandaShrinkCallback
+^^^^^^^^^^^^^^^^^^^
+
+Width pruning inside a Lightning run: remove whole MLP hidden units and attention heads at a chosen point, then
+recover by training in the same ``fit``, distilling from the model as it was.
+
+The hooks, calibration, measurement, reporting and distillation are :class:`~.calibrated_callback.CalibratedCallback`'s;
+this class says what its action is (:func:`~wanda_lightning.width.shrink_with`) and what it needs after it: optimizers
+rebuilt for the new parameters, checkpoints of the new shapes resumed (:mod:`.shrunk_checkpoints`), ``save_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+
+from ..core.options import CalibrationOptions
+from ..width.api import plan_shrink, shrink_with
+from ..width.config import ShrinkConfig, Widths
+from ..width.methods import Update, WidthMethodName
+from ..width.report import ShrinkReport
+from ..width.saving import save_plain_pretrained
+from .calibrated_callback import CalibratedCallback
+from .calibration import CalibrationSource
+from .distillation import Distillation, student_of
+from .errors import misconfiguration
+from .shrunk_checkpoints import wrap_loads
+from .strategies import rebuild_optimizers, strategy_sync
+from .triggers import Due, Trigger
+
+__all__ = ["WandaShrinkCallback"]
+
+ShrinkOn = Literal["fit_start", "train_step", "train_epoch_end", "fit_end", "validate"]
+
+
+class WandaShrinkCallback(CalibratedCallback):
+    r"""Shrinks the LightningModule's model by whole MLP hidden units and attention heads, then lets it recover.
+
+    At the chosen point (``prune_on``) the callback calibrates on the run's batches (the validation dataloader by
+    default), measures the module's validation metrics, removes the lowest-scoring units of every block
+    (:func:`~wanda_lightning.shrink`: ``wanda-sp``, ``flap`` or ``magnitude-sp``, uniform widths, the transformers
+    config rewritten), measures again, and logs the deltas, the parameters and the linear MACs per token before and
+    after. When training goes on, the optimizers and LR schedulers are rebuilt from ``configure_optimizers`` for the
+    new parameters (their state starts afresh for the recovery phase) and, with ``distill``, every training step
+    distils from a frozen copy of the model as it was just before shrinking (the fine-tuned dense model): the step's
+    loss becomes ``(1 - weight) * task + weight * KD``, without ``training_step`` being rewritten. A module without
+    ``forward`` (everything in ``training_step``/``validation_step``) is calibrated through its steps, as
+    :class:`~wanda_lightning.WandaPruningCallback` does. The metrics before and after (``<metric>/dense``,
+    ``<metric>/shrunk``, ``<metric>/delta``) and ``wanda/parameters``, ``wanda/parameter_ratio``,
+    ``wanda/macs_per_token`` and ``wanda/macs_ratio`` go to every logger and into ``trainer.callback_metrics``, so
+    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them.
+
+    Checkpoints hold the new shapes. ``Trainer.fit(ckpt_path=...)`` resumes them (the module is resized to the
+    checkpoint before its weights load; full checkpoints also carry the teacher, so distillation resumes too), and
+    :func:`~wanda_lightning.load_shrunk_checkpoint` loads one for inference. ``save_dir`` writes the final model as a
+    plain transformers folder that stock ``from_pretrained`` loads.
+
+    Under DDP (``strategy="ddp"``) the statistics are all-reduced, so every process removes the same units, and the
+    DDP wrapper is rebuilt around the new parameters. Refused with a clear error: sharded strategies (FSDP), whose
+    every shard would change shape, and the spawning ones (``"ddp_spawn"``, ``"ddp_fork"``, notebooks), after which
+    Lightning loads the workers' weights into the main process's original-sized module.
+
+    Args:
+        mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
+        heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
+        method: ``"wanda-sp"``, ``"flap"`` (with bias compensation) or ``"magnitude-sp"``.
+        update: What happens to the kept weights of each layer that lost inputs: ``"none"``, ``"bias"`` (the removed
+            units' mean contribution goes into its bias) or ``"least-squares"`` (kept columns and bias refitted to the
+            dense outputs on the calibration data); ``None``: the method's default.
+        widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
+            transformers config, see :func:`~wanda_lightning.shrink`).
+        calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
+            :class:`~wanda_lightning.WandaPruningCallback`.
+        calibration_options: How calibration runs (:class:`~wanda_lightning.CalibrationOptions`: ``num_samples``
+            over all processes, default 128; ``batch_size``; ``sequential``; ``blocks``; ``device``;
+            ``offload_device``; ``forward_fn(pl_module, batch)``).
+        prune_on: When to shrink: ``"fit_start"`` (a fine-tuned model is shrunk, then the whole fit recovers it),
+            ``"train_step"`` with ``step=k`` (fine-tune ``k`` steps, shrink, recover in the rest of the fit),
+            ``"train_epoch_end"`` with ``epoch=k``, ``"fit_end"`` (no recovery in this fit) or ``"validate"``
+            (``trainer.validate`` shrinks and reports).
+        epoch: With ``prune_on="train_epoch_end"`` only: the zero-based epoch after which to shrink.
+        step: With ``prune_on="train_step"`` only: shrink once this many optimizer steps are done.
+        distill: Distil from the model as it was before shrinking while training goes on: ``True`` (default) for
+            :class:`~wanda_lightning.Distillation`'s defaults, one with your weight, temperature and teacher device,
+            or ``False``.
+        evaluate: Measure the module's validation metrics before and after shrinking and log the deltas: ``True`` on
+            as many validation batches (per process) as the trainer validates, an ``int`` on at most that many,
+            ``False`` not at all.
+        save_dir: When the fit ends (or after a shrinking ``validate``), rank zero writes the transformers model the
+            module holds there with ``save_pretrained`` (and its ``tokenizer`` attribute, if any).
+        verbose: Print the summary on rank zero.
+
+    Raises:
+        MisconfigurationException: For an invalid argument, or, before training, a module with no layout that can
+            lose units, a config that cannot express the widths, or an unsupported strategy.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from wanda_lightning import WandaShrinkCallback
+
+        shrinking = WandaShrinkCallback(mlp=0.5, prune_on="train_step", step=100)
+        trainer = Trainer(max_steps=300, callbacks=[shrinking])
+        trainer.fit(module, train_loader, val_loader)  # 100 steps dense, shrink, 200 steps of recovery
+    """
+
+    STATE_VERSION: ClassVar[int] = 1
+    stage: ClassVar[str] = "shrunk"
+    reshapes_model: ClassVar[bool] = True
+    report_class: ClassVar[Any] = ShrinkReport
+
+    def __init__(
+        self,
+        mlp: float = 0.0,
+        heads: float = 0.0,
+        method: WidthMethodName = "wanda-sp",
+        *,
+        update: Update | None = None,
+        widths: Widths = "uniform",
+        calibration: CalibrationSource | DataLoader = "val",
+        calibration_options: CalibrationOptions | None = None,
+        prune_on: ShrinkOn | Trigger = "fit_end",
+        epoch: int | None = None,
+        step: int | None = None,
+        distill: bool | Distillation = True,
+        evaluate: bool | int = True,
+        save_dir: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        with misconfiguration():
+            self._config = ShrinkConfig.create(
+                mlp=mlp, heads=heads, method=method, update=update, widths=widths, options=calibration_options
+            )
+            if save_dir is not None and (not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir)):
+                raise TypeError(f"`save_dir` must be a directory path or None, got {save_dir!r}")
+        super().__init__(
+            calibration=calibration,
+            calibration_options=self._config.options,
+            prune_on=prune_on,
+            epoch=epoch,
+            step=step,
+            distill=distill,
+            evaluate=evaluate,
+            verbose=verbose,
+        )
+        self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
+        self.update = update
+        self.save_dir = save_dir
+        self.shrunk = False
+        self._undo: list[Callable[[], None]] = []
+
+    # --- the action --------------------------------------------------------------------------------------------------
+
+    @property
+    def acted(self) -> bool:
+        return self.shrunk
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self._config.method.needs_data
+
+    def check_trigger(self, trigger: Trigger) -> None:
+        unsupported = {
+            "checkpoint": "checkpoints of other shapes than the live model could not be resumed",
+            "schedule": "units are removed once (a gradual width schedule is not offered)",
+        }
+        if trigger.name in unsupported or trigger.repeats or trigger.on_checkpoints:
+            reason = unsupported.get(trigger.name, "units are removed once, in the live model")
+            raise ValueError(
+                f"`prune_on`={trigger.name!r} is not offered for shrinking: {reason}; use 'fit_start', 'train_step', "
+                "'train_epoch_end', 'fit_end' or 'validate'"
+            )
+
+    def check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plan_shrink(pl_module, self._config)  # the layout, the counts and the config, checked on the live model
+
+    def apply(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due
+    ) -> ShrinkReport:
+        """Shrinks with :func:`~wanda_lightning.width.shrink_with`."""
+        with misconfiguration():
+            report = shrink_with(
+                pl_module,
+                batches,
+                self._config.with_batches_as_given(),
+                forward_fn=self.forward(trainer, pl_module),
+                sync_statistics=strategy_sync(trainer),
+            )
+        self.shrunk = True
+        return report
+
+    def action_metrics(self) -> dict[str, float]:
+        report = self.report
+        return {
+            "wanda/parameters": float(report.parameters_after),
+            "wanda/parameter_ratio": report.parameter_ratio,
+            "wanda/macs_per_token": float(report.macs_after),
+            "wanda/macs_ratio": report.macs_ratio,
+        }
+
+    def on_action_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due, fitting: bool) -> None:
+        """Rebuilds the optimizers and LR schedulers for the new parameters while fitting."""
+        if fitting:
+            rebuild_optimizers(trainer)
+
+    def on_run_finished(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Saves ``save_dir``."""
+        if self.shrunk and self.save_dir is not None:
+            if trainer.is_global_zero:
+                save_plain_pretrained(student_of(pl_module), self.save_dir, getattr(pl_module, "tokenizer", None))
+                rank_zero_info(
+                    f"WandaShrinkCallback: saved the shrunk model to {self.save_dir} (from_pretrained loads it)"
+                )
+            trainer.strategy.barrier("wanda_shrink_save")
+
+    # --- hooks -------------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Checks the strategy and makes checkpoint loading resize the module to the checkpoint."""
+        super().setup(trainer, pl_module, stage)
+        self._undo.append(wrap_loads(pl_module))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Undoes the wrappers."""
+        super().teardown(trainer, pl_module, stage)
+        while self._undo:
+            self._undo.pop()()
+
+    # --- state -------------------------------------------------------------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        """Whether the model was shrunk."""
+        return {"shrunk": self.shrunk}
+
+    def load_extra_state(self, state: Mapping[str, Any], version: int) -> None:
+        self.shrunk = bool(state.get("shrunk", False))
