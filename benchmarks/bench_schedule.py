@@ -3,9 +3,9 @@
 For each target sparsity, two Lightning runs from the same dense SmolLM2-135M, on the same training batches (windows
 of the first 70 % of `pydoc_data.topics`, after the calibration windows, in the same order) with the same optimizer:
 
-- one-shot: `WandaPruningCallback(prune_on="schedule", start_step=0, end_step=1, every_n_steps=1)` prunes to the
+- one-shot: `WandaPruningCallback(prune_on=Schedule(end_step=1, start_step=0, every_n_steps=1))` prunes to the
   target after the first optimizer step, then trains `--steps` more steps with the masks kept;
-- schedule: `WandaPruningCallback(prune_on="schedule", start_step=0, end_step=--ramp, every_n_steps=--every)`
+- schedule: `WandaPruningCallback(prune_on=Schedule(end_step=--ramp, start_step=0, every_n_steps=--every))`
   re-scores with Wanda and prunes along the cubic ramp, training in between, for `--steps` steps in all.
 
 The one-shot run trains one step more (the dense one before pruning), which can only help it. Both calibrate on the same
@@ -30,8 +30,9 @@ import lightning.pytorch as pl
 from _common import machine, print_table, write_json
 from torch.utils.data import DataLoader
 
-from wanda_lightning import CausalLMModule, WandaPruningCallback, prune
+from wanda_lightning import CausalLMModule, Schedule, WandaPruningCallback, prune
 from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.core.options import CalibrationOptions
 from wanda_lightning.data.corpus import pydoc_text, split_tokens, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -50,12 +51,9 @@ def train(
     module = CausalLMModule(model, learning_rate=args.lr)
     pruning = WandaPruningCallback(
         sparsity=sparsity,
-        prune_on="schedule",
-        start_step=0,
-        end_step=end_step,
-        every_n_steps=every,
+        prune_on=Schedule(end_step=end_step, start_step=0, every_n_steps=every),
         calibration=DataLoader(WindowDataset(data["calibration"]), batch_size=4),
-        num_samples=data["calibration"].shape[0],
+        calibration_options=CalibrationOptions(num_samples=data["calibration"].shape[0]),
         evaluate=False,
         verbose=False,
     )

@@ -42,6 +42,7 @@ def worker(out: str, samples: int, seqlen: int, batch_size: int) -> None:
     from torch.utils.data import DataLoader
 
     from wanda_lightning import WandaPruningCallback
+    from wanda_lightning.core.options import CalibrationOptions
     from wanda_lightning.lightning.module import CausalLMModule
 
     torch.set_num_threads(1)
@@ -55,7 +56,13 @@ def worker(out: str, samples: int, seqlen: int, batch_size: int) -> None:
             with counter.counting():
                 return super()._run(*args, **kwargs)
 
-    callback = Counted(sparsity=0.5, num_samples=None, prune_on="validate", evaluate=False, verbose=False)
+    callback = Counted(
+        sparsity=0.5,
+        calibration_options=CalibrationOptions(num_samples=None),
+        prune_on="validate",
+        evaluate=False,
+        verbose=False,
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=2,

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from wanda_lightning import WandaShrinkCallback, prune, shrink
 from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.core.options import CalibrationOptions
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -219,7 +220,7 @@ def main() -> None:
                     update=update,
                     prune_on="fit_start",
                     distill=distill,
-                    num_samples=None,
+                    calibration_options=CalibrationOptions(num_samples=None),
                     evaluate=False,
                     calibration=DataLoader(WindowDataset(calibration), batch_size=8),
                     verbose=False,

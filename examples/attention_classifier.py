@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from wanda_lightning import WandaPruningCallback
+from wanda_lightning import Schedule, WandaPruningCallback
+from wanda_lightning.core.options import CalibrationOptions
 
 
 class DigitsTransformer(pl.LightningModule):
@@ -82,14 +83,18 @@ def main(argv: list[str] | None = None) -> WandaPruningCallback:
     train, val = digits()
     train_loader = DataLoader(train, batch_size=64, shuffle=True)
     val_loader = DataLoader(val, batch_size=128)
+    steps = args.epochs * len(train_loader)
+    prune_on: Schedule | str = "fit_end"
     if args.schedule:
-        steps = args.epochs * len(train_loader)
-        when = dict(prune_on="schedule", start_step=steps // 2, end_step=steps - len(train_loader), every_n_steps=10)
-    else:
-        when = dict(prune_on="fit_end")
+        prune_on = Schedule(end_step=steps - len(train_loader), start_step=steps // 2, every_n_steps=10)
     # Calibration on 128 validation images (the default source), through validation_step: the module has no forward.
     # The patch embedding (4 inputs per row) and the classifier head stay dense.
-    pruning = WandaPruningCallback(sparsity=args.sparsity, num_samples=128, ignore=["patches", "head"], **when)
+    pruning = WandaPruningCallback(
+        sparsity=args.sparsity,
+        calibration_options=CalibrationOptions(num_samples=128),
+        ignore=["patches", "head"],
+        prune_on=prune_on,
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from wanda_lightning import WandaPruningCallback
 from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.core.options import CalibrationOptions
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.smollm2 import load_smollm2
 from wanda_lightning.lightning.module import CausalLMModule
@@ -48,7 +49,7 @@ def main() -> None:
     pruning = WandaPruningCallback(
         sparsity=args.sparsity,
         calibration=DataLoader(WindowDataset(calibration), batch_size=4),
-        num_samples=16,
+        calibration_options=CalibrationOptions(num_samples=16),
     )
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from wanda_lightning import CausalLMModule, WandaPruningCallback, load_pruned, merge_adapters
 from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.core.options import CalibrationOptions
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         prune_on="train_epoch_end",
         epoch=0,
         calibration=DataLoader(WindowDataset(calibration), batch_size=4),
-        num_samples=16,
+        calibration_options=CalibrationOptions(num_samples=16),
         export_dir=str(args.out),
     )
     trainer = pl.Trainer(

@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.options import CalibrationOptions
 from ..core.validation import check_positive
 
 __all__ = ["DemoResult", "WindowDataset", "register", "run", "run_demo"]
@@ -217,7 +218,7 @@ def run_demo(
         sparsity=sparsity,
         structure=structure,
         calibration=loader(calibration),
-        num_samples=samples,
+        calibration_options=CalibrationOptions(num_samples=samples),
         prune_on="validate",
         export_dir=str(export),
         verbose=False,
@@ -238,7 +239,7 @@ def run_demo(
         method="flap",
         update="least-squares",
         calibration=loader(calibration),
-        num_samples=samples,
+        calibration_options=CalibrationOptions(num_samples=samples),
         prune_on="fit_start",
         save_dir=str(folder),
         verbose=False,

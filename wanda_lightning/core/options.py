@@ -15,7 +15,7 @@ import torch
 from .batches import ForwardFn
 from .validation import as_device, check_bool, check_positive
 
-__all__ = ["CalibrationFields", "CalibrationOptions"]
+__all__ = ["CalibrationFields", "CalibrationOptions", "options_or_default"]
 
 
 class CalibrationFields(TypedDict, total=False):
@@ -98,12 +98,7 @@ class CalibrationOptions:
             TypeError: For ``options`` that are not :class:`CalibrationOptions`, or an override that is no option.
             ValueError: For a bad value (naming it).
         """
-        if options is None:
-            options = cls()
-        elif not isinstance(options, CalibrationOptions):
-            raise TypeError(
-                f"`calibration_options` must be a CalibrationOptions (or None), got {type(options).__name__}"
-            )
+        options = options_or_default(options, "calibration_options")
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -128,3 +123,22 @@ class CalibrationOptions:
         for key in ("device", "offload_device"):
             values[key] = str(values[key]) if values[key] is not None else None
         return values
+
+
+def options_or_default(options: CalibrationOptions | None, argument: str = "options") -> CalibrationOptions:
+    """``options``, or the defaults for ``None``; anything else is refused naming ``argument``.
+
+    Example::
+
+        >>> options_or_default(None).num_samples
+        128
+        >>> options_or_default({"num_samples": 8})
+        Traceback (most recent call last):
+        ...
+        TypeError: `options` must be a CalibrationOptions (or None), got dict
+    """
+    if options is None:
+        return CalibrationOptions()
+    if not isinstance(options, CalibrationOptions):
+        raise TypeError(f"`{argument}` must be a CalibrationOptions (or None), got {type(options).__name__}")
+    return options

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,18 +13,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.batches import ForwardFn, batch_size_of, prepare_batches
-from ..core.blocks import find_block_stack
-from ..core.pipeline import BlockCallback, CalibrationPipeline, StatisticsSync, check_finite
+from ..core.batches import ForwardFn
+from ..core.options import CalibrationFields, CalibrationOptions
+from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
+from ..core.runner import choose_block_stack, prepare_calibration, with_forward
 from ..core.structure import SparsityStructure
 from ..core.targets import TargetLayer, find_targets
-from ..distributed.sharding import ShardedLayout, fsdp1_layout, same_count_on_every_rank, sharded_layout
+from ..distributed.sharding import ShardedLayout, fsdp1_layout, sharded_layout
 from ..distributed.streaming import SafetensorsCheckpoint, meta_tensor_names
 from ..methods.base import PruningMethod, Refinement
 from ..methods.owl import OWL
 from .action import LayerCallback, MaskAction, check_keeps_pruned
 from .config import PruneConfig
 from .report import PruningReport, SkippedLayer
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
 
 __all__ = ["prune", "prune_with"]
 
@@ -39,18 +46,13 @@ def prune(
     refine: str | Refinement | None = None,
     targets: Sequence[str] | None = None,
     ignore: Sequence[str] | None = None,
-    sequential: bool = True,
-    blocks: str | None = None,
-    num_samples: int | None = 128,
-    batch_size: int | None = None,
-    forward_fn: ForwardFn | None = None,
-    device: str | torch.device | None = None,
-    offload_device: str | torch.device | None = None,
+    calibration_options: CalibrationOptions | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
     on_layer_pruned: LayerCallback | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     on_block_pruned: BlockCallback | None = None,
+    **options: Unpack[CalibrationFields],
 ) -> PruningReport:
     """Prunes ``model`` in place with Wanda (or another method) and reports what it did.
 
@@ -88,16 +90,8 @@ def prune(
             transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
             left alone. Skipped layers and reasons are in the report.
-        sequential: Block-sequential calibration when a block stack exists (default); ``False`` for one-shot.
-        blocks: Module name of the block stack (``"model.layers"``); found automatically when ``None``.
-        num_samples: Most calibration sequences used (default 128, as the reference code); ``None`` for all.
-        batch_size: Sequences per forward pass; ``None`` keeps the calibration iterable's batches.
-        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch, for models whose forward does not take
-            the batch as is.
-        device: Compute device for blocks; a block living elsewhere is moved there while it is pruned and moved back.
-            ``None`` runs each block where it is.
-        offload_device: Where captured block inputs wait between blocks (say ``"cpu"``); ``None`` keeps them where
-            they were computed.
+        calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
+            (default: its defaults); keywords in ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
         sync_statistics: Called with each block's statistic tensors (sums) before masks are computed; distributed
             callers pass an in-place all-reduce so that every process computes the same masks.
@@ -112,6 +106,9 @@ def prune(
             ``allocation``.
         on_block_pruned: Block-sequential mode: called as ``on_block_pruned(block_name, block)`` once a block is
             pruned and has produced the next block's inputs (say, to save it and free its memory).
+        **options: Any field of :class:`~wanda_lightning.core.options.CalibrationOptions` as a keyword
+            (``num_samples``, ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``,
+            ``forward_fn``), documented there; an unknown keyword raises ``TypeError``.
 
     Returns:
         A :class:`~wanda_lightning.pruning.report.PruningReport`.
@@ -149,19 +146,13 @@ def prune(
         refine=refine,
         targets=targets,
         ignore=ignore,
-        sequential=sequential,
-        blocks=blocks,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        device=device,
-        offload_device=offload_device,
         checkpoint=checkpoint,
+        options=CalibrationOptions.resolve(calibration_options, **options),
     )
     return prune_with(
         model,
         calibration,
         config,
-        forward_fn=forward_fn,
         progress=progress,
         sync_statistics=sync_statistics,
         on_layer_pruned=on_layer_pruned,
@@ -184,7 +175,8 @@ def prune_with(
     """:func:`prune` with a :class:`~wanda_lightning.pruning.config.PruneConfig` made beforehand (the callback builds
     one when it is constructed, and prunes with it later).
 
-    ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by layer
+    ``forward_fn``, when given, replaces ``config.options.forward_fn`` (a callback runs its LightningModule its own
+    way). ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by layer
     name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
     weights stay pruned whatever their new scores (see :func:`~wanda_lightning.pruning.action.check_keeps_pruned`
     for what the configuration must allow).
@@ -204,8 +196,7 @@ def prune_with(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), got {forward_fn!r}")
+    options = with_forward(config.options, forward_fn)
     if on_block_pruned is not None and not callable(on_block_pruned):
         raise TypeError(
             f"`on_block_pruned` must be callable as on_block_pruned(block_name, block), got {on_block_pruned!r}"
@@ -224,8 +215,7 @@ def prune_with(
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()
     check_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta], "", layout)
     _check_n_m_shapes(layers, config.structure)
-    stack = find_block_stack(model, layers, config.blocks) if (config.sequential or config.blocks is not None) else None
-    use_sequential = config.sequential and stack is not None
+    stack, use_sequential = choose_block_stack(model, layers, options)
     if use_sequential and layout is not None and layout.fsdp1_owners:
         warnings.warn(
             "FSDP1 (FullyShardedDataParallel) models are calibrated in one pass over the whole model: block-sequential "
@@ -242,20 +232,26 @@ def prune_with(
                 "read block by block from `checkpoint` cannot do; load the model, or use allocation=None"
             )
         if not (use_sequential and needs_data):
-            source.materialize(model, "", config.device)  # no block-by-block pass to stream into: read everything
+            source.materialize(model, "", options.device)  # no block-by-block pass to stream into: read everything
             check_finite(layers, " (read from the checkpoint)")
             source = None
         else:
             assert stack is not None
-            source.materialize(model, "", config.device, exclude=f"{stack.name}." if stack.name else None)
-    batches: list[Any] = []
-    if needs_data:
-        if calibration is None:
-            raise ValueError(f"{' + '.join(config.requirements())} needs `calibration` batches, got None")
-        batches = prepare_batches(calibration, config.num_samples, config.batch_size)
-        if layout is not None:
-            batches = same_count_on_every_rank(batches, layout.all_reduce, layout.world_size)
-
+            source.materialize(model, "", options.device, exclude=f"{stack.name}." if stack.name else None)
+    run = prepare_calibration(
+        model,
+        layers,
+        calibration,
+        options,
+        stack=stack,
+        sequential=use_sequential,
+        needed_by=" + ".join(config.requirements()) if needs_data else None,
+        sync_statistics=sync_statistics,
+        progress=progress,
+        layout=layout,
+        source=source,
+        on_block_done=on_block_pruned,
+    )
     report = PruningReport(
         method=config.method.describe(),
         allocation=config.allocation.describe() if config.allocation is not None else None,
@@ -263,28 +259,13 @@ def prune_with(
         structure=config.structure.name,
         target_sparsity=config.structure.sparsity,
         sequential=use_sequential and needs_data,
-        block_stack=stack.name if use_sequential and stack is not None else None,
-        num_samples=sum(batch_size_of(b) for b in batches),
-        num_batches=len(batches),
+        block_stack=run.block_stack,
+        num_samples=run.num_samples,
+        num_batches=len(run.batches),
         skipped=[SkippedLayer(name, reason) for name, reason in skipped],
     )
-    pipeline = CalibrationPipeline(
-        model,
-        layers,
-        stack=stack,
-        sequential=use_sequential,
-        forward_fn=forward_fn,
-        device=config.device,
-        offload_device=config.offload_device,
-        sync_statistics=sync_statistics,
-        layout=layout,
-        source=source,
-        on_block_done=on_block_pruned,
-        progress=progress,
-    )
     action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
-    pipeline.run(action, batches)
-    report.calibration_seconds = pipeline.calibration_seconds
+    report.calibration_seconds = run.run(action)
     if layout is not None and layout.sharded_layers:
         _gather_layer_counts(report, layout)
     report.total_seconds = time.perf_counter() - total_start
@@ -354,9 +335,9 @@ def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> PruneConfig:
             f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2); prune "
             "before sharding, or leave `refine` out"
         )
-    if config.device is not None:
+    if config.options.device is not None:
         raise ValueError(
-            f"`device`={str(config.device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
+            f"`device`={str(config.options.device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
             "leave `device` at None"
         )
     if method.permute_channels:

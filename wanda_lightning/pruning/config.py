@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..core.options import CalibrationOptions, options_or_default
 from ..core.structure import SparsityStructure, parse_structure
 from ..core.targets import validate_patterns
-from ..core.validation import as_device, check_bool, check_positive
 from ..methods.base import PruningMethod, Refinement
 from ..methods.owl import OWL
 from ..methods.registry import get_allocation, get_method, get_refinement
@@ -26,13 +24,14 @@ class PruneConfig:
 
     Build it with :meth:`create`, which checks every argument and raises before anything is touched; the fields
     then hold resolved objects (a :class:`~wanda_lightning.core.structure.SparsityStructure`, a method instance, ...).
-    See :func:`~wanda_lightning.prune` for what each argument means.
+    See :func:`~wanda_lightning.prune` for what each argument means; how calibration runs is ``options`` (a
+    :class:`~wanda_lightning.core.options.CalibrationOptions`, checked when it was made).
 
     Example::
 
-        >>> config = PruneConfig.create(structure="2:4", method="sparsegpt")
-        >>> config.structure.sparsity, config.method.describe(), config.needs_data
-        (0.5, 'sparsegpt', True)
+        >>> config = PruneConfig.create(structure="2:4", method="sparsegpt", options=CalibrationOptions(num_samples=64))
+        >>> config.structure.sparsity, config.method.describe(), config.needs_data, config.options.num_samples
+        (0.5, 'sparsegpt', True, 64)
     """
 
     structure: SparsityStructure
@@ -41,13 +40,8 @@ class PruneConfig:
     refinement: Refinement | None = None
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] | None = None
-    sequential: bool = True
-    blocks: str | None = None
-    num_samples: int | None = 128
-    batch_size: int | None = None
-    device: torch.device | None = None
-    offload_device: torch.device | None = None
     checkpoint: Path | None = None
+    options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     @classmethod
     def create(
@@ -60,15 +54,10 @@ class PruneConfig:
         refine: str | Refinement | None = None,
         targets: Sequence[str] | None = None,
         ignore: Sequence[str] | None = None,
-        sequential: bool = True,
-        blocks: str | None = None,
-        num_samples: int | None = 128,
-        batch_size: int | None = None,
-        device: str | torch.device | None = None,
-        offload_device: str | torch.device | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        options: CalibrationOptions | None = None,
     ) -> PruneConfig:
-        """Checks and resolves every argument.
+        """Checks and resolves every argument; ``options`` defaults to ``CalibrationOptions()``.
 
         Raises:
             ValueError, TypeError: Naming the argument, the value and what is allowed.
@@ -77,11 +66,7 @@ class PruneConfig:
         pruning_method = get_method(method)
         owl = get_allocation(allocation)
         refinement = get_refinement(refine)
-        check_positive(num_samples, "num_samples")
-        check_positive(batch_size, "batch_size")
-        check_bool(sequential, "sequential")
-        if blocks is not None and (not isinstance(blocks, str) or not blocks):
-            raise TypeError(f"`blocks` must be a module name such as 'model.layers' or None, got {blocks!r}")
+        calibration = options_or_default(options)
         if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"`checkpoint` must be a path to a .safetensors file or folder, got {checkpoint!r}")
         if owl is not None and parsed.is_n_m:
@@ -101,13 +86,8 @@ class PruneConfig:
             refinement=refinement,
             targets=validate_patterns(targets, "targets"),
             ignore=validate_patterns(ignore, "ignore"),
-            sequential=sequential,
-            blocks=blocks,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            device=as_device(device, "device"),
-            offload_device=as_device(offload_device, "offload_device"),
             checkpoint=Path(checkpoint) if checkpoint is not None else None,
+            options=calibration,
         )
 
     @property
@@ -123,7 +103,7 @@ class PruneConfig:
     def with_batches_as_given(self) -> PruneConfig:
         """A copy that uses calibration batches as they come (no ``num_samples`` bound, no re-batching): for callers
         that prepared the batches themselves."""
-        return replace(self, num_samples=None, batch_size=None)
+        return replace(self, options=self.options.with_batches_as_given())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (methods by their :meth:`describe` names)."""
@@ -135,8 +115,8 @@ class PruneConfig:
             "refinement": self.refinement.describe() if self.refinement is not None else None,
             "targets": list(self.targets) if self.targets is not None else None,
             "ignore": list(self.ignore) if self.ignore is not None else None,
-            "sequential": self.sequential,
-            "blocks": self.blocks,
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
+            "sequential": self.options.sequential,
+            "blocks": self.options.blocks,
+            "num_samples": self.options.num_samples,
+            "batch_size": self.options.batch_size,
         }

@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..core.batches import ForwardFn, batch_size_of, prepare_batches
-from ..core.blocks import find_block_stack
+from ..core.batches import ForwardFn
 from ..core.layers import find_pretrained, is_conv1d
-from ..core.pipeline import CalibrationPipeline, StatisticsSync, check_finite
+from ..core.options import CalibrationFields, CalibrationOptions
+from ..core.pipeline import StatisticsSync, check_finite
+from ..core.runner import choose_block_stack, prepare_calibration, with_forward
 from ..core.targets import TargetLayer
 from ..distributed.sharding import holds_shards
 from ..distributed.streaming import meta_tensor_names
@@ -23,6 +24,11 @@ from .groups import UnitGroup, find_unit_groups
 from .hf_config import check_expressible
 from .methods import WidthMethod
 from .report import ShrinkReport, linear_macs_per_token, parameter_count
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
 
 __all__ = ["ShrinkPlan", "plan_shrink", "shrink", "shrink_with"]
 
@@ -36,15 +42,10 @@ def shrink(
     method: str | WidthMethod = "wanda-sp",
     update: str | None = None,
     widths: str = "uniform",
-    sequential: bool = True,
-    blocks: str | None = None,
-    num_samples: int | None = 128,
-    batch_size: int | None = None,
-    forward_fn: ForwardFn | None = None,
-    device: str | torch.device | None = None,
-    offload_device: str | torch.device | None = None,
+    calibration_options: CalibrationOptions | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
+    **options: Unpack[CalibrationFields],
 ) -> ShrinkReport:
     """Removes whole MLP hidden units and attention heads from ``model``, in place, ranked from calibration data.
 
@@ -78,15 +79,13 @@ def shrink(
             deviation; every layer keeps at least one unit), calibrated in one pass over the unchanged model. For
             modules without a transformers config (one width per model cannot describe the result); with one it is
             refused.
-        sequential: Block-sequential calibration (default) or one forward pass.
-        blocks: Module name of the block stack; found automatically when ``None``.
-        num_samples: Most calibration sequences (default 128); ``None`` for all.
-        batch_size: Sequences per forward pass; ``None`` keeps the iterable's batches.
-        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch.
-        device: Compute device for blocks (moved there while calibrated).
-        offload_device: Where captured block inputs wait between blocks.
+        calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
+            (default: its defaults); keywords in ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
         sync_statistics: In-place all-reduce of statistic tensors (DDP: every process removes the same units).
+        **options: Any field of :class:`~wanda_lightning.core.options.CalibrationOptions` as a keyword
+            (``num_samples``, ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``,
+            ``forward_fn``), documented there; an unknown keyword raises ``TypeError``.
 
     Returns:
         A :class:`~wanda_lightning.width.report.ShrinkReport` with every layer's widths before and after.
@@ -116,16 +115,9 @@ def shrink(
         method=method,
         update=update,
         widths=widths,
-        sequential=sequential,
-        blocks=blocks,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        device=device,
-        offload_device=offload_device,
+        options=CalibrationOptions.resolve(calibration_options, **options),
     )
-    return shrink_with(
-        model, calibration, config, forward_fn=forward_fn, progress=progress, sync_statistics=sync_statistics
-    )
+    return shrink_with(model, calibration, config, progress=progress, sync_statistics=sync_statistics)
 
 
 class ShrinkPlan:
@@ -246,58 +238,66 @@ def shrink_with(
     sync_statistics: StatisticsSync | None = None,
 ) -> ShrinkReport:
     """:func:`shrink` with a :class:`~wanda_lightning.width.config.ShrinkConfig` made beforehand (the callback builds
-    one when it is constructed)."""
+    one when it is constructed); ``forward_fn``, when given, replaces ``config.options.forward_fn``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> mlp = nn.Module()
+        >>> mlp.up_proj, mlp.down_proj = nn.Linear(4, 8), nn.Linear(8, 4)
+        >>> mlp.gate_proj = nn.Linear(4, 8)
+        >>> mlp.forward = lambda x: mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+        >>> report = shrink_with(mlp, [torch.randn(2, 4)], ShrinkConfig.create(mlp=0.25))
+        >>> mlp.down_proj.in_features
+        6
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError(f"`forward_fn` must be callable as forward_fn(model, batch), got {forward_fn!r}")
+    options = with_forward(config.options, forward_fn)
     total_start = time.perf_counter()
     probe = find_unit_groups(model, None, list(config.kinds))
     layers = [g.target() for g in probe if g.problem is None]
-    sequential = config.sequential and config.widths == "uniform"  # adaptive widths rank every layer's units at once
-    stack = find_block_stack(model, layers, config.blocks) if layers and (sequential or config.blocks) else None
+    adaptive = config.widths == "adaptive"
+    # Adaptive widths rank every layer's units at once.
+    stack, sequential = choose_block_stack(model, layers, options, sequential=options.sequential and not adaptive)
     plan = plan_shrink(model, config, stack)
     layers = [g.target() for g in plan.groups]
     check_finite(_member_layers(plan.groups), "")
-    batches: list[Any] = []
-    if config.method.needs_data:
-        if calibration is None:
-            raise ValueError(f"{config.method.describe()} needs `calibration` batches, got None")
-        batches = prepare_batches(calibration, config.num_samples, config.batch_size)
+    needed_by = config.method.describe() if config.method.needs_data else None
+    run = prepare_calibration(
+        model,
+        layers,
+        calibration,
+        options,
+        stack=stack,
+        sequential=sequential,
+        needed_by=needed_by,
+        sync_statistics=sync_statistics,
+        progress=progress,
+    )
     report = ShrinkReport(
         method=config.method.describe(),
         mlp=config.mlp,
         heads=config.heads,
         parameters_before=parameter_count(model),
         macs_before=linear_macs_per_token(model),
-        sequential=sequential and stack is not None and config.method.needs_data,
-        block_stack=stack.name if sequential and stack is not None else None,
-        num_samples=sum(batch_size_of(b) for b in batches),
-        num_batches=len(batches),
-    )
-    pipeline = CalibrationPipeline(
-        model,
-        layers,
-        stack=stack,
-        sequential=sequential,
-        forward_fn=forward_fn,
-        device=config.device,
-        offload_device=config.offload_device,
-        sync_statistics=sync_statistics,
-        progress=progress,
+        sequential=sequential and needed_by is not None,
+        block_stack=run.block_stack,
+        num_samples=run.num_samples,
+        num_batches=len(run.batches),
     )
     groups = {g.consumer.name: g for g in plan.groups}
     action: ShrinkAction = (
         AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers), plan.biased)
-        if config.widths == "adaptive"
+        if adaptive
         else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
     )
-    pipeline.run(action, batches)
+    report.calibration_seconds = run.run(action)
     if plan.config_owner is not None:
         for key, value in plan.config_updates.items():
             setattr(plan.config_owner.config, key, value)
     report.config_updates = dict(plan.config_updates)
-    report.calibration_seconds = pipeline.calibration_seconds
     report.parameters_after = parameter_count(model)
     report.macs_after = linear_macs_per_token(model)
     report.total_seconds = time.perf_counter() - total_start

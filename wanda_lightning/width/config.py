@@ -4,12 +4,10 @@ CLI."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
-import torch
-
-from ..core.validation import as_device, check_bool, check_positive
+from ..core.options import CalibrationOptions, options_or_default
 from .methods import WidthMethod, get_width_method
 
 __all__ = ["WIDTHS", "ShrinkConfig", "Widths", "units_to_remove"]
@@ -52,25 +50,21 @@ def units_to_remove(fraction: float, units: int, argument: str, where: str) -> i
 
 @dataclass(frozen=True)
 class ShrinkConfig:
-    """A validated width-pruning configuration (see :func:`~wanda_lightning.shrink` for the meaning of each field).
+    """A validated width-pruning configuration (see :func:`~wanda_lightning.shrink` for the meaning of each field;
+    how calibration runs is ``options``, a :class:`~wanda_lightning.core.options.CalibrationOptions`).
 
     Example::
 
         >>> config = ShrinkConfig.create(mlp=0.5, heads=0.33, method="flap", update="least-squares")
-        >>> config.kinds, config.method.describe()
-        (('mlp', 'attention'), 'flap (least-squares update)')
+        >>> config.kinds, config.method.describe(), config.options.num_samples
+        (('mlp', 'attention'), 'flap (least-squares update)', 128)
     """
 
     mlp: float
     heads: float
     method: WidthMethod
     widths: str = "uniform"
-    sequential: bool = True
-    blocks: str | None = None
-    num_samples: int | None = 128
-    batch_size: int | None = None
-    device: torch.device | None = None
-    offload_device: torch.device | None = None
+    options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     @classmethod
     def create(
@@ -81,14 +75,9 @@ class ShrinkConfig:
         method: str | WidthMethod = "wanda-sp",
         update: str | None = None,
         widths: str = "uniform",
-        sequential: bool = True,
-        blocks: str | None = None,
-        num_samples: int | None = 128,
-        batch_size: int | None = None,
-        device: str | torch.device | None = None,
-        offload_device: str | torch.device | None = None,
+        options: CalibrationOptions | None = None,
     ) -> ShrinkConfig:
-        """Checks and resolves every argument.
+        """Checks and resolves every argument; ``options`` defaults to ``CalibrationOptions()``.
 
         Raises:
             ValueError, TypeError: Naming the argument, the value and what is allowed.
@@ -101,23 +90,8 @@ class ShrinkConfig:
             width_method = width_method.with_update(update)
         if widths not in WIDTHS:
             raise ValueError(f"`widths` must be one of {list(WIDTHS)}, got {widths!r}")
-        check_bool(sequential, "sequential")
-        if blocks is not None and (not isinstance(blocks, str) or not blocks):
-            raise TypeError(f"`blocks` must be a module name such as 'model.layers' or None, got {blocks!r}")
-        check_positive(num_samples, "num_samples")
-        check_positive(batch_size, "batch_size")
-        return cls(
-            mlp=mlp_fraction,
-            heads=heads_fraction,
-            method=width_method,
-            widths=widths,
-            sequential=sequential,
-            blocks=blocks,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            device=as_device(device, "device"),
-            offload_device=as_device(offload_device, "offload_device"),
-        )
+        calibration = options_or_default(options)
+        return cls(mlp=mlp_fraction, heads=heads_fraction, method=width_method, widths=widths, options=calibration)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -130,4 +104,21 @@ class ShrinkConfig:
 
     def with_batches_as_given(self) -> ShrinkConfig:
         """A copy that uses calibration batches as they come (for callers that prepared them)."""
-        return replace(self, num_samples=None, batch_size=None)
+        return replace(self, options=self.options.with_batches_as_given())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description: the fractions, the method by its :meth:`describe` name, the widths and the
+        calibration options.
+
+        Example::
+
+            >>> ShrinkConfig.create(mlp=0.5).to_dict()["method"]
+            'wanda-sp'
+        """
+        return {
+            "mlp": self.mlp,
+            "heads": self.heads,
+            "method": self.method.describe(),
+            "widths": self.widths,
+            **self.options.to_dict(),
+        }

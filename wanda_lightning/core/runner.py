@@ -1,0 +1,183 @@
+"""What every calibration run sets up the same way, from one :class:`~wanda_lightning.core.options.CalibrationOptions`:
+the block stack and whether to calibrate block by block (:func:`choose_block_stack`), then the prepared batches and
+the :class:`~wanda_lightning.core.pipeline.CalibrationPipeline` (:func:`prepare_calibration`).
+
+``prune_with`` and ``shrink_with`` both use it; what only one of them needs (checkpoint streaming, FSDP checks, unit
+plans) stays with it, between the two steps.
+
+Example::
+
+    stack, sequential = choose_block_stack(model, layers, options)
+    run = prepare_calibration(model, layers, batches, options, stack=stack, sequential=sequential, needed_by="wanda")
+    seconds = run.run(action)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..distributed.sharding import ShardedLayout, same_count_on_every_rank
+from ..distributed.streaming import SafetensorsCheckpoint
+from .batches import ForwardFn, batch_size_of, prepare_batches
+from .blocks import BlockStack, find_block_stack
+from .options import CalibrationOptions
+from .pipeline import Action, BlockCallback, CalibrationPipeline, StatisticsSync
+from .targets import TargetLayer
+
+__all__ = ["CalibrationRun", "choose_block_stack", "prepare_calibration", "with_forward"]
+
+
+def with_forward(options: CalibrationOptions, forward_fn: ForwardFn | None) -> CalibrationOptions:
+    """``options`` with ``forward_fn`` in place of its own when one is given (checked: a caller's own forward, such as
+    a callback's, overrides the configured one).
+
+    Example::
+
+        >>> forward = lambda model, batch: model(batch)
+        >>> with_forward(CalibrationOptions(), forward).forward_fn is forward
+        True
+    """
+    return options if forward_fn is None else CalibrationOptions.resolve(options, forward_fn=forward_fn)
+
+
+def choose_block_stack(
+    model: nn.Module, layers: Sequence[TargetLayer], options: CalibrationOptions, *, sequential: bool | None = None
+) -> tuple[BlockStack | None, bool]:
+    """The block stack (``options.blocks``, or the one found) and whether calibration goes block by block through it.
+
+    Args:
+        model: The model.
+        layers: Its target layers; none means no stack.
+        options: The calibration options.
+        sequential: Overrides ``options.sequential`` (a caller that must calibrate in one pass passes ``False``).
+
+    Returns:
+        ``(stack, sequential)``: the stack is looked up when calibration is sequential or ``options.blocks`` names
+        one; it is sequential only with a stack.
+
+    Raises:
+        ValueError: If ``options.blocks`` names no list of blocks.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from wanda_lightning.core.targets import find_targets
+        >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2)])
+        >>> stack, sequential = choose_block_stack(net, find_targets(net)[0], CalibrationOptions())
+        >>> len(stack.blocks), sequential
+        (2, True)
+    """
+    sequential = options.sequential if sequential is None else sequential
+    wanted = sequential or options.blocks is not None
+    stack = find_block_stack(model, layers, options.blocks) if layers and wanted else None
+    return stack, sequential and stack is not None
+
+
+@dataclass
+class CalibrationRun:
+    """A calibration pipeline ready to run, with its prepared batches.
+
+    Attributes:
+        pipeline: The pipeline.
+        batches: The calibration batches (none when nothing needs data).
+        stack: The block stack, or ``None``.
+        sequential: Whether calibration goes block by block.
+
+    Made by :func:`prepare_calibration`.
+    """
+
+    pipeline: CalibrationPipeline
+    batches: list[Any]
+    stack: BlockStack | None
+    sequential: bool
+
+    @property
+    def num_samples(self) -> int:
+        """Calibration sequences over all batches."""
+        return sum(batch_size_of(batch) for batch in self.batches)
+
+    @property
+    def block_stack(self) -> str | None:
+        """Name of the stack calibrated block by block, for reports; ``None`` in one-shot mode."""
+        return self.stack.name if self.sequential and self.stack is not None else None
+
+    def run(self, action: Action) -> float:
+        """Runs ``action`` over the batches; returns the seconds spent calibrating."""
+        self.pipeline.run(action, self.batches)
+        return self.pipeline.calibration_seconds
+
+
+def prepare_calibration(
+    model: nn.Module,
+    layers: Sequence[TargetLayer],
+    calibration: Iterable[Any] | None,
+    options: CalibrationOptions,
+    *,
+    stack: BlockStack | None,
+    sequential: bool,
+    needed_by: str | None,
+    sync_statistics: StatisticsSync | None = None,
+    progress: bool = False,
+    layout: ShardedLayout | None = None,
+    source: SafetensorsCheckpoint | None = None,
+    on_block_done: BlockCallback | None = None,
+) -> CalibrationRun:
+    """Prepares ``calibration`` as ``options`` say and builds the pipeline over ``layers``.
+
+    Args:
+        model: The model.
+        layers: The layers whose statistics the action takes.
+        calibration: The calibration batches as the user gave them.
+        options: The calibration options (``num_samples``, ``batch_size``, devices, ``forward_fn``).
+        stack: The block stack, from :func:`choose_block_stack`.
+        sequential: Block-sequential calibration, from :func:`choose_block_stack` (or ruled out since).
+        needed_by: What needs the data, for the message when ``calibration`` is ``None``; ``None`` when nothing does
+            (no batch is read).
+        sync_statistics: In-place all-reduce of statistic tensors.
+        progress: Show a progress bar over blocks.
+        layout: Sharded weights: every process then runs the same number of batches.
+        source: Checkpoint that meta-device blocks are read from as they come.
+        on_block_done: Called as ``on_block_done(block_name, block)`` after each block.
+
+    Raises:
+        ValueError: If data is needed and ``calibration`` is ``None`` or yields nothing.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wanda_lightning.core.targets import find_targets
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> layers, _ = find_targets(net)
+        >>> run = prepare_calibration(
+        ...     net, layers, [torch.randn(3, 4)], CalibrationOptions(), stack=None, sequential=False, needed_by="wanda"
+        ... )
+        >>> run.num_samples, run.block_stack
+        (3, None)
+    """
+    batches: list[Any] = []
+    if needed_by is not None:
+        if calibration is None:
+            raise ValueError(f"{needed_by} needs `calibration` batches, got None")
+        batches = prepare_batches(calibration, options.num_samples, options.batch_size)
+        if layout is not None:
+            batches = same_count_on_every_rank(batches, layout.all_reduce, layout.world_size)
+    pipeline = CalibrationPipeline(
+        model,
+        layers,
+        stack=stack,
+        sequential=sequential,
+        forward_fn=options.forward_fn,
+        device=options.device,
+        offload_device=options.offload_device,
+        sync_statistics=sync_statistics,
+        layout=layout,
+        source=source,
+        on_block_done=on_block_done,
+        progress=progress,
+    )
+    return CalibrationRun(pipeline, batches, stack, sequential)
