@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wanda_lightning import CalibrationOptions
 from wanda_lightning.distributed.testing import CollectiveCounter, count_full_gathers
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -245,7 +246,12 @@ def fsdp1_trainer(out: str, rank: int) -> None:
 
     loader = DataLoader([dict(input_ids=ids) for b in calibration() for ids in b["input_ids"]], batch_size=2)
     module = CausalLMModule(tiny_llama(), learning_rate=1e-3)
-    callback = WandaPruningCallback(sparsity=0.5, num_samples=None, sequential=False, verbose=False, num_eval_batches=1)
+    callback = WandaPruningCallback(
+        sparsity=0.5,
+        verbose=False,
+        evaluate=1,
+        calibration_options=CalibrationOptions(num_samples=None, sequential=False),
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
@@ -300,7 +306,9 @@ def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
         )
 
     module = CausalLMModule(tiny_llama(), learning_rate=1e-3)
-    callback = WandaPruningCallback(sparsity=0.5, num_samples=None, verbose=False, num_eval_batches=1)
+    callback = WandaPruningCallback(
+        sparsity=0.5, verbose=False, evaluate=1, calibration_options=CalibrationOptions(num_samples=None)
+    )
     trainer = make_trainer(max_steps=2, callbacks=[callback], enable_checkpointing=False, limit_val_batches=2)
     trainer.fit(module, loader, loader)
     weights = {n: p.full_tensor().clone() for n, p in module.named_parameters() if n.endswith("proj.weight")}
@@ -309,7 +317,9 @@ def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
 
     # Resume: two more steps of sparse training; the masks come back from the checkpoint's zeros.
     resumed_module = CausalLMModule(tiny_llama(), learning_rate=1e-3)
-    resumed_callback = WandaPruningCallback(sparsity=0.5, num_samples=None, verbose=False, num_eval_batches=1)
+    resumed_callback = WandaPruningCallback(
+        sparsity=0.5, verbose=False, evaluate=1, calibration_options=CalibrationOptions(num_samples=None)
+    )
     prune_calls: list[str] = []
     original_prune = resumed_callback._prune
     resumed_callback._prune = lambda *args: (prune_calls.append(args[2]), original_prune(*args))[1]  # type: ignore

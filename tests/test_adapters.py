@@ -15,7 +15,15 @@ from test_callback import Snapshot, loader, make_trainer
 from test_cli import PRUNE_FAST, char_tokenizer, tiny_llama_config, transformers
 from torch import Tensor, nn
 
-from wanda_lightning import CausalLMModule, WandaPruningCallback, load_pruned, merge_adapters, prune, save_pruned
+from wanda_lightning import (
+    CalibrationOptions,
+    CausalLMModule,
+    WandaPruningCallback,
+    load_pruned,
+    merge_adapters,
+    prune,
+    save_pruned,
+)
 from wanda_lightning.core.targets import find_targets
 
 peft = pytest.importorskip("peft")
@@ -224,7 +232,12 @@ def test_lora_training_keeps_the_masks_and_the_export_is_the_merged_sparse_model
     before, after = Snapshot(), Snapshot()
     out = tmp_path / "export"
     pruning = WandaPruningCallback(
-        prune_on="train_epoch_end", epoch=0, num_samples=8, evaluate=False, verbose=False, export_dir=str(out)
+        prune_on="train_epoch_end",
+        epoch=0,
+        evaluate=False,
+        verbose=False,
+        export_dir=str(out),
+        calibration_options=CalibrationOptions(num_samples=8),
     )
     trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[before, pruning, after])
     val = loader(8, seed=2)

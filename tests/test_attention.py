@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from wanda_lightning import WandaPruningCallback, prune
+from wanda_lightning import CalibrationOptions, WandaPruningCallback, prune
 from wanda_lightning.core.blocks import find_block_stack
 from wanda_lightning.core.targets import find_targets, parameter_masks
 
@@ -387,7 +387,9 @@ def test_callback_prunes_a_vit_with_masks_by_parameter_name(tmp_path: Path, sing
     module = DigitsLikeViT()
     val = images(8, seed=5)
     expected = reference_vit(copy.deepcopy(module.model), [x for x, _ in val])
-    pruning = WandaPruningCallback(prune_on="validate", num_samples=8, verbose=False)
+    pruning = WandaPruningCallback(
+        prune_on="validate", verbose=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning]
     )

@@ -20,13 +20,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
-import wanda_lightning.lightning.callback as callback_module
-from wanda_lightning import prune
-from wanda_lightning.lightning.callback import WandaPruningCallback
+import wanda_lightning.lightning.pruning_callback as callback_module
+from wanda_lightning import CalibrationOptions, prune
 from wanda_lightning.lightning.checkpointing import DENSE_WEIGHTS_KEY
 from wanda_lightning.lightning.masks import pack_mask as _pack
 from wanda_lightning.lightning.masks import unpack_mask as _unpack
 from wanda_lightning.lightning.module import CausalLMModule
+from wanda_lightning.lightning.pruning_callback import WandaPruningCallback
 from wanda_lightning.pruning import prune_with
 
 pytest.importorskip("transformers")
@@ -187,7 +187,7 @@ def info_logs():
 def test_fit_end_prunes_after_the_last_step_and_logs_sparsity_and_deltas(tmp_path, capsys, info_logs):
     module, before = make_module(), Snapshot()
     val = loader(8, seed=2)
-    pruning = WandaPruningCallback(sparsity=0.5, num_samples=8)
+    pruning = WandaPruningCallback(sparsity=0.5, calibration_options=CalibrationOptions(num_samples=8))
     trainer = make_trainer(
         tmp_path, max_steps=2, callbacks=[before, pruning, TQDMProgressBar()], enable_progress_bar=True
     )
@@ -257,7 +257,7 @@ class StopAfterFirstEpoch(Callback):
 
 def test_fit_stopped_early_is_pruned_at_train_end_and_its_last_checkpoint_saved_again(tmp_path):
     module, val = make_module(), loader(8, seed=2)
-    pruning = WandaPruningCallback(num_samples=8, evaluate=False)
+    pruning = WandaPruningCallback(evaluate=False, calibration_options=CalibrationOptions(num_samples=8))
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     callbacks = [pruning, StopAfterFirstEpoch(), checkpoints]
     trainer = make_trainer(tmp_path, max_epochs=5, callbacks=callbacks, enable_checkpointing=True)
@@ -285,7 +285,9 @@ class SGDModule(CausalLMModule):
 def test_train_epoch_end_keeps_sparsity_exact_while_training_goes_on(tmp_path, cls, states):
     module, before, after = make_module(cls=cls, weight_decay=0.1), Snapshot(), Snapshot()
     val = loader(8, seed=2)
-    pruning = WandaPruningCallback(prune_on="train_epoch_end", epoch=0, num_samples=8, evaluate=False)
+    pruning = WandaPruningCallback(
+        prune_on="train_epoch_end", epoch=0, evaluate=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
     callbacks = [before, pruning, after, BAR()]  # a Rich bar during fit: the callback adds its task
     trainer = make_trainer(tmp_path, max_epochs=3, callbacks=callbacks, gradient_clip_val=1.0, enable_progress_bar=True)
     trainer.fit(module, loader(8, seed=1), val)
@@ -319,7 +321,9 @@ class Crash(Callback):
 
 def _resumable_run(root: Path, seed: int = 0, crash: bool = False, ckpt_path: Path | None = None):
     module = make_module(seed=seed)
-    pruning = WandaPruningCallback(prune_on="train_epoch_end", epoch=0, num_samples=8, num_eval_batches=1)
+    pruning = WandaPruningCallback(
+        prune_on="train_epoch_end", epoch=0, evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
+    )
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
     callbacks: list[Callback] = [pruning, checkpoints, *([Crash()] if crash else [])]
     trainer = make_trainer(root, max_epochs=3, callbacks=callbacks, enable_checkpointing=True)
@@ -357,7 +361,7 @@ def test_resume_after_a_crash_restores_masks_without_pruning_again(tmp_path, mon
 
 def test_checkpoints_load_without_the_callback(tmp_path):
     module = make_module()
-    pruning = WandaPruningCallback(num_samples=8, evaluate=False)
+    pruning = WandaPruningCallback(evaluate=False, calibration_options=CalibrationOptions(num_samples=8))
     weights_only = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, save_last=True)
     trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[pruning, weights_only], enable_checkpointing=True)
     trainer.fit(module, loader(8, seed=1), loader(8, seed=2))
@@ -379,7 +383,9 @@ def test_checkpoints_load_without_the_callback(tmp_path):
 
 def test_prune_on_checkpoint_saves_pruned_weights_and_trains_dense(tmp_path):
     module, val = make_module(), loader(8, seed=2)
-    pruning = WandaPruningCallback(prune_on="checkpoint", num_samples=8, num_eval_batches=1)
+    pruning = WandaPruningCallback(
+        prune_on="checkpoint", evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
+    )
     full = ModelCheckpoint(dirpath=tmp_path / "full", filename="full")
     weights = ModelCheckpoint(
         dirpath=tmp_path / "weights", filename="weights", save_weights_only=True, every_n_train_steps=2
@@ -413,7 +419,9 @@ def test_prune_on_checkpoint_saves_pruned_weights_and_trains_dense(tmp_path):
 
     # Resuming with the callback continues the dense run.
     probe = Snapshot()
-    resume = WandaPruningCallback(prune_on="checkpoint", num_samples=8, evaluate=False)
+    resume = WandaPruningCallback(
+        prune_on="checkpoint", evaluate=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
     trainer = make_trainer(tmp_path / "resumed", max_epochs=3, callbacks=[resume, probe])
     trainer.fit(make_module(seed=7), loader(8, seed=1), val, ckpt_path=tmp_path / "full" / "full.ckpt")
     for name, tensor in live.items():
@@ -428,7 +436,9 @@ def test_validate_prunes_once_and_reports(tmp_path, structure, monkeypatch):
     module, val = make_module(), loader(8, seed=2)
     dense = reference_validation(copy.deepcopy(module), val)
     expected = reference_masks(module, list(val), structure=structure, num_samples=8)
-    pruning = WandaPruningCallback(prune_on="validate", structure=structure, num_samples=8)
+    pruning = WandaPruningCallback(
+        prune_on="validate", structure=structure, calibration_options=CalibrationOptions(num_samples=8)
+    )
     trainer = make_trainer(tmp_path, callbacks=[pruning, BAR()], enable_progress_bar=True)
     (results,) = trainer.validate(module, val)
 
@@ -455,7 +465,7 @@ def test_validate_prunes_once_and_reports(tmp_path, structure, monkeypatch):
 
 def test_bf16_mixed_calibrates_under_autocast(tmp_path):
     module, before, val = make_module(), Snapshot(), loader(8, seed=2)
-    pruning = WandaPruningCallback(num_samples=8, num_eval_batches=1)
+    pruning = WandaPruningCallback(evaluate=1, calibration_options=CalibrationOptions(num_samples=8))
     trainer = make_trainer(tmp_path, max_steps=1, precision="bf16-mixed", callbacks=[before, pruning])
     trainer.fit(module, loader(8, seed=1), val)
 
@@ -489,7 +499,9 @@ class RecordingPruning(WandaPruningCallback):
 
 def test_ddp_masks_are_identical_and_equal_one_process_over_the_union(tmp_path):
     snapshot = Snapshot()
-    pruning = RecordingPruning(str(tmp_path), snapshot, num_samples=None, num_eval_batches=1)
+    pruning = RecordingPruning(
+        str(tmp_path), snapshot, calibration_options=CalibrationOptions(num_samples=None), evaluate=1
+    )
     trainer = make_trainer(
         tmp_path, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[snapshot, pruning], logger=False
     )
@@ -545,19 +557,38 @@ def test_packed_masks_round_trip(shape):
         ({"sparsity": 1.2}, r"`sparsity` must be in \[0, 1\), got 1.2"),
         ({"structure": "5:4"}, r"`structure` '5:4' is impossible"),
         ({"method": "random"}, r"`method` must be one of \["),
-        ({"method": "magnitude", "variant": True}, r"`variant`=True applies to method 'wanda' only"),
-        ({"num_samples": 0}, r"`num_samples` must be a positive integer or None, got 0"),
-        ({"num_eval_batches": -1}, r"`num_eval_batches` must be a positive integer or None, got -1"),
-        ({"offload_device": "elsewhere"}, r"`offload_device` must be a torch device"),
-        ({"forward_fn": 3}, r"`forward_fn` must be callable"),
+        ({"calibration_options": {"num_samples": 8}}, r"`calibration_options` must be a CalibrationOptions"),
+        ({"evaluate": -1}, r"`evaluate` must be a positive integer, got -1"),
+        ({"distill": 1.5}, r"`distill` must be True, False or a Distillation"),
         ({"targets": "*.mlp.*"}, r"`targets` must be a list of name patterns"),
         ({"ignore": ["re:("]}, r"`ignore` pattern 're:\(' is not a valid regular expression"),
-        ({"evaluate": "yes"}, r"`evaluate` must be True or False, got 'yes'"),
+        ({"evaluate": "yes"}, r"`evaluate` must be a positive integer, got 'yes'"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         WandaPruningCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_samples": 0}, r"`num_samples` must be a positive integer or None, got 0"),
+        ({"offload_device": "elsewhere"}, r"`offload_device` must be a torch device"),
+        ({"forward_fn": 3}, r"`forward_fn` must be callable"),
+    ],
+)
+def test_bad_calibration_options_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        CalibrationOptions(**kwargs)
+
+
+def test_the_wanda_variant_is_a_method_object_and_wanda_only():
+    from wanda_lightning import Wanda
+
+    assert WandaPruningCallback(method=Wanda(variant=True)).method == "wanda"
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'variant'"):
+        WandaPruningCallback(method="magnitude", variant=True)  # type: ignore[call-arg]
 
 
 def _fit_refused(root: Path, match: str, pruning: WandaPruningCallback, val: DataLoader | None, max_steps: int = 2):
@@ -603,7 +634,11 @@ def test_batches_the_forward_cannot_take_ask_for_forward_fn(tmp_path):
     )
     # With forward_fn, the same batches work.
     module = make_module()
-    pruning = WandaPruningCallback(calibration=tokens, evaluate=False, forward_fn=lambda m, b: m(b["tokens"]))
+    pruning = WandaPruningCallback(
+        calibration=tokens,
+        evaluate=False,
+        calibration_options=CalibrationOptions(forward_fn=lambda m, b: m(b["tokens"])),
+    )
     make_trainer(tmp_path / "b", max_steps=1, callbacks=[pruning]).fit(module, loader(8, seed=1))
     assert_exactly_sparse(module, pruning.masks)
 
@@ -679,7 +714,9 @@ def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
     module, val = make_module(), loader(8, seed=2)
     core = {k: v for k, v in options.items()}
     expected = reference_masks(module, list(val), num_samples=8, **core)
-    pruning = WandaPruningCallback(prune_on="validate", num_samples=8, evaluate=False, **options)
+    pruning = WandaPruningCallback(
+        prune_on="validate", evaluate=False, calibration_options=CalibrationOptions(num_samples=8), **options
+    )
     make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
     assert_masks_equal(pruning.masks, expected)
     assert pruning.report is not None and pruning.report.method.startswith(options["method"].split("-")[0])
@@ -698,7 +735,9 @@ def test_export_dir_writes_a_compressed_export_that_loads_back(tmp_path):
 
     module, val = make_module(), loader(8, seed=2)
     out = tmp_path / "export"
-    pruning = WandaPruningCallback(prune_on="validate", num_samples=8, evaluate=False, export_dir=str(out))
+    pruning = WandaPruningCallback(
+        prune_on="validate", evaluate=False, export_dir=str(out), calibration_options=CalibrationOptions(num_samples=8)
+    )
     make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
     assert pruning.export_summary is not None and pruning.export_summary.compressed_ratio < 0.6
     loaded = load_pruned(out)

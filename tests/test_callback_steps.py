@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from wanda_lightning import WandaPruningCallback, prune
+from wanda_lightning import CalibrationOptions, WandaPruningCallback, prune
 from wanda_lightning.core.targets import find_targets, parameter_masks
 
 
@@ -86,7 +86,12 @@ def accuracy(module: NoForward, loader: DataLoader) -> float:
 def test_validation_step_calibrates_a_module_without_forward_and_leaves_its_metrics_alone(tmp_path: Path):
     module, val, calibration = NoForward(), sequences(8, seed=1), sequences(8, seed=2)
     expected = expected_masks(module, calibration, num_samples=8)
-    pruning = WandaPruningCallback(prune_on="validate", calibration=calibration, num_samples=8, verbose=False)
+    pruning = WandaPruningCallback(
+        prune_on="validate",
+        calibration=calibration,
+        verbose=False,
+        calibration_options=CalibrationOptions(num_samples=8),
+    )
     trainer = make_trainer(tmp_path, callbacks=[pruning])
     (results,) = trainer.validate(module, val)
 
@@ -106,7 +111,9 @@ def test_validation_step_calibrates_a_module_without_forward_and_leaves_its_metr
 def test_training_step_calibrates_on_training_batches_with_its_logs_thrown_away(tmp_path: Path):
     module, train = NoForward(), sequences(8, seed=3)
     before = copy.deepcopy(module)
-    pruning = WandaPruningCallback(calibration="train", num_samples=8, evaluate=False, verbose=False)
+    pruning = WandaPruningCallback(
+        calibration="train", evaluate=False, verbose=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
     trainer = make_trainer(tmp_path, max_steps=2, limit_train_batches=2, callbacks=[pruning])
     trainer.fit(module, train)
 
@@ -130,7 +137,10 @@ def test_a_module_without_forward_can_still_use_forward_fn(tmp_path: Path):
     module, val = NoForward(), sequences(8, seed=1)
     expected = expected_masks(module, val, num_samples=8)
     pruning = WandaPruningCallback(
-        prune_on="validate", evaluate=False, verbose=False, forward_fn=lambda m, b: m.logits(b[0])
+        prune_on="validate",
+        evaluate=False,
+        verbose=False,
+        calibration_options=CalibrationOptions(forward_fn=lambda m, b: m.logits(b[0])),
     )
     make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
     assert module.calls == Counter(validation_step=2)  # the trainer's own validation only
@@ -148,7 +158,9 @@ class Recording(pl.Callback):
 
 def test_deltas_are_in_callback_metrics_for_checkpointing_and_early_stopping(tmp_path: Path):
     module, val = NoForward(), sequences(8, seed=1)
-    pruning = WandaPruningCallback(prune_on="train_epoch_end", epoch=0, num_samples=8, verbose=False)
+    pruning = WandaPruningCallback(
+        prune_on="train_epoch_end", epoch=0, verbose=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc/delta", mode="max", save_top_k=1)
     stop = EarlyStopping(monitor="val_loss/pruned", patience=3)
     recording = Recording()

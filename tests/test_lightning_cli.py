@@ -95,8 +95,9 @@ def test_callback_is_configured_from_yaml_and_prunes(tmp_path):
         prune_on: train_epoch_end
         epoch: 0
         targets: ["*.mlp.*"]
-        num_samples: 8
-        num_eval_batches: 1
+        calibration_options:
+          num_samples: 8
+        evaluate: 1
         calibration: val"""
     cli = LightningCLI(
         CausalLMModule,
@@ -135,10 +136,11 @@ def test_help_shows_the_docstrings(capsys):
         )
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    modes = "{fit_end,train_epoch_end,validate,checkpoint,train_step,fit_start,schedule}"
-    assert f"--trainer.callbacks.prune_on {modes}" in text
+    assert "--trainer.callbacks.prune_on PRUNE_ON" in text
+    for mode in ("fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start", "Schedule"):
+        assert mode in text
     assert "When to prune" in text and "the zero-based epoch after which to prune" in text
-    assert "--trainer.callbacks.end_step" in text and "the global step where the ramp reaches" in text
+    assert "--trainer.callbacks.calibration_options CALIBRATION_OPTIONS" in text and "How calibration runs" in text
 
 
 def test_bad_yaml_value_is_refused(tmp_path, capsys):
@@ -177,12 +179,40 @@ def test_refinement_names_are_checked_by_the_cli(tmp_path, capsys):
 
 def test_a_schedule_is_configured_from_yaml(tmp_path):
     callback = """        sparsity: 0.7
-        prune_on: schedule
-        start_step: 10
-        end_step: 50
-        every_n_steps: 20"""
+        prune_on:
+          class_path: wanda_lightning.Schedule
+          init_args:
+            start_step: 10
+            end_step: 50
+            every_n_steps: 20"""
     config = _config(tmp_path, callback, class_path="wanda_lightning.WandaPruningCallback")
     cli = LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
-    assert (pruning.prune_on, pruning.start_step, pruning.end_step, pruning.every_n_steps) == ("schedule", 10, 50, 20)
-    assert pruning._trigger.steps == [30, 50]  # type: ignore[attr-defined]
+    trigger = pruning._trigger
+    assert (trigger.name, trigger.start_step, trigger.end_step, trigger.every_n_steps) == ("schedule", 10, 50, 20)  # type: ignore[attr-defined]
+    assert trigger.steps == [30, 50]  # type: ignore[attr-defined]
+    assert trigger.sparsity_at(50) == pytest.approx(0.7)  # type: ignore[attr-defined]
+
+
+def test_the_shrink_callback_is_configured_from_yaml_with_nested_options(tmp_path):
+    from wanda_lightning import Distillation, WandaShrinkCallback
+
+    callback = """        mlp: 0.5
+        method: flap
+        prune_on: train_step
+        step: 1
+        calibration_options:
+          num_samples: 4
+          batch_size: 2
+          offload_device: cpu
+        distill:
+          weight: 0.5
+          temperature: 1.0
+        evaluate: 1"""
+    config = _config(tmp_path, callback, class_path="wanda_lightning.WandaShrinkCallback")
+    cli = LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
+    (shrinking,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaShrinkCallback)]
+    options = shrinking.calibration_options
+    assert (options.num_samples, options.batch_size, str(options.offload_device)) == (4, 2, "cpu")
+    assert shrinking.distill == Distillation(weight=0.5, temperature=1.0)
+    assert (shrinking.mlp, shrinking.step, shrinking.evaluate) == (0.5, 1, 1)

@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_callback import Snapshot, loader, logged, make_module, make_trainer, module_from, read_csv
 
-import wanda_lightning.lightning.callback as callback_module
-from wanda_lightning import WandaPruningCallback, prune
+import wanda_lightning.lightning.pruning_callback as callback_module
+from wanda_lightning import CalibrationOptions, Schedule, Wanda, WandaPruningCallback, prune
 from wanda_lightning.pruning import prune_with
 
 
@@ -39,7 +39,10 @@ def test_schedule_follows_the_cubic_ramp_and_never_unprunes(tmp_path: Path):
     module, before = make_module(), Snapshot()
     val = loader(8, seed=2)
     pruning = WandaPruningCallback(
-        sparsity=0.7, prune_on="schedule", start_step=1, end_step=7, every_n_steps=2, num_samples=8, num_eval_batches=1
+        sparsity=0.7,
+        prune_on=Schedule(start_step=1, end_step=7, every_n_steps=2),
+        evaluate=1,
+        calibration_options=CalibrationOptions(num_samples=8),
     )
     after = AtSteps(pruning)
     trainer = make_trainer(tmp_path, max_steps=9, callbacks=[before, pruning, after])
@@ -124,7 +127,10 @@ class Crash(Callback):
 def _run(root: Path, *, crash: bool = False, ckpt_path: Path | None = None, seed: int = 0):
     module = make_module(seed=seed)
     pruning = WandaPruningCallback(
-        sparsity=0.6, prune_on="schedule", end_step=5, every_n_steps=2, num_samples=8, num_eval_batches=1
+        sparsity=0.6,
+        prune_on=Schedule(end_step=5, every_n_steps=2),
+        evaluate=1,
+        calibration_options=CalibrationOptions(num_samples=8),
     )
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, monitor="val_loss/pruned")
     callbacks: list[Callback] = [pruning, checkpoints, *([Crash()] if crash else [])]
@@ -169,20 +175,13 @@ def test_schedule_resumes_midway_bit_identically(tmp_path: Path, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_on": "schedule"}, r"`prune_on`='schedule' needs `end_step`"),
-        ({"prune_on": "schedule", "start_step": 5, "end_step": 5}, r"`end_step`=5 must be greater than `start_step`=5"),
-        (
-            {"prune_on": "schedule", "end_step": 10, "every_n_steps": 0},
-            r"`every_n_steps` must be an integer >= 1, got 0",
-        ),
-        ({"prune_on": "schedule", "start_step": -1, "end_step": 10}, r"`start_step` must be an integer >= 0, got -1"),
-        ({"prune_on": "schedule", "end_step": 10, "structure": "2:4"}, r"`structure`='2:4' fixes at 0.5"),
-        ({"prune_on": "schedule", "end_step": 10, "method": "sparsegpt"}, r"`method`='sparsegpt' rewrites the kept"),
-        ({"prune_on": "schedule", "end_step": 10, "refine": "dsnot"}, r"`refine`='dsnot' swaps pruned and kept"),
-        ({"prune_on": "schedule", "end_step": 10, "variant": True}, r"`variant`=True selects by cumulative scores"),
-        ({"end_step": 10}, r"`end_step`=10 is only used with `prune_on`='schedule', got `prune_on`='fit_end'"),
-        ({"prune_on": "validate", "every_n_steps": 3}, r"`every_n_steps`=3 is only used with `prune_on`='schedule'"),
-        ({"prune_on": "sometimes"}, r"`prune_on` must be one of \[.*'schedule'\], got 'sometimes'"),
+        ({"prune_on": "schedule"}, r"`prune_on`='schedule' needs its steps: pass prune_on=Schedule\(end_step="),
+        ({"prune_on": Schedule(end_step=10), "structure": "2:4"}, r"`structure`='2:4' fixes at 0.5"),
+        ({"prune_on": Schedule(end_step=10), "method": "sparsegpt"}, r"`method`='sparsegpt' rewrites the kept"),
+        ({"prune_on": Schedule(end_step=10), "refine": "dsnot"}, r"`refine`='dsnot' swaps pruned and kept"),
+        ({"prune_on": Schedule(end_step=10), "method": Wanda(variant=True)}, r"selects by cumulative scores"),
+        ({"prune_on": Schedule(end_step=10), "step": 3}, r"`step`=3 is only used with a `prune_on` name"),
+        ({"prune_on": "sometimes"}, r"`prune_on` must be one of \[.*'checkpoint'.*or a Trigger.*got 'sometimes'"),
     ],
 )
 def test_bad_schedules_are_refused(kwargs: dict[str, Any], match: str):
@@ -190,9 +189,22 @@ def test_bad_schedules_are_refused(kwargs: dict[str, Any], match: str):
         WandaPruningCallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"start_step": 5, "end_step": 5}, r"`end_step`=5 must be greater than `start_step`=5"),
+        ({"end_step": 10, "every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1, got 0"),
+        ({"start_step": -1, "end_step": 10}, r"`start_step` must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_schedule_steps_are_refused(kwargs: dict[str, Any], match: str):
+    with pytest.raises(ValueError, match=match):
+        Schedule(**kwargs)
+
+
 def test_a_schedule_cut_short_warns_with_the_sparsity_reached(tmp_path: Path):
     module = make_module()
-    pruning = WandaPruningCallback(sparsity=0.5, prune_on="schedule", end_step=8, every_n_steps=2, evaluate=False)
+    pruning = WandaPruningCallback(sparsity=0.5, prune_on=Schedule(end_step=8, every_n_steps=2), evaluate=False)
     trainer = make_trainer(tmp_path, max_steps=5, callbacks=[pruning])
     with pytest.warns(UserWarning, match=r"before `end_step`=8: the schedule reached sparsity 43.75%, not 50.00%"):
         trainer.fit(module, loader(8, seed=1), loader(8, seed=2))
@@ -215,7 +227,11 @@ class Dump(WandaPruningCallback):
 
 def test_ddp_schedule_masks_and_callback_metrics_are_identical_on_every_process(tmp_path: Path):
     pruning = Dump(
-        str(tmp_path), sparsity=0.5, prune_on="schedule", end_step=2, every_n_steps=1, num_samples=None, verbose=False
+        str(tmp_path),
+        sparsity=0.5,
+        prune_on=Schedule(end_step=2, every_n_steps=1),
+        calibration_options=CalibrationOptions(num_samples=None),
+        verbose=False,
     )
     trainer = make_trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=3, callbacks=[pruning], logger=False)
     trainer.fit(make_module(), loader(16, seed=1), loader(8, seed=2))

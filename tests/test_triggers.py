@@ -16,13 +16,15 @@ from test_callback import (
     reference_masks,
 )
 
-from wanda_lightning import WandaPruningCallback
-from wanda_lightning.lightning.triggers import PRUNE_ON, AfterStep, AtFitStart, make_trigger
+from wanda_lightning import CalibrationOptions, WandaPruningCallback
+from wanda_lightning.lightning.triggers import PRUNE_ON, AfterStep, AtFitStart, Schedule, make_trigger
 
 
 def test_train_step_prunes_after_that_many_steps_and_trains_on_sparse(tmp_path):
     module, before, val = make_module(), Snapshot(), loader(8, seed=2)
-    pruning = WandaPruningCallback(prune_on="train_step", step=2, num_samples=8, num_eval_batches=1)
+    pruning = WandaPruningCallback(
+        prune_on="train_step", step=2, evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
+    )
     trainer = make_trainer(tmp_path, max_steps=4, callbacks=[before, pruning])
     trainer.fit(module, loader(16, seed=1), val)
     assert pruning.report is not None and "step 2" in pruning.summary()
@@ -37,7 +39,9 @@ def test_train_step_prunes_after_that_many_steps_and_trains_on_sparse(tmp_path):
 def test_fit_start_prunes_before_the_first_step(tmp_path):
     module, val = make_module(), loader(8, seed=2)
     dense = module_from({k: v.clone() for k, v in module.state_dict().items()})
-    pruning = WandaPruningCallback(prune_on="fit_start", num_samples=8, num_eval_batches=1)
+    pruning = WandaPruningCallback(
+        prune_on="fit_start", evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
+    )
     make_trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(module, loader(16, seed=1), val)
     expected = reference_masks(dense, list(val), num_samples=8)
     assert pruning.masks.keys() == expected.keys()
@@ -61,10 +65,23 @@ def test_bad_trigger_arguments_are_refused(kwargs, match):
 
 def test_every_mode_has_a_trigger():
     for mode in PRUNE_ON:
-        schedule = {"end_step": 10} if mode == "schedule" else {}
-        trigger = make_trigger(
-            mode, 0 if mode == "train_epoch_end" else None, 3 if mode == "train_step" else None, **schedule
-        )
+        trigger = make_trigger(mode, 0 if mode == "train_epoch_end" else None, 3 if mode == "train_step" else None)
         assert trigger.name == mode
     assert isinstance(make_trigger("fit_start", None), AtFitStart)
     assert isinstance(make_trigger("train_step", None, 3), AfterStep)
+    schedule = Schedule(end_step=10)
+    copied = make_trigger(schedule)
+    assert copied.name == "schedule" and copied is not schedule  # the callback's own copy: its progress is its own
+
+
+def test_trigger_objects_are_the_same_as_their_names(tmp_path):
+    val = loader(8, seed=2)
+    by_name = WandaPruningCallback(prune_on="train_step", step=2, evaluate=False)
+    by_object = WandaPruningCallback(prune_on=AfterStep(2), evaluate=False)
+    for pruning in (by_name, by_object):
+        make_trainer(tmp_path, max_steps=3, callbacks=[pruning]).fit(make_module(), loader(16, seed=1), val)
+    assert by_object.masks.keys() == by_name.masks.keys()
+    assert all(torch.equal(by_object.masks[k], v) for k, v in by_name.masks.items())
+    assert "step 2" in by_object.summary()
+    with pytest.raises(ValueError, match=r"`step` must be an integer >= 1, got 0"):
+        AfterStep(0)

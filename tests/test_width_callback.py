@@ -17,7 +17,14 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_callback import CONFIG, Snapshot, TokenDataset, loader, make_module, make_trainer
 
-from wanda_lightning import WandaShrinkCallback, load_shrunk_checkpoint, shrink
+from wanda_lightning import (
+    CalibrationOptions,
+    Distillation,
+    Schedule,
+    WandaShrinkCallback,
+    load_shrunk_checkpoint,
+    shrink,
+)
 from wanda_lightning.distributed.testing import launch_processes
 from wanda_lightning.lightning import CausalLMModule, distillation_loss
 
@@ -39,7 +46,9 @@ def _rows(root: Path) -> list[dict[str, str]]:
 def test_shrinks_at_a_step_then_recovers_with_rebuilt_optimizers(tmp_path):
     module, before = make_module(), Snapshot()
     val = loader(8, seed=2)
-    shrinking = WandaShrinkCallback(mlp=0.5, heads=0.5, prune_on="train_step", step=2, num_samples=8)
+    shrinking = WandaShrinkCallback(
+        mlp=0.5, heads=0.5, prune_on="train_step", step=2, calibration_options=CalibrationOptions(num_samples=8)
+    )
     trainer = make_trainer(tmp_path, max_steps=4, callbacks=[before, shrinking])
     trainer.fit(module, loader(16, seed=1), val)
 
@@ -72,10 +81,19 @@ def test_shrinks_at_a_step_then_recovers_with_rebuilt_optimizers(tmp_path):
 
 def test_distillation_weight_zero_is_plain_fine_tuning_and_one_is_not(tmp_path):
     finals = {}
-    for name, options in {"plain": dict(distill=False), "zero": dict(distill_weight=0.0), "one": {}}.items():
+    for name, options in {
+        "plain": dict(distill=False),
+        "zero": dict(distill=Distillation(weight=0.0)),
+        "one": {},
+    }.items():
         module = make_module()
         shrinking = WandaShrinkCallback(
-            mlp=0.5, prune_on="train_step", step=1, num_samples=8, evaluate=False, **options
+            mlp=0.5,
+            prune_on="train_step",
+            step=1,
+            evaluate=False,
+            calibration_options=CalibrationOptions(num_samples=8),
+            **options,
         )
         make_trainer(tmp_path / name, max_steps=3, callbacks=[shrinking]).fit(module, loader(16, seed=1), loader(8, 2))
         finals[name] = {k: v.clone() for k, v in module.state_dict().items()}
@@ -103,7 +121,14 @@ def test_distillation_loss_matches_a_slow_reference():
 
 def _resumable(root: Path, max_steps: int, ckpt_path: str | None = None) -> CausalLMModule:
     module = make_module()
-    shrinking = WandaShrinkCallback(mlp=0.5, heads=0.5, prune_on="train_step", step=2, num_samples=8, evaluate=False)
+    shrinking = WandaShrinkCallback(
+        mlp=0.5,
+        heads=0.5,
+        prune_on="train_step",
+        step=2,
+        evaluate=False,
+        calibration_options=CalibrationOptions(num_samples=8),
+    )
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=4)
     trainer = make_trainer(root, max_steps=max_steps, callbacks=[shrinking, checkpoints], enable_checkpointing=True)
     trainer.fit(module, loader(16, seed=1), loader(8, seed=2), ckpt_path=ckpt_path)
@@ -124,7 +149,14 @@ def test_a_run_resumed_mid_recovery_matches_the_uninterrupted_one(tmp_path):
 
 def test_a_shrunk_checkpoint_loads_for_inference(tmp_path):
     module = make_module()
-    shrinking = WandaShrinkCallback(mlp=0.25, heads=0.5, prune_on="train_step", step=1, num_samples=8, evaluate=False)
+    shrinking = WandaShrinkCallback(
+        mlp=0.25,
+        heads=0.5,
+        prune_on="train_step",
+        step=1,
+        evaluate=False,
+        calibration_options=CalibrationOptions(num_samples=8),
+    )
     trainer = make_trainer(tmp_path, max_steps=2, callbacks=[shrinking])
     trainer.fit(module, loader(8, seed=1), loader(8, seed=2))
     path = tmp_path / "weights.ckpt"
@@ -140,7 +172,12 @@ def test_a_shrunk_checkpoint_loads_for_inference(tmp_path):
 
 def test_validate_shrinks_once_and_saves_a_plain_folder(tmp_path):
     module = make_module()
-    shrinking = WandaShrinkCallback(mlp=0.5, prune_on="validate", num_samples=8, save_dir=str(tmp_path / "small"))
+    shrinking = WandaShrinkCallback(
+        mlp=0.5,
+        prune_on="validate",
+        save_dir=str(tmp_path / "small"),
+        calibration_options=CalibrationOptions(num_samples=8),
+    )
     trainer = make_trainer(tmp_path, callbacks=[shrinking])
     (results,) = trainer.validate(module, loader(8, seed=2))
     assert results["val_loss"] == pytest.approx(shrinking.metrics["val_loss"]["shrunk"], rel=1e-5)
@@ -182,18 +219,29 @@ def test_spawning_strategies_are_refused_before_anything_runs():
         ({"mlp": 0.0}, r"`mlp` and `heads` are both 0"),
         ({"mlp": 0.5, "method": "random"}, r"`method` must be one of"),
         ({"mlp": 0.5, "prune_on": "checkpoint"}, r"`prune_on`='checkpoint' is not offered for shrinking"),
-        ({"mlp": 0.5, "prune_on": "schedule"}, r"`prune_on`='schedule' is not offered for shrinking"),
+        ({"mlp": 0.5, "prune_on": Schedule(end_step=10)}, r"`prune_on`='schedule' is not offered for shrinking"),
         ({"mlp": 0.5, "prune_on": "train_step"}, r"`prune_on`='train_step' needs `step`=k"),
         ({"mlp": 0.5, "step": 3}, r"`step`=3 is only used with `prune_on`='train_step'"),
-        ({"mlp": 0.5, "distill_weight": 2}, r"`distill_weight` must be in \[0, 1\], got 2"),
-        ({"mlp": 0.5, "temperature": 0}, r"`temperature` must be in \(0, inf\), got 0"),
-        ({"mlp": 0.5, "teacher_device": "nowhere"}, r"`teacher_device` must be a torch device.*'nowhere'"),
-        ({"mlp": 0.5, "num_eval_batches": 0}, r"`num_eval_batches` must be a positive integer or None, got 0"),
+        ({"mlp": 0.5, "distill": "yes"}, r"`distill` must be True, False or a Distillation\(...\), got 'yes'"),
+        ({"mlp": 0.5, "evaluate": 0}, r"`evaluate` must be a positive integer, got 0"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         WandaShrinkCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weight": 2}, r"`weight` must be in \[0, 1\], got 2"),
+        ({"temperature": 0}, r"`temperature` must be in \(0, inf\), got 0"),
+        ({"teacher_device": "nowhere"}, r"`teacher_device` must be a torch device.*'nowhere'"),
+    ],
+)
+def test_bad_distillation_settings_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Distillation(**kwargs)
 
 
 def test_a_layout_that_cannot_shrink_is_refused_before_training(tmp_path):
@@ -216,7 +264,9 @@ def test_sharded_strategies_are_refused(tmp_path, name):
 
 def test_calibration_uses_the_configured_batches_only(tmp_path):
     module = make_module()
-    shrinking = WandaShrinkCallback(mlp=0.5, prune_on="fit_end", num_samples=4, batch_size=2, evaluate=False)
+    shrinking = WandaShrinkCallback(
+        mlp=0.5, prune_on="fit_end", evaluate=False, calibration_options=CalibrationOptions(num_samples=4, batch_size=2)
+    )
     make_trainer(tmp_path, max_steps=1, callbacks=[shrinking]).fit(module, loader(8, seed=1), loader(8, seed=2))
     assert (shrinking.report.num_samples, shrinking.report.num_batches) == (4, 2)
     assert CONFIG["intermediate_size"] // 2 == module.model.config.intermediate_size

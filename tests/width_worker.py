@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 def ddp(out: str, rank: int) -> None:
     from test_callback import Snapshot, loader, make_module, make_trainer
 
-    from wanda_lightning import WandaShrinkCallback
+    from wanda_lightning import CalibrationOptions, WandaShrinkCallback
 
     class Recording(WandaShrinkCallback):
         def __init__(self, **kwargs):
@@ -30,7 +30,14 @@ def ddp(out: str, rank: int) -> None:
             return super().calibration_forward(pl_module, batch)
 
     snapshot = Snapshot()
-    shrinking = Recording(mlp=0.5, heads=0.5, prune_on="train_step", step=1, num_samples=None, evaluate=False)
+    shrinking = Recording(
+        mlp=0.5,
+        heads=0.5,
+        prune_on="train_step",
+        step=1,
+        calibration_options=CalibrationOptions(num_samples=None),
+        evaluate=False,
+    )
     trainer = make_trainer(out, strategy="ddp", devices=2, max_steps=3, callbacks=[snapshot, shrinking], logger=False)
     module = make_module()
     with warnings.catch_warnings():

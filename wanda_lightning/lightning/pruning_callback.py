@@ -261,7 +261,7 @@ class WandaPruningCallback(CalibratedCallback):
                 refine=refine,
                 targets=targets,
                 ignore=ignore,
-                options=calibration_options,
+                options=CalibrationOptions.resolve(calibration_options),
             )
             if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
                 raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}")

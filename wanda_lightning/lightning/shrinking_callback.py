@@ -135,7 +135,12 @@ class WandaShrinkCallback(CalibratedCallback):
     ) -> None:
         with misconfiguration():
             self._config = ShrinkConfig.create(
-                mlp=mlp, heads=heads, method=method, update=update, widths=widths, options=calibration_options
+                mlp=mlp,
+                heads=heads,
+                method=method,
+                update=update,
+                widths=widths,
+                options=CalibrationOptions.resolve(calibration_options),
             )
             if save_dir is not None and (not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir)):
                 raise TypeError(f"`save_dir` must be a directory path or None, got {save_dir!r}")
