@@ -777,3 +777,21 @@ def test_gpt2_conv1d_masks_follow_the_stored_layout_also_when_square(tmp_path):
     assert torch.equal(callback.masks["model.transformer.h.0.attn.c_proj.weight"], square != 0)
     # Each input column of the stored (in, out) weight feeds every output: rows of the (out, in) view are 50 % sparse.
     assert ((square.t() == 0).sum(dim=1) == 32).all()
+
+
+def test_distillation_recovers_a_masked_model_with_its_masks_held(tmp_path):
+    module, val = make_module(), loader(8, seed=2)
+    dense = copy.deepcopy(module.model)
+    pruning = WandaPruningCallback(
+        prune_on="fit_start", distill=True, evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
+    )
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[pruning])
+    trainer.fit(module, loader(16, seed=1), val)
+    assert_exactly_sparse(module, pruning.masks)  # every distillation step kept the pruned weights at zero
+    teacher = pruning.teacher
+    assert teacher is not None  # the model at the moment of pruning: dense, frozen
+    for (name, weight), (_, expected) in zip(teacher.state_dict().items(), dense.state_dict().items(), strict=True):
+        assert torch.equal(weight, expected), name
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert logged(read_csv(tmp_path), "distill_loss")
+    assert "val_loss/pruned" in trainer.callback_metrics

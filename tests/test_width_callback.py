@@ -270,3 +270,61 @@ def test_calibration_uses_the_configured_batches_only(tmp_path):
     make_trainer(tmp_path, max_steps=1, callbacks=[shrinking]).fit(module, loader(8, seed=1), loader(8, seed=2))
     assert (shrinking.report.num_samples, shrinking.report.num_batches) == (4, 2)
     assert CONFIG["intermediate_size"] // 2 == module.model.config.intermediate_size
+
+
+class StepsOnlyLM(pl.LightningModule):
+    """A causal LM module written the way many Lightning users write one: no ``forward``, everything in the steps."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("prune_on", ["fit_start", "train_step"])
+def test_a_module_without_forward_is_shrunk_recovers_and_its_best_checkpoint_loads(tmp_path, prune_on):
+    module = StepsOnlyLM(CONFIG)
+    dense = copy.deepcopy(module.model)
+    step = 1 if prune_on == "train_step" else None
+    shrinking = WandaShrinkCallback(
+        mlp=0.5, heads=0.5, prune_on=prune_on, step=step, calibration_options=CalibrationOptions(num_samples=8)
+    )
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss/shrunk", mode="min", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[shrinking, best], enable_checkpointing=True)
+    trainer.fit(module, loader(16, seed=1), loader(8, seed=2))
+
+    # Calibrated through validation_step (the module has no forward) on the dense model at fit start: the same units
+    # as shrink() through the model itself.
+    if prune_on == "fit_start":
+        reference = shrink(copy.deepcopy(dense), list(loader(8, seed=2)), mlp=0.5, heads=0.5, num_samples=8)
+        kept = [(g.name.removeprefix("model."), g.kept_units) for g in shrinking.report.groups]
+        assert kept == [(g.name, g.kept_units) for g in reference.groups]
+    metrics = trainer.callback_metrics
+    for name in ("val_loss/dense", "val_loss/shrunk", "val_loss/delta", "wanda/parameters", "wanda/macs_ratio"):
+        assert name in metrics, name
+    assert float(metrics["val_loss/delta"]) == pytest.approx(shrinking.metrics["val_loss"]["delta"])
+    assert float(metrics["wanda/parameters"]) == shrinking.report.parameters_after
+    # Recovery distilled from the model as it was (the teacher keeps the dense shapes), and logged its loss.
+    assert shrinking.teacher is not None
+    assert shrinking.teacher.model.layers[0].mlp.down_proj.in_features == 128
+    assert "distill_loss" in metrics
+    # The checkpoint ModelCheckpoint kept during recovery (it monitored the shrunk loss) loads back, shrunk.
+    assert best.best_model_path
+    loaded = load_shrunk_checkpoint(StepsOnlyLM, best.best_model_path)
+    assert loaded.model.model.layers[0].mlp.down_proj.in_features == 64
+    assert loaded.model.config.intermediate_size == 64
+    saved = torch.load(best.best_model_path, weights_only=False)["state_dict"]
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
