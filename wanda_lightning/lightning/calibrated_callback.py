@@ -88,15 +88,14 @@ class CalibratedCallback(Callback):
 
     def __init__(
         self,
-        *,
-        calibration: CalibrationSource | DataLoader = "val",
-        calibration_options: CalibrationOptions | None = None,
-        prune_on: PruneOn | Trigger = "fit_end",
-        epoch: int | None = None,
-        step: int | None = None,
-        distill: bool | Distillation = False,
-        evaluate: bool | int = True,
-        verbose: bool = True,
+        calibration: CalibrationSource | DataLoader,
+        calibration_options: CalibrationOptions | None,
+        prune_on: PruneOn | Trigger,
+        epoch: int | None,
+        step: int | None,
+        distill: bool | Distillation,
+        evaluate: bool | int,
+        verbose: bool,
     ) -> None:
         super().__init__()
         with misconfiguration():

@@ -265,16 +265,7 @@ class WandaPruningCallback(CalibratedCallback):
             )
             if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
                 raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}")
-        super().__init__(
-            calibration=calibration,
-            calibration_options=self._config.options,
-            prune_on=prune_on,
-            epoch=epoch,
-            step=step,
-            distill=distill,
-            evaluate=evaluate,
-            verbose=verbose,
-        )
+        super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
         if export_dir is not None and self._trigger.on_checkpoints:
             raise MisconfigurationException(
                 "`export_dir` exports the live pruned model, which `prune_on`='checkpoint' never prunes; use another "

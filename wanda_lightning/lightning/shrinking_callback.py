@@ -144,16 +144,7 @@ class WandaShrinkCallback(CalibratedCallback):
             )
             if save_dir is not None and (not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir)):
                 raise TypeError(f"`save_dir` must be a directory path or None, got {save_dir!r}")
-        super().__init__(
-            calibration=calibration,
-            calibration_options=self._config.options,
-            prune_on=prune_on,
-            epoch=epoch,
-            step=step,
-            distill=distill,
-            evaluate=evaluate,
-            verbose=verbose,
-        )
+        super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
         self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
         self.update = update
         self.save_dir = save_dir
