@@ -321,8 +321,8 @@ def trainer_run(out: str, rank: int, distributed_checkpoint: bool) -> None:
         sparsity=0.5, verbose=False, evaluate=1, calibration_options=CalibrationOptions(num_samples=None)
     )
     prune_calls: list[str] = []
-    original_prune = resumed_callback._prune
-    resumed_callback._prune = lambda *args: (prune_calls.append(args[2]), original_prune(*args))[1]  # type: ignore
+    original_apply = resumed_callback.apply
+    resumed_callback.apply = lambda *args: (prune_calls.append(args[3]), original_apply(*args))[1]  # type: ignore
     resumed = make_trainer(max_steps=4, callbacks=[resumed_callback], enable_checkpointing=False, limit_val_batches=2)
     resumed.fit(resumed_module, loader, loader, ckpt_path=checkpoint)
     after = {n: p.full_tensor().clone() for n, p in resumed_module.named_parameters() if n.endswith("proj.weight")}

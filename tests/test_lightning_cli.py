@@ -188,7 +188,7 @@ def test_a_schedule_is_configured_from_yaml(tmp_path):
     config = _config(tmp_path, callback, class_path="wanda_lightning.WandaPruningCallback")
     cli = LightningCLI(CausalLMModule, TokenData, args=["--config", config], run=False)
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
-    trigger = pruning._trigger
+    trigger = pruning._trigger  # the callback's own copy of the Schedule
     assert (trigger.name, trigger.start_step, trigger.end_step, trigger.every_n_steps) == ("schedule", 10, 50, 20)  # type: ignore[attr-defined]
     assert trigger.steps == [30, 50]  # type: ignore[attr-defined]
     assert trigger.sparsity_at(50) == pytest.approx(0.7)  # type: ignore[attr-defined]
