@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..core.masks import _prune_lowest, n_m_keep_mask
+from ..core.masks import lowest_mask, n_m_keep_mask
 from ..core.statistics import GramStatistics, LayerStatistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod, PruningWarning, Refinement
@@ -168,8 +168,8 @@ def _select(magnitude: Tensor, fraction: float, target: float, n: int | None, m:
             return final
         magnitude = magnitude.masked_fill(final, math.inf)
     if per_row:
-        return ~_prune_lowest(magnitude, int(columns * fraction))
-    return ~_prune_lowest(magnitude.reshape(-1), int(magnitude.numel() * fraction)).view(rows, columns)
+        return ~lowest_mask(magnitude, int(columns * fraction))
+    return ~lowest_mask(magnitude.reshape(-1), int(magnitude.numel() * fraction)).view(rows, columns)
 
 
 @torch.no_grad()

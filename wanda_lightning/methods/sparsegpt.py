@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.masks import _prune_lowest
+from ..core.masks import lowest_mask
 from ..core.statistics import GramStatistics, LayerStatistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod
@@ -113,7 +113,7 @@ def sparsegpt_prune(
         if m is None:
             saliency = block.t().square() / diagonal.square()  # (out, B)
             k = int(saliency.numel() * sparsity)
-            prune = _prune_lowest(saliency.reshape(-1), k).reshape(saliency.shape).t()  # (B, out)
+            prune = lowest_mask(saliency.reshape(-1), k).reshape(saliency.shape).t()  # (B, out)
             scale = prune / diagonal.unsqueeze(1)  # (B, out): 1 / [H^-1]_ii where pruned, else 0
         else:
             prune = torch.zeros_like(block, dtype=torch.bool)
@@ -124,7 +124,7 @@ def sparsegpt_prune(
                 if m is not None and i % m == 0:
                     assert n is not None
                     group = block[i : i + m].t().square() / diagonal[i : i + m].square()  # (out, M)
-                    prune[i : i + m] = _prune_lowest(group, m - n).t()
+                    prune[i : i + m] = lowest_mask(group, m - n).t()
                     scale[i : i + m] = prune[i : i + m] / diagonal[i : i + m].unsqueeze(1)
                 torch.mul(block[i], scale[i], out=errors[i])  # (out,)
                 # After this update block[i] holds its final (kept or zero) value.
