@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..core.collector import StatisticsFactory
 from ..core.pipeline import Action, CalibrationPipeline, Step
 from ..core.statistics import InputNormStatistics, LayerStatistics
-from ..core.targets import TargetLayer
+from ..core.target_layer import TargetLayer
 from ..distributed.sharding import with_full_weights
 from ..methods.base import PruningMethod, PruningWarning
 from ..methods.channels import find_channel_couplings
