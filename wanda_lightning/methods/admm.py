@@ -418,6 +418,7 @@ class ADMM(PruningMethod):
     """
 
     name = "admm"
+    rewrites_weights = True
 
     def __init__(
         self,
@@ -548,6 +549,8 @@ class ADMMUpdate(Refinement):
     """
 
     name = "admm-update"
+    changes_mask = False
+    rewrites_weights = True
 
     def __init__(self, iterations: int = 8, rho: float = 0.5, relaxation: float = 1.8, percdamp: float = 0.1) -> None:
         _check_options(iterations, rho, relaxation, percdamp)

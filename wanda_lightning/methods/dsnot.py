@@ -227,6 +227,8 @@ class DSnoT(Refinement):
     """
 
     name = "dsnot"
+    changes_mask = True
+    rewrites_weights = False
 
     def __init__(
         self,

@@ -157,6 +157,7 @@ class SparseGPT(PruningMethod):
     """
 
     name = "sparsegpt"
+    rewrites_weights = True
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:

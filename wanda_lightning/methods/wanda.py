@@ -51,6 +51,10 @@ class Wanda(PruningMethod):
             return variant_keep_mask(scores, sparsity)
         return super().select(scores, structure, sparsity)
 
+    @property
+    def cumulative_selection(self) -> bool:
+        return self.variant
+
     def shard_local(self, structure: SparsityStructure) -> bool:
         # The variant's bisection hits the target sparsity of the whole layer, which needs every row.
         return not (self.variant and not structure.is_n_m)
