@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..core.masks import lowest_mask, n_m_keep_mask
-from ..core.statistics import GramStatistics, LayerStatistics
+from ..core.statistics import GramStatistics, LayerStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod, PruningWarning, Refinement
 
@@ -378,9 +378,7 @@ def _check_options(iterations: int, rho: float, relaxation: float, percdamp: flo
 
 
 def _gram(statistics: LayerStatistics | None, who: str) -> Tensor:
-    if not isinstance(statistics, GramStatistics):
-        raise TypeError(f"{who} needs GramStatistics (the input Gram matrix) from calibration")
-    return statistics.gram
+    return expect_statistics(statistics, GramStatistics, who, "GramStatistics (the input Gram matrix)").gram
 
 
 class ADMM(PruningMethod):

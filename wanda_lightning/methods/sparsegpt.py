@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..core.masks import lowest_mask
-from ..core.statistics import GramStatistics, LayerStatistics
+from ..core.statistics import GramStatistics, LayerStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod
 
@@ -172,21 +172,19 @@ class SparseGPT(PruningMethod):
 
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         """SparseGPT's saliency before any update: ``w^2 / [H^-1]_jj^2``."""
-        if not isinstance(statistics, GramStatistics):
-            raise TypeError("SparseGPT needs GramStatistics from calibration")
-        factor, _ = inverse_hessian_factor(statistics.gram, self.percdamp)
+        gram = expect_statistics(statistics, GramStatistics, "SparseGPT").gram
+        factor, _ = inverse_hessian_factor(gram, self.percdamp)
         return weight.float().square() / torch.diagonal(factor).square().unsqueeze(0)
 
     def prune_layer(
         self, weight: Tensor, statistics: LayerStatistics | None, structure: SparsityStructure, sparsity: float
     ) -> Tensor:
-        if not isinstance(statistics, GramStatistics):
-            raise TypeError("SparseGPT needs GramStatistics from calibration")
+        gram = expect_statistics(statistics, GramStatistics, "SparseGPT").gram
         if not bool(torch.isfinite(weight).all()):
             raise FloatingPointError("the weight is not finite")
         new_weight, keep = sparsegpt_prune(
             weight,
-            statistics.gram,
+            gram,
             sparsity,
             structure.n,
             structure.m,

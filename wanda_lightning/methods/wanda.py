@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..core.masks import variant_keep_mask
-from ..core.statistics import InputNormStatistics, LayerStatistics
+from ..core.statistics import InputNormStatistics, LayerStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod
 
@@ -41,9 +41,9 @@ class Wanda(PruningMethod):
         return InputNormStatistics(in_features, device)
 
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, InputNormStatistics):
-            raise TypeError("Wanda needs InputNormStatistics from calibration")
-        norms = statistics.mean_sq_norm.sqrt().to(weight.device)  # (in,)
+        norms = (
+            expect_statistics(statistics, InputNormStatistics, "Wanda").mean_sq_norm.sqrt().to(weight.device)
+        )  # (in,)
         return weight.abs().float() * norms.unsqueeze(0)  # (out, in)
 
     def select(self, scores: Tensor, structure: SparsityStructure, sparsity: float) -> Tensor:

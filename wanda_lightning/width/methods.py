@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import Registry
-from ..core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
+from ..core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics, expect_statistics
 from .updates import UPDATES
 
 __all__ = [
@@ -155,9 +155,8 @@ class WandaSP(WidthMethod):
         self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, InputNormStatistics):
-            raise TypeError("wanda-sp needs InputNormStatistics from calibration")
-        norms = statistics.mean_sq_norm.sqrt().to(weight.device)  # (in,)
+        mean_sq_norm = expect_statistics(statistics, InputNormStatistics, "wanda-sp").mean_sq_norm
+        norms = mean_sq_norm.sqrt().to(weight.device)  # (in,)
         return weight.abs().float().sum(dim=0) * norms
 
 
@@ -183,9 +182,7 @@ class FLAP(WidthMethod):
         self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, MomentStatistics):
-            raise TypeError("flap needs MomentStatistics from calibration")
-        variance = statistics.variance.to(weight.device)  # (in,)
+        variance = expect_statistics(statistics, MomentStatistics, "flap").variance.to(weight.device)  # (in,)
         return weight.float().square().sum(dim=0) * variance
 
 
