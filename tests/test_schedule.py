@@ -118,6 +118,42 @@ def test_weights_pruned_before_stay_pruned_even_against_equal_scores():
         prune_with(model, [inputs], PruneConfig.create(method="sparsegpt"), already_pruned=already)
 
 
+class _OwnPruneLayer(Wanda):
+    """A user method that overrides ``prune_layer`` (here to the same effect): what it declares decides."""
+
+    def prune_layer(self, weight, statistics, structure, sparsity):
+        return super().prune_layer(weight, statistics, structure, sparsity)
+
+
+class _KeepsWeights(_OwnPruneLayer):
+    name = "keeps-weights"
+    rewrites_weights = False
+
+
+class _RewritesWeights(_OwnPruneLayer):
+    name = "rewrites-weights"
+    rewrites_weights = True
+
+
+def test_keeping_what_was_pruned_reads_what_the_method_declares():
+    from wanda_lightning import PruneConfig
+    from wanda_lightning.pruning.action import check_keeps_pruned
+
+    check_keeps_pruned(PruneConfig.create(method=_KeepsWeights()))  # overrides prune_layer, declares False: accepted
+    with pytest.raises(ValueError, match=r"`method`='wanda' rewrites the kept weights"):
+        check_keeps_pruned(PruneConfig.create(method=_RewritesWeights()))
+
+
+def test_keeping_what_was_pruned_reads_what_the_refinement_declares():
+    from wanda_lightning import PruneConfig
+    from wanda_lightning.pruning.action import check_keeps_pruned
+
+    with pytest.raises(ValueError, match=r"`refine`='dsnot' swaps pruned and kept weights"):
+        check_keeps_pruned(PruneConfig.create(refine="dsnot"))
+    with pytest.raises(ValueError, match=r"`refine`='admm-update' rewrites the kept weights"):
+        check_keeps_pruned(PruneConfig.create(refine="admm-update"))
+
+
 class Crash(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 2:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .targets import TargetLayer
+from .target_layer import TargetLayer
 
 __all__ = ["attention_targets", "is_attention", "split_attention"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .targets import TargetLayer
+from .target_layer import TargetLayer
 
 __all__ = ["BlockStack", "find_block_stack"]
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .attention import split_attention
 from .statistics import LayerStatistics, flatten_tokens
-from .targets import TargetLayer
+from .target_layer import TargetLayer
 
 __all__ = ["StatisticsCollector", "StatisticsFactory", "StopForward"]
 

@@ -1,6 +1,7 @@
 """What kind of module is this: linear layers (``nn.Linear``, transformers' ``Conv1D``) and transformers models.
 
-Every other module asks these questions through here, so that each is answered one way.
+Every other module asks these questions through here, so that each is answered one way. Whether a tensor is a
+DTensor is answered by :func:`~wanda_lightning.distributed.sharding.is_dtensor`, below the engine.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.sharding import is_dtensor
+
 __all__ = [
     "find_pretrained",
     "is_conv1d",
-    "is_dtensor",
     "is_linear_layer",
     "local_tensor",
     "module_device",
@@ -97,21 +99,6 @@ def module_device(module: nn.Module) -> torch.device | None:
     for buffer in module.buffers():
         return buffer.device
     return None
-
-
-def is_dtensor(tensor: Any) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (or a parameter wrapping one).
-
-    Example::
-
-        >>> is_dtensor(torch.zeros(2))
-        False
-    """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:

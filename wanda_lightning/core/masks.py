@@ -11,14 +11,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["keep_mask", "n_m_keep_mask", "unstructured_keep_mask", "variant_keep_mask"]
+__all__ = ["keep_mask", "lowest_mask", "n_m_keep_mask", "unstructured_keep_mask", "variant_keep_mask"]
 
 
-def _prune_lowest(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` lowest entries along the last dim, ties to the lower index.
+def lowest_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` lowest entries along the last dim, ties to the lower index: the entries to prune.
 
     Uses ``kthvalue`` (linear-time selection) instead of a full sort; exact ties at the threshold are resolved with a
     cumulative count only on the rows that have them.
+
+    Args:
+        scores: Scores of any shape; each slice along the last dim is one comparison group.
+        k: How many entries to mark in each group; ``<= 0`` marks none, ``>=`` the group size marks all.
+
+    Returns:
+        A boolean tensor shaped like ``scores``, ``True`` at the ``k`` lowest entries of each group.
+
+    Example::
+
+        >>> lowest_mask(torch.tensor([[3.0, 1.0, 1.0, 2.0]]), 2)
+        tensor([[False,  True,  True, False]])
     """
     size = scores.shape[-1]
     if k <= 0:
@@ -56,7 +68,7 @@ def unstructured_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
         tensor([[ True, False,  True, False]])
     """
     k = int(scores.shape[-1] * sparsity)
-    return ~_prune_lowest(scores, k)
+    return ~lowest_mask(scores, k)
 
 
 def n_m_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
@@ -79,7 +91,7 @@ def n_m_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
     if cols % m:
         raise ValueError(f"in_features={cols} is not a multiple of M={m}")
     groups = scores.reshape(rows, cols // m, m)  # (out, in / M, M)
-    return ~_prune_lowest(groups, m - n).reshape(rows, cols)
+    return ~lowest_mask(groups, m - n).reshape(rows, cols)
 
 
 def _variant_prune_for_alpha(

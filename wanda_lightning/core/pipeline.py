@@ -45,7 +45,7 @@ from .blocks import BlockStack
 from .collector import StatisticsCollector, StatisticsFactory, StopForward
 from .layers import module_device
 from .statistics import LayerStatistics
-from .targets import TargetLayer
+from .target_layer import TargetLayer
 
 __all__ = [
     "Action",

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["GramStatistics", "InputNormStatistics", "LayerStatistics", "MomentStatistics", "flatten_tokens"]
+__all__ = [
+    "GramStatistics",
+    "InputNormStatistics",
+    "LayerStatistics",
+    "MomentStatistics",
+    "expect_statistics",
+    "flatten_tokens",
+]
 
 
 def flatten_tokens(inputs: Tensor, token_mask: Tensor | None, in_features: int) -> tuple[Tensor, Tensor | None]:
@@ -222,3 +230,32 @@ class GramStatistics(MomentStatistics):
         super().permute_inputs(index)
         index = index.to(self.gram.device)
         self.gram = self.gram[index][:, index]
+
+
+Statistics = TypeVar("Statistics", bound=LayerStatistics)
+
+
+def expect_statistics(
+    statistics: LayerStatistics | None, kind: type[Statistics], user: str, what: str | None = None
+) -> Statistics:
+    """``statistics`` as a ``kind``, checked: what a method's ``score`` does first with the statistics it asked for.
+
+    Args:
+        statistics: What calibration gathered for the layer (``None`` when nothing was gathered).
+        kind: The statistics class ``user`` needs (a subclass also passes).
+        user: Who needs them, named in the error (``"Wanda"``).
+        what: How the error names ``kind`` (default: its class name).
+
+    Raises:
+        TypeError: If ``statistics`` is not a ``kind``.
+
+    Example::
+
+        >>> expect_statistics(None, InputNormStatistics, "Wanda")
+        Traceback (most recent call last):
+        ...
+        TypeError: Wanda needs InputNormStatistics from calibration
+    """
+    if not isinstance(statistics, kind):
+        raise TypeError(f"{user} needs {what or kind.__name__} from calibration")
+    return statistics

@@ -1,121 +1,25 @@
-"""Which layers get pruned: discovery of Linear / Conv1D layers, name patterns, and tied-weight detection."""
+"""Which layers get pruned: discovery of Linear / Conv1D layers, name patterns, and tied-weight detection.
+
+:class:`~wanda_lightning.core.target_layer.TargetLayer` is defined in :mod:`.target_layer` and re-exported here.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from .adapters import adapter_roles, quantization_of
+from .attention import attention_targets, is_attention
 from .layers import is_conv1d, is_linear_layer, local_tensor
+from .target_layer import TargetLayer
 
 __all__ = ["TargetLayer", "find_targets", "layer_masks", "matches_any", "parameter_masks", "validate_patterns"]
 
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head",)
-
-
-@dataclass
-class TargetLayer:
-    """A weight selected for pruning: a layer's ``weight``, or rows of another 2-D parameter of a module.
-
-    Attributes:
-        name: Name in reports, patterns and ``on_layer_pruned``: the module name of a linear layer
-            (``"model.layers.0.mlp.up_proj"``); for the query/key/value thirds of a ``MultiheadAttention``,
-            ``"<module>.in_proj_weight.q"`` (packed) or ``"<module>.q_proj_weight"`` (separate weights).
-        module: The module holding the weight (``nn.Linear``, transformers' ``Conv1D``, ``nn.MultiheadAttention``).
-        transposed: True for ``Conv1D``, whose weight is stored ``(in_features, out_features)``.
-        parameter: Attribute of ``module`` holding the weight (``"weight"``, ``"in_proj_weight"``, ...).
-        rows: ``(start, stop)`` rows of that parameter, for a packed weight; ``None`` for all of it.
-        position: Which positional argument of ``module``'s forward is the input the weight multiplies.
-        keyword: The same argument's name, when it is passed by keyword (``"key"``); ``None``: the first keyword.
-        module_name: Module name of ``module`` (default: ``name``).
-        attention: For the ``out_proj`` of a ``MultiheadAttention``, the attention module, whose forward is split
-            around the projection while statistics are collected (:mod:`~wanda_lightning.core.attention`).
-
-    Example::
-
-        >>> layer = TargetLayer("fc", nn.Linear(3, 2))
-        >>> layer.shape, layer.parameter_name
-        ((2, 3), 'fc.weight')
-    """
-
-    name: str
-    module: nn.Module
-    transposed: bool = False
-    parameter: str = "weight"
-    rows: tuple[int, int] | None = None
-    position: int = 0
-    keyword: str | None = None
-    module_name: str | None = None
-    attention: nn.Module | None = None
-
-    def __post_init__(self) -> None:
-        if self.module_name is None:
-            self.module_name = self.name
-
-    @property
-    def tensor(self) -> Tensor:
-        """The parameter holding the weight (all of it, also when the target is some of its rows)."""
-        return cast(Tensor, getattr(self.module, self.parameter))
-
-    @property
-    def parameter_name(self) -> str:
-        """Name of :attr:`tensor` in ``model.named_parameters()`` (``"model.layers.0.mlp.up_proj.weight"``)."""
-        return f"{self.module_name}.{self.parameter}" if self.module_name else self.parameter
-
-    @property
-    def weight_2d(self) -> Tensor:
-        """The weight as ``(out_features, in_features)``: a view that writes through to the parameter.
-
-        For a DTensor weight (FSDP2), this rank's shard: its own output rows under ``Shard(0)``.
-        """
-        weight = local_tensor(self.tensor.data)
-        weight = weight.t() if self.transposed else weight
-        return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
-
-    @property
-    def in_features(self) -> int:
-        # From the module's own attributes when it has them: FSDP1 flattens the weight outside its forward.
-        known = getattr(self.module, "nx" if self.transposed else "in_features", None) if self._whole_layer else None
-        return int(known) if isinstance(known, int) else int(self.weight_2d.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        if self.rows is not None:
-            return self.rows[1] - self.rows[0]
-        known = getattr(self.module, "nf" if self.transposed else "out_features", None) if self._whole_layer else None
-        return int(known) if isinstance(known, int) else int(self.weight_2d.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(out_features, in_features)`` of the whole weight (of all shards, for a DTensor or under FSDP1)."""
-        weight = self.tensor
-        if weight.dim() != 2:  # flattened by FSDP1
-            return (self.out_features, self.in_features)
-        rows, columns = (int(d) for d in weight.shape)
-        if self.rows is not None:
-            return (self.rows[1] - self.rows[0], columns)
-        return (columns, rows) if self.transposed else (rows, columns)
-
-    @property
-    def kind(self) -> str:
-        return type(self.module).__name__
-
-    @property
-    def _whole_layer(self) -> bool:
-        return self.parameter == "weight" and self.rows is None
-
-    def input_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """The input this weight multiplies, from the arguments of ``module``'s forward (as a pre-hook sees them)."""
-        if len(args) > self.position:
-            return cast(Tensor, args[self.position])
-        if self.keyword is not None and self.keyword in kwargs:
-            return cast(Tensor, kwargs[self.keyword])
-        return cast(Tensor, next(iter(kwargs.values())))
 
 
 def parameter_masks(layers: Sequence[TargetLayer], masks: Mapping[str, Tensor], fill: bool = True) -> dict[str, Tensor]:
@@ -268,9 +172,6 @@ def find_targets(
         >>> [t.name for t in layers], skipped
         (['0'], [('2', 'matches `ignore`')])
     """
-    from .adapters import adapter_roles, quantization_of
-    from .attention import attention_targets, is_attention
-
     target_patterns = validate_patterns(targets, "targets")
     ignore_patterns = validate_patterns(ignore, "ignore")
     if ignore_patterns is None:

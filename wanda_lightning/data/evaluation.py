@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..lightning.metrics import _perplexity_compute, _perplexity_update
+from ..core.measures import perplexity_compute, perplexity_update
 
 __all__ = ["perplexity"]
 
@@ -40,9 +40,9 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
             output = model(input_ids=ids)
             logits = output.logits if hasattr(output, "logits") else output
             # The same shifted, float32 log-softmax NLL as the torchmetrics metric (one implementation of the math).
-            nll, tokens = _perplexity_update(logits, ids, ignore_index=None)
+            nll, tokens = perplexity_update(logits, ids, ignore_index=None)
             total += nll.cpu()
             count += tokens.cpu()
     finally:
         model.train(was_training)
-    return float(_perplexity_compute(total, count))
+    return float(perplexity_compute(total, count))

@@ -18,18 +18,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core.layers import is_dtensor
-
 __all__ = [
     "ShardedLayout",
     "fsdp1_layout",
     "holds_shards",
+    "is_dtensor",
     "is_fsdp1",
     "reshard_fsdp_modules",
     "same_count_on_every_rank",
     "sharded_layout",
     "with_full_weights",
 ]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (or a parameter wrapping one).
+
+    Example::
+
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def reshard_fsdp_modules(model: nn.Module) -> None:

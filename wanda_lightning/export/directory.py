@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from .format import (
     DEFAULT_MIN_SPARSITY,
     CorruptExportError,
-    _check_seal,
-    _iter_compressed,
-    _resolve_aliases,
-    _seal,
-    _verified_parts,
+    check_entry_seal,
     decompress_tensor,
+    iter_compressed,
+    resolve_aliases,
+    seal_entry,
+    verified_parts,
 )
 from .manifest import (
     MANIFEST_NAME,
@@ -112,7 +112,7 @@ def save_compressed(
         writer = ShardWriter(staging, max_bytes)
         entries: dict[str, dict[str, Any]] = {}
         shard_of: dict[str, int] = {}
-        iterator = _iter_compressed(state_dict, dtype, masks or {}, min_sparsity)
+        iterator = iter_compressed(state_dict, dtype, masks or {}, min_sparsity)
         for name, _, entry, parts in tqdm(
             iterator, total=len(state_dict), desc="exporting", unit="tensor", disable=not progress, leave=False
         ):
@@ -125,7 +125,7 @@ def save_compressed(
             for info in entries[name]["parts"].values():
                 info["file"] = names[index]
         for entry in entries.values():
-            _seal(entry)
+            seal_entry(entry)
         if len(names) > 1:
             weight_map = {key: names[i] for i, keys in enumerate(writer.shards) for key in keys}
             write_json(staging / INDEX_NAME, {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map})
@@ -149,9 +149,9 @@ def _iter_loaded(folder: Path, manifest: Manifest) -> Iterator[tuple[str, Tensor
         stored = read_shard(folder / file_name, names, manifest)
         for name in names:
             entry = manifest["tensors"][name]
-            parts = _verified_parts(name, entry, stored)
+            parts = verified_parts(name, entry, stored)
             tensor = decompress_tensor(name, parts, entry)
-            _check_seal(name, entry)
+            check_entry_seal(name, entry)
             yield name, tensor
         del stored
 
@@ -187,7 +187,7 @@ def load_compressed(
     out: dict[str, Tensor] = {}
     for name, tensor in _iter_loaded(folder, manifest):
         out[name] = tensor if device is None else tensor.to(device)
-    state = _resolve_aliases(out, manifest["tensors"])
+    state = resolve_aliases(out, manifest["tensors"])
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise CorruptExportError(
             f"{MANIFEST_NAME} in {str(folder)!r} does not match its own checksum `manifest_sha256`: it was edited "

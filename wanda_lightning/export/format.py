@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "FORMAT_VERSION",
     "KEY_SEPARATOR",
     "CorruptExportError",
+    "check_entry_seal",
     "compress_state_dict",
     "compress_tensor",
     "decompress_state_dict",
@@ -54,7 +55,11 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "entry_digest",
+    "iter_compressed",
+    "resolve_aliases",
+    "seal_entry",
     "tensor_sha256",
+    "verified_parts",
 ]
 
 FORMAT_NAME = "wanda-lightning-sparse"
@@ -375,12 +380,23 @@ def entry_digest(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _seal(entry: dict[str, Any]) -> dict[str, Any]:
+def seal_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """Records ``entry``'s own checksum in it (``entry_sha256``, see :func:`entry_digest`) and returns it.
+
+    Example::
+
+        >>> check_entry_seal("w", seal_entry({"layout": "dense"}))
+    """
     entry["entry_sha256"] = entry_digest(entry)
     return entry
 
 
-def _check_seal(name: str, entry: Mapping[str, Any]) -> None:
+def check_entry_seal(name: str, entry: Mapping[str, Any]) -> None:
+    """Checks that tensor ``name``'s manifest entry still matches the checksum :func:`seal_entry` recorded.
+
+    Raises:
+        CorruptExportError: If the entry was edited after it was sealed.
+    """
     if entry.get("entry_sha256") != entry_digest(entry):
         raise _error(name, "its manifest entry does not match its checksum `entry_sha256`: the manifest was edited")
 
@@ -438,8 +454,8 @@ def compress_state_dict(
         raise ValueError(f"`masks` names tensors that are not in the state dict: {unknown[:5]}")
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
-    for name, tensor, entry, parts in _iter_compressed(state_dict, dtype, masks, min_sparsity):
-        entries[name] = _seal(entry)
+    for name, tensor, entry, parts in iter_compressed(state_dict, dtype, masks, min_sparsity):
+        entries[name] = seal_entry(entry)
         for role, part in parts.items():
             key = entry["parts"][role]["key"]
             if key in tensors:
@@ -449,13 +465,28 @@ def compress_state_dict(
     return tensors, entries
 
 
-def _iter_compressed(
+def iter_compressed(
     state_dict: Mapping[str, Tensor],
     dtype: torch.dtype | None,
     masks: Mapping[str, Tensor],
     min_sparsity: float,
-) -> Any:
-    """Yields ``(name, tensor, entry, parts)`` one tensor at a time (aliases with empty parts)."""
+) -> Iterator[tuple[str, Tensor, dict[str, Any], dict[str, Tensor]]]:
+    """Compresses a state dict one tensor at a time, so that a writer can store each before the next is made.
+
+    Args:
+        state_dict: Name -> tensor.
+        dtype: Cast floating-point tensors to this dtype first; ``None`` keeps each tensor's dtype.
+        masks: True keep masks by name (see :func:`compress_tensor`).
+        min_sparsity: Smallest pruned fraction for which a 2-D floating-point tensor is compressed.
+
+    Yields:
+        ``(name, tensor, entry, parts)``: the unsealed manifest entry and the parts to store by role (empty for an
+        alias of a tensor already yielded).
+
+    Raises:
+        TypeError: If a key is not a non-empty string or a value is not a tensor.
+        ValueError: If a tensor is on the meta device, a mask does not match, or a storage key clashes with a name.
+    """
     seen: dict[tuple[Any, ...], str] = {}
     stored: dict[str, dict[str, Any]] = {}
     names = set(state_dict)
@@ -501,7 +532,17 @@ def _iter_compressed(
         yield name, tensor, entry, parts
 
 
-def _verified_parts(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def verified_parts(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The stored parts of tensor ``name`` by role, each checked against its manifest entry (dtype, shape, SHA-256).
+
+    Args:
+        name: The tensor's name, for error messages.
+        entry: Its manifest entry (not an alias).
+        tensors: Stored tensors by storage key.
+
+    Raises:
+        CorruptExportError: If the layout is unknown, a part is missing, or a part's dtype, shape or checksum differ.
+    """
     layout = entry.get("layout")
     if layout not in _ROLES:
         raise _error(name, f"unknown layout {layout!r}; this version reads {sorted(_ROLES)}")
@@ -561,18 +602,30 @@ def decompress_state_dict(
             raise _error(name, f"manifest entry must be an object, got {type(entry).__name__}")
         if entry.get("layout") == "alias":
             continue
-        parts = _verified_parts(name, entry, tensors)
+        parts = verified_parts(name, entry, tensors)
         referenced.update(info["key"] for info in entry["parts"].values())
         tensor = decompress_tensor(name, parts, entry)
-        _check_seal(name, entry)
+        check_entry_seal(name, entry)
         out[name] = tensor if device is None else tensor.to(device)
     unreferenced = sorted(set(tensors) - referenced)
     if unreferenced:
         raise CorruptExportError(f"stored tensor(s) {unreferenced[:5]} are not described by the manifest")
-    return _resolve_aliases(out, entries)
+    return resolve_aliases(out, entries)
 
 
-def _resolve_aliases(out: dict[str, Tensor], entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:
+def resolve_aliases(out: dict[str, Tensor], entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:
+    """Adds every alias entry to ``out`` as its target tensor, after checking the alias against its target.
+
+    Args:
+        out: The decompressed tensors by name (aliases are added to it).
+        entries: Manifest entries by name, aliases included.
+
+    Returns:
+        The state dict in the order of ``entries``.
+
+    Raises:
+        CorruptExportError: If an alias points nowhere, was edited, or differs from its target in shape or dtype.
+    """
     for name, entry in entries.items():
         if entry.get("layout") != "alias":
             continue
@@ -580,7 +633,7 @@ def _resolve_aliases(out: dict[str, Tensor], entries: Mapping[str, Mapping[str, 
         if not isinstance(target, str) or target not in out:
             raise _error(name, f"alias target {target!r} is not a stored tensor")
         target_entry = entries[target]
-        _check_seal(name, entry)
+        check_entry_seal(name, entry)
         if entry.get("target_sha256") != _target_digest(target_entry):
             raise _error(name, f"alias checksum does not match its target {target!r}: the manifest was edited")
         if entry.get("shape") != target_entry.get("shape") or entry.get("dtype") != target_entry.get("dtype"):

@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..core.masks import _prune_lowest, n_m_keep_mask
-from ..core.statistics import GramStatistics, LayerStatistics
+from ..core.masks import lowest_mask, n_m_keep_mask
+from ..core.statistics import GramStatistics, LayerStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod, PruningWarning, Refinement
 
@@ -168,8 +168,8 @@ def _select(magnitude: Tensor, fraction: float, target: float, n: int | None, m:
             return final
         magnitude = magnitude.masked_fill(final, math.inf)
     if per_row:
-        return ~_prune_lowest(magnitude, int(columns * fraction))
-    return ~_prune_lowest(magnitude.reshape(-1), int(magnitude.numel() * fraction)).view(rows, columns)
+        return ~lowest_mask(magnitude, int(columns * fraction))
+    return ~lowest_mask(magnitude.reshape(-1), int(magnitude.numel() * fraction)).view(rows, columns)
 
 
 @torch.no_grad()
@@ -378,9 +378,7 @@ def _check_options(iterations: int, rho: float, relaxation: float, percdamp: flo
 
 
 def _gram(statistics: LayerStatistics | None, who: str) -> Tensor:
-    if not isinstance(statistics, GramStatistics):
-        raise TypeError(f"{who} needs GramStatistics (the input Gram matrix) from calibration")
-    return statistics.gram
+    return expect_statistics(statistics, GramStatistics, who, "GramStatistics (the input Gram matrix)").gram
 
 
 class ADMM(PruningMethod):
@@ -418,6 +416,7 @@ class ADMM(PruningMethod):
     """
 
     name = "admm"
+    rewrites_weights = True
 
     def __init__(
         self,
@@ -548,6 +547,8 @@ class ADMMUpdate(Refinement):
     """
 
     name = "admm-update"
+    changes_mask = False
+    rewrites_weights = True
 
     def __init__(self, iterations: int = 8, rho: float = 0.5, relaxation: float = 1.8, percdamp: float = 0.1) -> None:
         _check_options(iterations, rho, relaxation, percdamp)

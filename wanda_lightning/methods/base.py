@@ -6,7 +6,7 @@ A method is a small object with three moves, so that new ones plug in without to
 1. :meth:`PruningMethod.new_statistics` makes a per-layer accumulator (or ``None`` when no data is needed);
 2. :meth:`PruningMethod.score` turns a weight and its statistics into an importance matrix;
 3. :meth:`PruningMethod.prune_layer` picks the keep mask and writes the pruned weight (methods that update the kept
-   weights, such as SparseGPT, override this one).
+   weights, such as SparseGPT, override this one and declare :attr:`PruningMethod.rewrites_weights`).
 
 Register new methods with :func:`~wanda_lightning.methods.registry.register_method`.
 """
@@ -46,6 +46,9 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     requires_calibration: ClassVar[bool] = True
+    #: Whether :meth:`prune_layer` rewrites the kept weights while it selects (SparseGPT, ADMM), instead of scoring,
+    #: selecting and zeroing the pruned ones; such a method cannot re-prune a model keeping what was pruned before.
+    rewrites_weights: ClassVar[bool] = False
     #: Reorder input channels before N:M selection where the model absorbs it exactly (see :meth:`channel_order`).
     permute_channels: bool = False
 
@@ -99,6 +102,12 @@ class PruningMethod(ABC):
         assert structure.n is not None and structure.m is not None
         return reallocate_channels(self.score(weight, statistics), structure.n, structure.m)
 
+    @property
+    def cumulative_selection(self) -> bool:
+        """Whether :meth:`select` ranks weights by cumulative scores (Wanda's variant), which weights pruned before
+        would distort; ``False`` for the plain per-row selection."""
+        return False
+
     def shard_local(self, structure: SparsityStructure) -> bool:
         """Whether each output row's mask depends only on that row and the statistics, so that a rank holding some
         rows of a weight (FSDP2's ``Shard(0)``) can prune them alone; ``False`` (the safe default) refuses sharded
@@ -142,6 +151,10 @@ class Refinement(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether :meth:`refine` may change the mask, swapping pruned and kept weights (DSnoT); the safe default is True.
+    changes_mask: ClassVar[bool] = True
+    #: Whether :meth:`refine` may give kept weights new values (ADMMUpdate); the safe default is True.
+    rewrites_weights: ClassVar[bool] = True
 
     @abstractmethod
     def new_statistics(self, in_features: int, device: torch.device) -> LayerStatistics | None:

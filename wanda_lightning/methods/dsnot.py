@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.statistics import GramStatistics, LayerStatistics, MomentStatistics
+from ..core.statistics import GramStatistics, LayerStatistics, MomentStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import Refinement
 
@@ -227,6 +227,8 @@ class DSnoT(Refinement):
     """
 
     name = "dsnot"
+    changes_mask = True
+    rewrites_weights = False
 
     def __init__(
         self,
@@ -260,13 +262,12 @@ class DSnoT(Refinement):
         structure: SparsityStructure,
     ) -> Tensor:
         """Refines ``keep`` and writes the refined weights into ``weight`` (in place); returns the new mask."""
-        if not isinstance(statistics, MomentStatistics):
-            raise TypeError("DSnoT needs MomentStatistics (or GramStatistics) from calibration")
+        moments = expect_statistics(statistics, MomentStatistics, "DSnoT", "MomentStatistics (or GramStatistics)")
         new_keep, new_weight = dsnot_refine(
             dense,
             weight,
             keep,
-            statistics,
+            moments,
             structure.n,
             structure.m,
             guard=self.guard,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, get_args
 
+from ..core.registry import Registry
 from .admm import ADMM, ADMMUpdate
 from .base import PruningMethod, Refinement
 from .dsnot import DSnoT
@@ -35,7 +36,7 @@ ALLOCATIONS: tuple[str, ...] = get_args(AllocationName)
 RefinementName = Literal["none", "dsnot", "dsnot-expected", "dsnot-exact", "dsnot-unguarded", "admm-update"]
 REFINEMENTS: tuple[str, ...] = get_args(RefinementName)
 
-_REGISTRY: dict[str, Callable[..., PruningMethod]] = {}
+_METHODS: Registry[PruningMethod] = Registry(PruningMethod, "method", "method")
 
 
 def register_method(name: str, factory: Callable[..., PruningMethod]) -> None:
@@ -52,7 +53,7 @@ def register_method(name: str, factory: Callable[..., PruningMethod]) -> None:
         register_method("random", Random)
         prune(model, None, method="random")
     """
-    _REGISTRY[name.lower()] = factory
+    _METHODS.register(name, factory)
 
 
 def available_methods() -> list[str]:
@@ -63,7 +64,7 @@ def available_methods() -> list[str]:
         >>> "wanda" in available_methods()
         True
     """
-    return sorted(_REGISTRY)
+    return _METHODS.available()
 
 
 def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:
@@ -78,16 +79,7 @@ def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:
         >>> get_method("wanda", variant=True)
         Wanda(variant=True)
     """
-    if isinstance(method, PruningMethod):
-        if options:
-            raise ValueError(f"method options {sorted(options)} given with a method instance {method!r}")
-        return method
-    if not isinstance(method, str):
-        raise TypeError(f"`method` must be a method name or a PruningMethod, got {method!r}")
-    factory = _REGISTRY.get(method.lower())
-    if factory is None:
-        raise ValueError(f"`method` must be one of {available_methods()}, got {method!r}")
-    return factory(**options)
+    return _METHODS.get(method, **options)
 
 
 def get_allocation(allocation: str | OWL | None) -> OWL | None:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.statistics import InputNormStatistics, LayerStatistics
+from ..core.statistics import InputNormStatistics, LayerStatistics, expect_statistics
 from .base import PruningMethod
 
 __all__ = ["RIA"]
@@ -51,13 +51,12 @@ class RIA(PruningMethod):
         return InputNormStatistics(in_features, device)
 
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, InputNormStatistics):
-            raise TypeError("RIA needs InputNormStatistics from calibration")
+        mean_sq_norm = expect_statistics(statistics, InputNormStatistics, "RIA").mean_sq_norm
         magnitude = weight.abs().float()  # (out, in)
         tiny = torch.finfo(torch.float32).tiny
         relative = magnitude / magnitude.sum(dim=0, keepdim=True).clamp_min(tiny)
         relative += magnitude / magnitude.sum(dim=1, keepdim=True).clamp_min(tiny)
-        norms = statistics.mean_sq_norm.sqrt().to(weight.device).pow(self.a)  # (in,)
+        norms = mean_sq_norm.sqrt().to(weight.device).pow(self.a)  # (in,)
         return relative * norms.unsqueeze(0)
 
     def describe(self) -> str:

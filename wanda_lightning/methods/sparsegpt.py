@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.masks import _prune_lowest
-from ..core.statistics import GramStatistics, LayerStatistics
+from ..core.masks import lowest_mask
+from ..core.statistics import GramStatistics, LayerStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod
 
@@ -113,7 +113,7 @@ def sparsegpt_prune(
         if m is None:
             saliency = block.t().square() / diagonal.square()  # (out, B)
             k = int(saliency.numel() * sparsity)
-            prune = _prune_lowest(saliency.reshape(-1), k).reshape(saliency.shape).t()  # (B, out)
+            prune = lowest_mask(saliency.reshape(-1), k).reshape(saliency.shape).t()  # (B, out)
             scale = prune / diagonal.unsqueeze(1)  # (B, out): 1 / [H^-1]_ii where pruned, else 0
         else:
             prune = torch.zeros_like(block, dtype=torch.bool)
@@ -124,7 +124,7 @@ def sparsegpt_prune(
                 if m is not None and i % m == 0:
                     assert n is not None
                     group = block[i : i + m].t().square() / diagonal[i : i + m].square()  # (out, M)
-                    prune[i : i + m] = _prune_lowest(group, m - n).t()
+                    prune[i : i + m] = lowest_mask(group, m - n).t()
                     scale[i : i + m] = prune[i : i + m] / diagonal[i : i + m].unsqueeze(1)
                 torch.mul(block[i], scale[i], out=errors[i])  # (out,)
                 # After this update block[i] holds its final (kept or zero) value.
@@ -157,6 +157,7 @@ class SparseGPT(PruningMethod):
     """
 
     name = "sparsegpt"
+    rewrites_weights = True
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
@@ -171,21 +172,19 @@ class SparseGPT(PruningMethod):
 
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         """SparseGPT's saliency before any update: ``w^2 / [H^-1]_jj^2``."""
-        if not isinstance(statistics, GramStatistics):
-            raise TypeError("SparseGPT needs GramStatistics from calibration")
-        factor, _ = inverse_hessian_factor(statistics.gram, self.percdamp)
+        gram = expect_statistics(statistics, GramStatistics, "SparseGPT").gram
+        factor, _ = inverse_hessian_factor(gram, self.percdamp)
         return weight.float().square() / torch.diagonal(factor).square().unsqueeze(0)
 
     def prune_layer(
         self, weight: Tensor, statistics: LayerStatistics | None, structure: SparsityStructure, sparsity: float
     ) -> Tensor:
-        if not isinstance(statistics, GramStatistics):
-            raise TypeError("SparseGPT needs GramStatistics from calibration")
+        gram = expect_statistics(statistics, GramStatistics, "SparseGPT").gram
         if not bool(torch.isfinite(weight).all()):
             raise FloatingPointError("the weight is not finite")
         new_weight, keep = sparsegpt_prune(
             weight,
-            statistics.gram,
+            gram,
             sparsity,
             structure.n,
             structure.m,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..core.masks import variant_keep_mask
-from ..core.statistics import InputNormStatistics, LayerStatistics
+from ..core.statistics import InputNormStatistics, LayerStatistics, expect_statistics
 from ..core.structure import SparsityStructure
 from .base import PruningMethod
 
@@ -41,15 +41,19 @@ class Wanda(PruningMethod):
         return InputNormStatistics(in_features, device)
 
     def score(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, InputNormStatistics):
-            raise TypeError("Wanda needs InputNormStatistics from calibration")
-        norms = statistics.mean_sq_norm.sqrt().to(weight.device)  # (in,)
+        norms = (
+            expect_statistics(statistics, InputNormStatistics, "Wanda").mean_sq_norm.sqrt().to(weight.device)
+        )  # (in,)
         return weight.abs().float() * norms.unsqueeze(0)  # (out, in)
 
     def select(self, scores: Tensor, structure: SparsityStructure, sparsity: float) -> Tensor:
         if self.variant and not structure.is_n_m:
             return variant_keep_mask(scores, sparsity)
         return super().select(scores, structure, sparsity)
+
+    @property
+    def cumulative_selection(self) -> bool:
+        return self.variant
 
     def shard_local(self, structure: SparsityStructure) -> bool:
         # The variant's bisection hits the target sparsity of the whole layer, which needs every row.

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from ..core.collector import StatisticsFactory
 from ..core.pipeline import Action, CalibrationPipeline, Step
 from ..core.statistics import InputNormStatistics, LayerStatistics
-from ..core.targets import TargetLayer
+from ..core.target_layer import TargetLayer
 from ..distributed.sharding import with_full_weights
-from ..methods.base import PruningMethod, PruningWarning
+from ..methods.base import PruningWarning
 from ..methods.channels import find_channel_couplings
 from ..methods.wanda import Wanda
 from .config import PruneConfig
@@ -31,7 +31,11 @@ LayerCallback = Callable[[str, Tensor], None]
 def check_keeps_pruned(config: PruneConfig) -> None:
     """Raises unless ``config`` can re-prune a partly pruned model keeping what was pruned (``already_pruned``): the
     method must score and select (not rewrite kept weights or select by cumulative scores), without a refinement that
-    swaps pruned and kept weights, or a channel permutation.
+    swaps pruned and kept weights or rewrites kept ones, or a channel permutation. Read from what the method and the
+    refinement declare: :attr:`~wanda_lightning.methods.base.PruningMethod.rewrites_weights`,
+    :attr:`~wanda_lightning.methods.base.PruningMethod.cumulative_selection`,
+    :attr:`~wanda_lightning.methods.base.Refinement.changes_mask` and
+    :attr:`~wanda_lightning.methods.base.Refinement.rewrites_weights`.
 
     Raises:
         ValueError: Naming the argument that stands in the way.
@@ -44,21 +48,26 @@ def check_keeps_pruned(config: PruneConfig) -> None:
         ...
         ValueError: `method`='sparsegpt' rewrites the kept weights while it selects, ...
     """
-    method = config.method
-    if type(method).prune_layer is not PruningMethod.prune_layer or method.permute_channels:
+    method, refinement = config.method, config.refinement
+    if method.rewrites_weights or method.permute_channels:
         raise ValueError(
             f"`method`={method.describe()!r} rewrites the kept weights while it selects, so it cannot re-prune a "
             "partly pruned model keeping what was pruned; use 'wanda', 'magnitude' or 'ria'"
         )
-    if getattr(method, "variant", False):
+    if method.cumulative_selection:
         raise ValueError(
             "`variant`=True selects by cumulative scores, which weights pruned before would distort; use the plain "
             "per-row selection (variant=False)"
         )
-    if config.refinement is not None:
+    if refinement is not None and refinement.changes_mask:
         raise ValueError(
-            f"`refine`={config.refinement.describe()!r} swaps pruned and kept weights, which would bring back weights "
+            f"`refine`={refinement.describe()!r} swaps pruned and kept weights, which would bring back weights "
             "pruned before; leave `refine` out"
+        )
+    if refinement is not None and refinement.rewrites_weights:
+        raise ValueError(
+            f"`refine`={refinement.describe()!r} rewrites the kept weights, so it cannot re-prune a partly pruned "
+            "model keeping what was pruned; leave `refine` out"
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..core.tables import format_pairs, format_table
+
 __all__ = ["LayerReport", "PruningReport", "SkippedLayer"]
 
 
@@ -199,20 +201,7 @@ class PruningReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        width = max(len(key) for key, _ in self._summary_lines())
-        lines = [f"{key:<{width}}  {value}" for key, value in self._summary_lines()]
-        rows = [list(self._HEADER), *self._layer_rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADER))]
-        lines.append("")
-        for index, row in enumerate(rows):
-            lines.append(
-                "  ".join(
-                    cell.ljust(w) if i == 0 else cell.rjust(w)
-                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
-            if index == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines = [*format_pairs(self._summary_lines()), "", *format_table(self._HEADER, self._layer_rows())]
         for skipped in self.skipped:
             lines.append(f"skipped {skipped.name}: {skipped.reason}")
         return "\n".join(lines)

@@ -6,7 +6,16 @@ each block's unit groups (:mod:`.groups`), scores units (:mod:`.methods`) in the
 from .api import ShrinkPlan, plan_shrink, shrink, shrink_with
 from .config import ShrinkConfig
 from .groups import UnitGroup, find_unit_groups
-from .methods import FLAP, WIDTH_METHODS, MagnitudeSP, WandaSP, WidthMethod, get_width_method, register_width_method
+from .methods import (
+    FLAP,
+    WIDTH_METHODS,
+    MagnitudeSP,
+    WandaSP,
+    WidthMethod,
+    available_width_methods,
+    get_width_method,
+    register_width_method,
+)
 from .report import GroupReport, ShrinkReport
 from .surgery import fit_to_state_dict
 
@@ -21,6 +30,7 @@ __all__ = [
     "UnitGroup",
     "WandaSP",
     "WidthMethod",
+    "available_width_methods",
     "find_unit_groups",
     "fit_to_state_dict",
     "get_width_method",

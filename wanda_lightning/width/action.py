@@ -12,7 +12,7 @@ from torch import Tensor
 from ..core.collector import StatisticsFactory
 from ..core.pipeline import Action, Step
 from ..core.statistics import GramStatistics, LayerStatistics, MomentStatistics
-from ..core.targets import TargetLayer
+from ..core.target_layer import TargetLayer
 from .groups import UnitGroup
 from .methods import WidthMethod, unit_scores
 from .report import GroupReport, ShrinkReport

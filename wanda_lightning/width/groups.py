@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..core.blocks import BlockStack
 from ..core.layers import is_conv1d, is_linear_layer
-from ..core.targets import TargetLayer
+from ..core.target_layer import TargetLayer
 from ..methods.channels import PRODUCERS
 
 __all__ = ["ATTENTION_PRODUCERS", "Member", "UnitGroup", "UnitKind", "find_unit_groups", "out_channels"]

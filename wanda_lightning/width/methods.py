@@ -22,7 +22,8 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from ..core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
+from ..core.registry import Registry
+from ..core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics, expect_statistics
 from .updates import UPDATES
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "WandaSP",
     "WidthMethod",
     "WidthMethodName",
+    "available_width_methods",
     "get_width_method",
     "register_width_method",
     "unit_scores",
@@ -153,9 +155,8 @@ class WandaSP(WidthMethod):
         self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, InputNormStatistics):
-            raise TypeError("wanda-sp needs InputNormStatistics from calibration")
-        norms = statistics.mean_sq_norm.sqrt().to(weight.device)  # (in,)
+        mean_sq_norm = expect_statistics(statistics, InputNormStatistics, "wanda-sp").mean_sq_norm
+        norms = mean_sq_norm.sqrt().to(weight.device)  # (in,)
         return weight.abs().float().sum(dim=0) * norms
 
 
@@ -181,9 +182,7 @@ class FLAP(WidthMethod):
         self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
-        if not isinstance(statistics, MomentStatistics):
-            raise TypeError("flap needs MomentStatistics from calibration")
-        variance = statistics.variance.to(weight.device)  # (in,)
+        variance = expect_statistics(statistics, MomentStatistics, "flap").variance.to(weight.device)  # (in,)
         return weight.float().square().sum(dim=0) * variance
 
 
@@ -206,12 +205,23 @@ class MagnitudeSP(WidthMethod):
         return weight.abs().float().sum(dim=0)
 
 
-_REGISTRY: dict[str, Callable[..., WidthMethod]] = {"wanda-sp": WandaSP, "flap": FLAP, "magnitude-sp": MagnitudeSP}
+_WIDTH_METHODS: Registry[WidthMethod] = Registry(WidthMethod, "method", "width method")
 
 
 def register_width_method(name: str, factory: Callable[..., WidthMethod]) -> None:
     """Makes ``method=name`` available to :func:`~wanda_lightning.shrink`."""
-    _REGISTRY[name.lower()] = factory
+    _WIDTH_METHODS.register(name, factory)
+
+
+def available_width_methods() -> list[str]:
+    """Registered width method names.
+
+    Example::
+
+        >>> available_width_methods()
+        ['flap', 'magnitude-sp', 'wanda-sp']
+    """
+    return _WIDTH_METHODS.available()
 
 
 def get_width_method(method: str | WidthMethod) -> WidthMethod:
@@ -226,11 +236,9 @@ def get_width_method(method: str | WidthMethod) -> WidthMethod:
         >>> get_width_method("flap")
         FLAP(update='bias')
     """
-    if isinstance(method, WidthMethod):
-        return method
-    if not isinstance(method, str):
-        raise TypeError(f"`method` must be a width method name or a WidthMethod, got {method!r}")
-    factory = _REGISTRY.get(method.lower())
-    if factory is None:
-        raise ValueError(f"`method` must be one of {sorted(_REGISTRY)}, got {method!r}")
-    return factory()
+    return _WIDTH_METHODS.get(method)
+
+
+register_width_method("wanda-sp", WandaSP)
+register_width_method("flap", FLAP)
+register_width_method("magnitude-sp", MagnitudeSP)

@@ -8,6 +8,7 @@ from typing import Any, cast
 from torch import Tensor, nn
 
 from ..core.layers import is_linear_layer
+from ..core.tables import format_pairs, format_table
 
 __all__ = ["GroupReport", "ShrinkReport", "linear_macs_per_token", "parameter_count"]
 
@@ -182,24 +183,11 @@ class ShrinkReport:
 
     def table(self) -> str:
         """The per-layer table: widths before and after."""
-        header = ("layer", "kind", "units", "width")
-        rows = [header] + [
+        rows = [
             (g.name, g.kind, f"{g.units_before} -> {g.units_after}", f"{g.width_before} -> {g.width_after}")
             for g in self.groups
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = []
-        for index, row in enumerate(rows):
-            lines.append(
-                "  ".join(
-                    c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
-            if index == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(format_table(("layer", "kind", "units", "width"), rows))
 
     def __str__(self) -> str:
-        lines = self._summary_lines()
-        width = max(len(key) for key, _ in lines)
-        return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
+        return "\n".join(format_pairs(self._summary_lines()))
