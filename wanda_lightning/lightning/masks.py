@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..core.layers import local_tensor
+from ..core.targets import find_targets
 from ..distributed.readback import drop_masks_from_zeros
 from ..export.packing import pack_bits, unpack_bits
 
@@ -98,7 +99,7 @@ class MaskKeeper:
         assert self.drops is not None
         parameters = dict(pl_module.named_parameters())
         if self.from_weights:
-            self.drops = drop_masks_from_zeros(pl_module, self.targets, self.ignore)
+            self.drops = drop_masks_from_zeros(find_targets(pl_module, self.targets, self.ignore)[0])
         for name, drop in list(self.drops.items()):
             param = parameters.get(name)
             if param is None or tuple(local_tensor(param).shape) != tuple(drop.shape):

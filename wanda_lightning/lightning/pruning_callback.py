@@ -367,7 +367,7 @@ class WandaPruningCallback(CalibratedCallback):
                 already_pruned=already,
             )
         if fsdp1:
-            self._new_drops = drop_masks_from_zeros(pl_module, self.targets, self.ignore)
+            self._new_drops = drop_masks_from_zeros(layers)
         else:
             # Shaped like the parameters (Conv1D stores (in, out)); under FSDP2, like this rank's shard of them.
             self._new_drops = {name: ~keep for name, keep in parameter_masks(layers, keeps).items()}
