@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
 import wanda_lightning.lightning.pruning_callback as callback_module
-from wanda_lightning import CalibrationOptions, prune
+from wanda_lightning import CalibrationOptions, Schedule, prune
 from wanda_lightning.lightning.checkpointing import DENSE_WEIGHTS_KEY
 from wanda_lightning.lightning.masks import pack_mask as _pack
 from wanda_lightning.lightning.masks import unpack_mask as _unpack
@@ -692,7 +692,13 @@ def test_model_parallel_with_tensor_parallelism_is_refused():
 
 def test_model_parallel_refuses_prune_on_checkpoint():
     callback = WandaPruningCallback(prune_on="checkpoint")
-    with pytest.raises(MisconfigurationException, match=r"`prune_on`='checkpoint' prunes temporary copies"):
+    with pytest.raises(MisconfigurationException, match=r"`prune_on`='checkpoint' works on temporary copies"):
+        callback.setup(_model_parallel_trainer(1), make_module(), "fit")  # type: ignore[arg-type]
+
+
+def test_model_parallel_refuses_a_schedule():
+    callback = WandaPruningCallback(prune_on=Schedule(end_step=10))
+    with pytest.raises(MisconfigurationException, match=r"acts again on a partly changed model.*ModelParallelStrategy"):
         callback.setup(_model_parallel_trainer(1), make_module(), "fit")  # type: ignore[arg-type]
 
 

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
@@ -37,7 +38,7 @@ from .calibration import CalibrationData, CalibrationSource, first_loader, has_f
 from .distillation import Distillation, DistillationPhase, student_of
 from .errors import misconfiguration
 from .evaluation import measure_validation, quiet_steps, run_step
-from .strategies import check_strategy
+from .strategies import check_strategy, is_sharded_strategy
 from .summary import format_summary, log_to_loggers, metric_deltas, publish_metrics
 from .triggers import Due, PruneOn, Trigger, make_trigger
 
@@ -224,10 +225,23 @@ class CalibratedCallback(Callback):
     # --- hooks -------------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Checks the strategy."""
-        if stage in ("fit", "validate"):
-            with misconfiguration():
-                check_strategy(trainer, type(self).__name__, reshapes=self.reshapes_model)
+        """Checks the strategy, and that the trigger can work with it."""
+        if stage not in ("fit", "validate"):
+            return
+        with misconfiguration():
+            check_strategy(trainer, type(self).__name__, reshapes=self.reshapes_model)
+        if is_sharded_strategy(trainer) and self._trigger.repeats:
+            raise MisconfigurationException(
+                f"`prune_on`={self._trigger.describe()!r} acts again on a partly changed model, which is not "
+                f"supported under {type(trainer.strategy).__name__} (sharded weights) yet: use DDP or a single device, "
+                "or another `prune_on`"
+            )
+        if is_sharded_strategy(trainer) and self._trigger.on_checkpoints:
+            raise MisconfigurationException(
+                "`prune_on`='checkpoint' works on temporary copies of the weights, which FSDP "
+                f"({type(trainer.strategy).__name__}) does not allow for its sharded parameters: use 'fit_end', "
+                "'train_epoch_end' or 'validate', or prune a saved checkpoint with `wanda-lightning prune`"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Stops distilling (undoes the ``training_step`` wrapper)."""

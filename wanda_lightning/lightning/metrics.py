@@ -7,6 +7,7 @@ the framework-free :mod:`wanda_lightning.core.measures`; ``perplexity`` and ``sp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ..core.measures import (
     sparsity_update,
 )
 
-__all__ = ["Perplexity", "Sparsity", "perplexity", "sparsity"]
+__all__ = ["Perplexity", "Sparsity", "measure_sparsity", "perplexity", "sparsity"]
 
 
 class Sparsity(Metric):
@@ -124,3 +125,25 @@ class Perplexity(Metric):
     def compute(self) -> Tensor:
         """``exp(total NLL / tokens)`` as a float64 scalar (``nan`` before any token)."""
         return perplexity_compute(self.total_nll, self.count)
+
+
+def measure_sparsity(weights: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """Overall and per-layer sparsity of ``weights`` (by parameter name; layer names drop ``.weight``) through
+    :class:`Sparsity`, whose states are summed across processes: under DDP every process holds the same weights, so the
+    fractions are those of one process; under FSDP2 each holds its own rows (pass the local shards), so the sums are
+    those of the whole weights.
+
+    Example::
+
+        >>> overall, per_layer = measure_sparsity({"fc.weight": torch.tensor([[0.0, 1.0], [0.0, 0.0]])})
+        >>> overall, per_layer
+        (0.75, {'fc': 0.75})
+    """
+    overall = Sparsity()
+    per_layer: dict[str, float] = {}
+    for name, weight in weights.items():
+        metric = Sparsity()
+        metric.update(weight.detach())
+        overall.update(weight.detach())
+        per_layer[name.removesuffix(".weight")] = float(metric.compute())
+    return float(overall.compute()), per_layer

@@ -50,9 +50,9 @@ from .distillation import Distillation
 from .errors import misconfiguration
 from .exporting import export_module
 from .masks import MaskKeeper
-from .metrics import Sparsity
+from .metrics import measure_sparsity
 from .progress import TrainerProgress
-from .strategies import check_strategy, is_sharded_strategy, strategy_sync
+from .strategies import check_strategy, strategy_sync
 from .summary import log_to_loggers
 from .triggers import Due, PruneOn, Trigger
 
@@ -371,7 +371,9 @@ class WandaPruningCallback(CalibratedCallback):
         else:
             # Shaped like the parameters (Conv1D stores (in, out)); under FSDP2, like this rank's shard of them.
             self._new_drops = {name: ~keep for name, keep in parameter_masks(layers, keeps).items()}
-        self.global_sparsity, self.sparsities = _measure_sparsity(parameters)
+        self.global_sparsity, self.sparsities = measure_sparsity(
+            {name: local_tensor(weight) for name, weight in parameters.items()}
+        )
         return report
 
     def action_metrics(self) -> dict[str, float]:
@@ -408,19 +410,6 @@ class WandaPruningCallback(CalibratedCallback):
         """Checks the strategy; for ``prune_on="checkpoint"`` also wraps the module's ``on_save_checkpoint`` so that
         weights-only checkpoints (which call no callback hook) are pruned too."""
         super().setup(trainer, pl_module, stage)
-        if stage in ("fit", "validate") and is_sharded_strategy(trainer):
-            if self._trigger.repeats:
-                raise MisconfigurationException(
-                    f"`prune_on`=Schedule(...) re-prunes a partly pruned model, which is not supported under "
-                    f"{type(trainer.strategy).__name__} (sharded weights) yet: use DDP or a single device, or another "
-                    "`prune_on`"
-                )
-            if self._trigger.on_checkpoints:
-                raise MisconfigurationException(
-                    "`prune_on`='checkpoint' prunes temporary copies of the weights, which FSDP2 "
-                    f"({type(trainer.strategy).__name__}) does not allow for its sharded parameters: use 'fit_end', "
-                    "'train_epoch_end' or 'validate', or prune a saved checkpoint with `wanda-lightning prune`"
-                )
         if stage == "fit" and self._trigger.on_checkpoints and not self._wrapped_save:
             wrap_weights_only_saves(
                 pl_module, lambda checkpoint: self._prune_checkpoint(trainer, pl_module, checkpoint, keep_dense=False)
@@ -515,17 +504,3 @@ class WandaPruningCallback(CalibratedCallback):
             self._run_and_record(trainer, pl_module, Due(f"checkpoint at step {trainer.global_step}"))
         with misconfiguration():
             put_pruned_weights(checkpoint, pruned, keep_dense)
-
-
-def _measure_sparsity(parameters: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
-    """Overall and per-layer sparsity through :class:`~wanda_lightning.lightning.metrics.Sparsity`, whose states are
-    summed across processes (under DDP every process holds the same weights, so the fractions are those of one
-    process; under FSDP2 each holds its own rows, so the sums are those of the whole weights)."""
-    overall = Sparsity()
-    per_layer: dict[str, float] = {}
-    for name, weight in parameters.items():
-        metric = Sparsity()
-        metric.update(local_tensor(weight.detach()))
-        overall.update(local_tensor(weight.detach()))
-        per_layer[name.removesuffix(".weight")] = float(metric.compute())
-    return float(overall.compute()), per_layer
