@@ -1,16 +1,16 @@
 """wanda-lightning: Wanda pruning for Hugging Face LLMs and any ``nn.Linear`` model, from PyTorch Lightning.
 
-The package is laid out by what each part does:
+The package is laid out by what each part does, each layer importing only the ones listed before it:
 
-- :mod:`~wanda_lightning.core`: the calibration engine (targets, blocks, batches, statistics, the pipeline);
+- :mod:`~wanda_lightning.distributed`: sharded (FSDP) and larger-than-memory models;
+- :mod:`~wanda_lightning.core`: the calibration engine (options, targets, blocks, batches, statistics, the pipeline);
 - :mod:`~wanda_lightning.methods`: mask methods, allocations and refinements, one module each;
 - :mod:`~wanda_lightning.pruning`: :func:`prune`, the mask action and its report;
 - :mod:`~wanda_lightning.width`: :func:`shrink`, width pruning (whole units and heads) and its report;
-- :mod:`~wanda_lightning.lightning`: the Lightning callback, its parts and torchmetrics metrics;
-- :mod:`~wanda_lightning.distributed`: sharded (FSDP) and larger-than-memory models;
 - :mod:`~wanda_lightning.export`: the compact export format and the 2:4 runtime;
-- :mod:`~wanda_lightning.cli`: the ``wanda-lightning`` command line;
-- :mod:`~wanda_lightning.data`: the bundled model, corpus and evaluation.
+- :mod:`~wanda_lightning.lightning`: the two callbacks on their common base, their parts and torchmetrics metrics;
+- :mod:`~wanda_lightning.data`: the bundled model, corpus and evaluation;
+- :mod:`~wanda_lightning.cli`: the ``wanda-lightning`` command line.
 
 Example::
 
