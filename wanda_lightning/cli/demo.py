@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.options import CalibrationOptions
 from ..core.validation import check_positive
+from .arguments import add_command
 
 __all__ = ["DemoResult", "WindowDataset", "register", "run", "run_demo"]
 
@@ -83,17 +84,18 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+_HELP = "SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning"
+_DESCRIPTION = (
+    "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning "
+    "Trainer; prunes a copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another "
+    "copy with WandaShrinkCallback and recovers it by distillation (perplexity, a folder from_pretrained "
+    "loads); and times decode and prefill of the three on this machine (a few minutes on 2 CPU cores)."
+)
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning",
-        description=(
-            "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning "
-            "Trainer; prunes a copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another "
-            "copy with WandaShrinkCallback and recovers it by distillation (perplexity, a folder from_pretrained "
-            "loads); and times decode and prefill of the three on this machine (a few minutes on 2 CPU cores)."
-        ),
-    )
+    """Adds the ``demo`` subcommand to ``subparsers``."""
+    parser = add_command(subparsers, "demo", run, help=_HELP, description=_DESCRIPTION)
     parser.add_argument("--out", type=Path, default=Path("wanda-demo"), help="output folder (default ./wanda-demo)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="masks: fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="masks: 'unstructured' or N:M such as 2:4")
@@ -109,7 +111,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--layers", action="store_true", help="also print the per-layer rows of both reports")
-    parser.set_defaults(handler=run)
 
 
 def run_demo(

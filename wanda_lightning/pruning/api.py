@@ -176,8 +176,8 @@ def prune_with(
     one when it is constructed, and prunes with it later).
 
     ``forward_fn``, when given, replaces ``config.options.forward_fn`` (a callback runs its LightningModule its own
-    way). ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by layer
-    name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
+    way). ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by
+    layer name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
     weights stay pruned whatever their new scores (see :func:`~wanda_lightning.pruning.action.check_keeps_pruned`
     for what the configuration must allow).
 
@@ -335,9 +335,10 @@ def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> PruneConfig:
             f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2); prune "
             "before sharding, or leave `refine` out"
         )
-    if config.options.device is not None:
+    device = config.options.device
+    if device is not None:
         raise ValueError(
-            f"`device`={str(config.options.device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
+            f"`device`={str(device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
             "leave `device` at None"
         )
     if method.permute_channels:
