@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+import torch
 from torch import nn
 
 from ..distributed.sharding import ShardedLayout, same_count_on_every_rank
@@ -176,6 +177,8 @@ def prepare_calibration(
         batches = prepare_batches(calibration, options.num_samples, options.batch_size)
         if layout is not None:
             batches = same_count_on_every_rank(batches, layout.all_reduce, layout.world_size)
+    # CalibrationOptions turned both devices into torch.device (or None) when it was made.
+    device, offload_device = (cast("torch.device | None", d) for d in (options.device, options.offload_device))
     pipeline = CalibrationPipeline(
         model,
         layers,
@@ -183,8 +186,8 @@ def prepare_calibration(
         sequential=blocks.sequential,
         forward_fn=options.forward_fn,
         progress=progress,
-        device=options.device,
-        offload_device=options.offload_device,
+        device=device,
+        offload_device=offload_device,
         sync_statistics=sync_statistics,
         layout=layout,
         source=source,
