@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -186,6 +187,17 @@ def run_demo(
     def loader(tensor: Tensor, size: int = _EVAL_BATCH_SIZE) -> DataLoader:
         return DataLoader(WindowDataset(tensor), batch_size=size)
 
+    def copy_of(source: CausalLMModule) -> CausalLMModule:
+        # The tokenizer goes into the compact export and the from_pretrained folder.
+        module = CausalLMModule(copy.deepcopy(source.model), learning_rate=lr)
+        module.tokenizer = tokenizer
+        return module
+
+    # Both callbacks calibrate on the same windows.
+    calibrate: dict[str, Any] = dict(
+        calibration=loader(calibration), calibration_options=CalibrationOptions(num_samples=samples), verbose=False
+    )
+
     def trainer(max_steps: int, callbacks: list[Any], validate: bool) -> pl.Trainer:
         # With more training windows than steps x batch size no epoch ends: the only validation passes are the
         # callbacks' own measurements.
@@ -212,17 +224,10 @@ def run_demo(
 
     # 2. Masks: a copy pruned by the callback in trainer.validate, with the compact export.
     phase = time.perf_counter()
-    masked = CausalLMModule(copy.deepcopy(dense.model), learning_rate=lr)
-    masked.tokenizer = tokenizer  # saved into the export
+    masked = copy_of(dense)
     export = out / "masked"
     pruning = WandaPruningCallback(
-        sparsity=sparsity,
-        structure=structure,
-        calibration=loader(calibration),
-        calibration_options=CalibrationOptions(num_samples=samples),
-        prune_on="validate",
-        export_dir=str(export),
-        verbose=False,
+        sparsity=sparsity, structure=structure, prune_on="validate", export_dir=str(export), **calibrate
     )
     pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=progress, callbacks=[pruning]).validate(
         masked, loader(validation), verbose=False
@@ -231,19 +236,16 @@ def run_demo(
 
     # 3. Width: another copy shrunk when a short fit starts, which recovers it by distilling from the dense model.
     phase = time.perf_counter()
-    small = CausalLMModule(copy.deepcopy(dense.model), learning_rate=lr)
-    small.tokenizer = tokenizer  # saved into the folder
+    small = copy_of(dense)
     folder = out / "small"
     shrinking = WandaShrinkCallback(
         mlp=mlp,
         heads=heads,
         method="flap",
         update="least-squares",
-        calibration=loader(calibration),
-        calibration_options=CalibrationOptions(num_samples=samples),
         prune_on="fit_start",
         save_dir=str(folder),
-        verbose=False,
+        **calibrate,
     )
     recovery = trainer(recover_steps, [shrinking], validate=True)
     recovery.fit(small, loader(train[steps * batch_size :], batch_size), loader(validation))
@@ -325,22 +327,10 @@ def format_result(result: DemoResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_demo(
-        args.out,
-        sparsity=args.sparsity,
-        structure=args.structure,
-        mlp=args.mlp,
-        heads=args.heads,
-        steps=args.steps,
-        recover_steps=args.recover_steps,
-        batch_size=args.batch_size,
-        seqlen=args.seqlen,
-        val_windows=args.val_windows,
-        samples=args.samples,
-        lr=args.lr,
-        new_tokens=args.new_tokens,
-        seed=args.seed,
-    )
+    """Runs the demo with the command line's values and prints its table; returns the exit status."""
+    # The parser has one flag per keyword of run_demo (but `progress`).
+    keywords = [name for name in inspect.signature(run_demo).parameters if name not in ("out", "progress")]
+    result = run_demo(args.out, **{name: getattr(args, name) for name in keywords})
     if args.layers:
         print(result.pruning_summary)
         print()
