@@ -1,15 +1,29 @@
-"""Arguments the subcommands share: how to read MODEL, which text, which dtype, and the pruning choices."""
+"""Arguments the subcommands share: how to read MODEL, which text, which dtype, the calibration sizes and the
+pruning choices, and how a subcommand is added and its numbers checked."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from ..core.validation import check_positive
 from ..methods.registry import ALLOCATIONS, REFINEMENTS
 from .loading import MODEL_HELP
 
-__all__ = ["DTYPES", "add_data_arguments", "add_model_arguments", "add_pruning_arguments", "parse_dtype"]
+__all__ = [
+    "DTYPES",
+    "add_calibration_arguments",
+    "add_command",
+    "add_data_arguments",
+    "add_model_arguments",
+    "add_pruning_arguments",
+    "check_positive_arguments",
+    "parse_dtype",
+    "pruning_choices",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -40,6 +54,37 @@ def parse_dtype(value: str) -> torch.dtype:
         raise argparse.ArgumentTypeError(
             f"invalid dtype {value!r}; choose from {', '.join(sorted(set(DTYPES)))}"
         ) from None
+
+
+def add_command(
+    subparsers: Any, name: str, handler: Callable[[argparse.Namespace], int], *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """Adds subcommand ``name`` to ``subparsers`` (an ``argparse`` sub-parser action), run by ``handler(args)``.
+
+    Example::
+
+        >>> subparsers = argparse.ArgumentParser().add_subparsers()
+        >>> parser = add_command(subparsers, "hello", lambda args: 0, help="say hello", description="Says hello.")
+        >>> parser.parse_args([]).handler(None)
+        0
+    """
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def check_positive_arguments(args: argparse.Namespace, *names: str) -> None:
+    """Refuses a value of ``args.<name>`` that is not a positive integer, naming its flag (``--batch-size``).
+
+    Example::
+
+        >>> check_positive_arguments(argparse.Namespace(batch_size=0), "batch_size")
+        Traceback (most recent call last):
+        ...
+        ValueError: --batch-size must be a positive integer, got 0
+    """
+    for name in names:
+        check_positive(getattr(args, name), f"--{name.replace('_', '-')}", allow_none=False)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,3 +136,25 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, refine_help: str) 
         "--allocation", default="uniform", choices=list(ALLOCATIONS), help="layer-wise sparsity: uniform or OWL"
     )
     parser.add_argument("--refine", default="none", choices=list(REFINEMENTS), help=refine_help)
+
+
+def pruning_choices(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments of :func:`add_pruning_arguments` as keywords of :func:`~wanda_lightning.prune`.
+
+    Example::
+
+        >>> choices = dict(sparsity=None, structure="2:4", method="wanda", allocation="uniform", refine="none")
+        >>> pruning_choices(argparse.Namespace(**choices))["structure"]
+        '2:4'
+    """
+    return {name: getattr(args, name) for name in ("sparsity", "structure", "method", "allocation", "refine")}
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser, *, samples: int, seqlen: int, batch_size: int) -> None:
+    """``--samples``, ``--seqlen`` and ``--batch-size`` of the calibration windows, with these defaults."""
+    for flag, default, what in (
+        ("--samples", samples, "calibration sequences"),
+        ("--seqlen", seqlen, "tokens per calibration sequence"),
+        ("--batch-size", batch_size, "sequences per forward pass"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")

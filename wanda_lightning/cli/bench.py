@@ -7,24 +7,22 @@ import json
 import os
 from typing import Any
 
-from .arguments import add_pruning_arguments
+from .arguments import add_calibration_arguments, add_command, add_pruning_arguments, pruning_choices
 
 __all__ = ["register", "run"]
 
 
+_HELP = "prune SmolLM2-135M on the pydoc corpus (offline) and print the report with held-out perplexity"
+_DESCRIPTION = "Prune the offline SmolLM2-135M-Instruct on CPython's pydoc text and compare perplexities."
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="prune SmolLM2-135M on the pydoc corpus (offline) and print the report with held-out perplexity",
-        description="Prune the offline SmolLM2-135M-Instruct on CPython's pydoc text and compare perplexities.",
-    )
+    """Adds the ``bench`` subcommand to ``subparsers``."""
+    parser = add_command(subparsers, "bench", run, help=_HELP, description=_DESCRIPTION)
     add_pruning_arguments(parser, refine_help="none, DSnoT (dsnot = dsnot-expected) or admm-update")
-    parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    add_calibration_arguments(parser, samples=16, seqlen=256, batch_size=8)
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows scored (default 32)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,17 +36,7 @@ def run(args: argparse.Namespace) -> int:
     splits = split_tokens(tokenizer, num_samples=args.samples, seqlen=args.seqlen, max_eval_windows=args.eval_windows)
     dense = perplexity(model, splits.heldout)
     batches = [{"input_ids": ids} for ids in splits.calibration.split(args.batch_size)]
-    report = prune(
-        model,
-        batches,
-        sparsity=args.sparsity,
-        structure=args.structure,
-        method=args.method,
-        allocation=args.allocation,
-        refine=args.refine,
-        num_samples=None,
-        progress=not args.json,
-    )
+    report = prune(model, batches, **pruning_choices(args), num_samples=None, progress=not args.json)
     pruned = perplexity(model, splits.heldout)
     if args.json:
         print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.options import CalibrationOptions
 from ..core.validation import check_positive
+from .arguments import add_command
 
 __all__ = ["DemoResult", "WindowDataset", "register", "run", "run_demo"]
 
@@ -83,17 +85,18 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+_HELP = "SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning"
+_DESCRIPTION = (
+    "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning "
+    "Trainer; prunes a copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another "
+    "copy with WandaShrinkCallback and recovers it by distillation (perplexity, a folder from_pretrained "
+    "loads); and times decode and prefill of the three on this machine (a few minutes on 2 CPU cores)."
+)
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning",
-        description=(
-            "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning "
-            "Trainer; prunes a copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another "
-            "copy with WandaShrinkCallback and recovers it by distillation (perplexity, a folder from_pretrained "
-            "loads); and times decode and prefill of the three on this machine (a few minutes on 2 CPU cores)."
-        ),
-    )
+    """Adds the ``demo`` subcommand to ``subparsers``."""
+    parser = add_command(subparsers, "demo", run, help=_HELP, description=_DESCRIPTION)
     parser.add_argument("--out", type=Path, default=Path("wanda-demo"), help="output folder (default ./wanda-demo)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="masks: fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="masks: 'unstructured' or N:M such as 2:4")
@@ -109,7 +112,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--layers", action="store_true", help="also print the per-layer rows of both reports")
-    parser.set_defaults(handler=run)
 
 
 def run_demo(
@@ -185,6 +187,17 @@ def run_demo(
     def loader(tensor: Tensor, size: int = _EVAL_BATCH_SIZE) -> DataLoader:
         return DataLoader(WindowDataset(tensor), batch_size=size)
 
+    def copy_of(source: CausalLMModule) -> CausalLMModule:
+        # The tokenizer goes into the compact export and the from_pretrained folder.
+        module = CausalLMModule(copy.deepcopy(source.model), learning_rate=lr)
+        module.tokenizer = tokenizer
+        return module
+
+    # Both callbacks calibrate on the same windows.
+    calibrate: dict[str, Any] = dict(
+        calibration=loader(calibration), calibration_options=CalibrationOptions(num_samples=samples), verbose=False
+    )
+
     def trainer(max_steps: int, callbacks: list[Any], validate: bool) -> pl.Trainer:
         # With more training windows than steps x batch size no epoch ends: the only validation passes are the
         # callbacks' own measurements.
@@ -211,17 +224,10 @@ def run_demo(
 
     # 2. Masks: a copy pruned by the callback in trainer.validate, with the compact export.
     phase = time.perf_counter()
-    masked = CausalLMModule(copy.deepcopy(dense.model), learning_rate=lr)
-    masked.tokenizer = tokenizer  # saved into the export
+    masked = copy_of(dense)
     export = out / "masked"
     pruning = WandaPruningCallback(
-        sparsity=sparsity,
-        structure=structure,
-        calibration=loader(calibration),
-        calibration_options=CalibrationOptions(num_samples=samples),
-        prune_on="validate",
-        export_dir=str(export),
-        verbose=False,
+        sparsity=sparsity, structure=structure, prune_on="validate", export_dir=str(export), **calibrate
     )
     pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=progress, callbacks=[pruning]).validate(
         masked, loader(validation), verbose=False
@@ -230,19 +236,16 @@ def run_demo(
 
     # 3. Width: another copy shrunk when a short fit starts, which recovers it by distilling from the dense model.
     phase = time.perf_counter()
-    small = CausalLMModule(copy.deepcopy(dense.model), learning_rate=lr)
-    small.tokenizer = tokenizer  # saved into the folder
+    small = copy_of(dense)
     folder = out / "small"
     shrinking = WandaShrinkCallback(
         mlp=mlp,
         heads=heads,
         method="flap",
         update="least-squares",
-        calibration=loader(calibration),
-        calibration_options=CalibrationOptions(num_samples=samples),
         prune_on="fit_start",
         save_dir=str(folder),
-        verbose=False,
+        **calibrate,
     )
     recovery = trainer(recover_steps, [shrinking], validate=True)
     recovery.fit(small, loader(train[steps * batch_size :], batch_size), loader(validation))
@@ -324,22 +327,10 @@ def format_result(result: DemoResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_demo(
-        args.out,
-        sparsity=args.sparsity,
-        structure=args.structure,
-        mlp=args.mlp,
-        heads=args.heads,
-        steps=args.steps,
-        recover_steps=args.recover_steps,
-        batch_size=args.batch_size,
-        seqlen=args.seqlen,
-        val_windows=args.val_windows,
-        samples=args.samples,
-        lr=args.lr,
-        new_tokens=args.new_tokens,
-        seed=args.seed,
-    )
+    """Runs the demo with the command line's values and prints its table; returns the exit status."""
+    # The parser has one flag per keyword of run_demo (but `progress`).
+    keywords = [name for name in inspect.signature(run_demo).parameters if name not in ("out", "progress")]
+    result = run_demo(args.out, **{name: getattr(args, name) for name in keywords})
     if args.layers:
         print(result.pruning_summary)
         print()

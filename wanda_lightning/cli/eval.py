@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core.validation import as_device, check_positive
-from .arguments import add_data_arguments, add_model_arguments
+from .arguments import add_command, add_data_arguments, add_model_arguments, check_positive_arguments
 from .loading import LoadedModel, load_model, load_text, quiet_transformers, text_windows, tokenize
 
 __all__ = ["evaluation_windows", "register", "run"]
@@ -54,21 +54,22 @@ def evaluation_windows(
     return windows if max_windows is None else windows[:max_windows]
 
 
+_HELP = "held-out perplexity of a dense, pruned or exported model"
+_DESCRIPTION = (
+    "Score MODEL's perplexity on non-overlapping windows of held-out text: the last 30 %% of the "
+    "built-in pydoc corpus (never used for calibration), or a whole text file or dataset."
+)
+
+
 def register(subparsers: Any) -> None:
     """Adds the ``eval`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="held-out perplexity of a dense, pruned or exported model",
-        description="Score MODEL's perplexity on non-overlapping windows of held-out text: the last 30 %% of the "
-        "built-in pydoc corpus (never used for calibration), or a whole text file or dataset.",
-    )
+    parser = add_command(subparsers, "eval", run, help=_HELP, description=_DESCRIPTION)
     add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (default all)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.evaluation import perplexity
 
     as_device(args.device, "--device", must_exist=True)
-    check_positive(args.seqlen, "--seqlen", allow_none=False)
-    check_positive(args.batch_size, "--batch-size", allow_none=False)
+    check_positive_arguments(args, "seqlen", "batch_size")
     check_positive(args.max_windows, "--max-windows")
     loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
     windows = evaluation_windows(loaded, args.data, args.split, args.seqlen, args.max_windows)

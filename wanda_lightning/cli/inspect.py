@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .arguments import add_command
+
 __all__ = ["inspect_path", "nm_pattern", "register", "run"]
 
 _MIB = 2**20
@@ -234,20 +236,21 @@ def _print(result: dict[str, Any]) -> None:
         print("pruned weights   none (no 2-D weight with at least 25 % zeros)")
 
 
+_HELP = "per-layer sparsity, N:M check, format and on-disk size against dense"
+_DESCRIPTION = (
+    "Inspect an export (verifying it), a transformers directory, a .safetensors file or a Lightning "
+    "checkpoint: per-tensor layout, sparsity, N:M pattern, stored and dense bytes (numel x dtype size)."
+)
+
+
 def register(subparsers: Any) -> None:
     """Adds the ``inspect`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "inspect",
-        help="per-layer sparsity, N:M check, format and on-disk size against dense",
-        description="Inspect an export (verifying it), a transformers directory, a .safetensors file or a Lightning "
-        "checkpoint: per-tensor layout, sparsity, N:M pattern, stored and dense bytes (numel x dtype size).",
-    )
+    parser = add_command(subparsers, "inspect", run, help=_HELP, description=_DESCRIPTION)
     parser.add_argument("path", metavar="PATH", help="export directory, transformers directory, .safetensors or .ckpt")
     parser.add_argument(
         "--no-verify", action="store_true", help="for an export, read only the manifest (skip checksums and patterns)"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.layers import find_pretrained
-from ..core.validation import as_device, check_positive
-from .arguments import add_data_arguments, add_model_arguments, add_pruning_arguments, parse_dtype
+from ..core.validation import as_device
+from .arguments import (
+    add_calibration_arguments,
+    add_command,
+    add_data_arguments,
+    add_model_arguments,
+    add_pruning_arguments,
+    check_positive_arguments,
+    parse_dtype,
+    pruning_choices,
+)
 from .loading import LoadedModel, calibration_windows, load_model, load_text
 
 if TYPE_CHECKING:
@@ -25,20 +34,20 @@ REFINE_HELP = (
 )
 
 
+_HELP = "prune a model (transformers dir, GGUF, Lightning .ckpt) and write the compressed export"
+_DESCRIPTION = (
+    "Prune MODEL with Wanda (or another method) on calibration text and write a compressed export "
+    "(kept values + 1-bit masks or N:M codes in safetensors, with config, tokenizer and a checksummed manifest)."
+)
+
+
 def register(subparsers: Any) -> None:
     """Adds the ``prune`` subcommand to ``subparsers`` (an ``argparse`` sub-parser action)."""
-    parser = subparsers.add_parser(
-        "prune",
-        help="prune a model (transformers dir, GGUF, Lightning .ckpt) and write the compressed export",
-        description="Prune MODEL with Wanda (or another method) on calibration text and write a compressed export "
-        "(kept values + 1-bit masks or N:M codes in safetensors, with config, tokenizer and a checksummed manifest).",
-    )
+    parser = add_command(subparsers, "prune", run, help=_HELP, description=_DESCRIPTION)
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
     add_pruning_arguments(parser, refine_help=REFINE_HELP)
-    parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    add_calibration_arguments(parser, samples=128, seqlen=512, batch_size=8)
     parser.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN", help="layers to leave dense")
     add_data_arguments(parser)
     parser.add_argument(
@@ -50,7 +59,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument("--json", action="store_true", help="print the report and export summary as JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.paths import check_destination, parse_size
     from ..pruning import prune
 
-    for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
-        check_positive(value, flag, allow_none=False)
+    check_positive_arguments(args, "samples", "seqlen", "batch_size")
     parse_size(args.max_shard_size, "--max-shard-size")
     as_device(args.device, "--device", must_exist=True)
     check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
@@ -76,11 +83,7 @@ def run(args: argparse.Namespace) -> int:
     report = prune(
         loaded.model,
         batches,
-        sparsity=args.sparsity,
-        structure=args.structure,
-        method=args.method,
-        allocation=args.allocation,
-        refine=args.refine,
+        **pruning_choices(args),
         ignore=args.ignore or None,
         num_samples=None,
         device=args.device,

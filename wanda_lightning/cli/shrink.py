@@ -11,25 +11,34 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.validation import as_device, check_positive
+from ..core.options import CalibrationOptions
+from ..core.validation import as_device
 from ..width.methods import WIDTH_METHODS
 from ..width.updates import UPDATES
-from .arguments import add_data_arguments, add_model_arguments
+from .arguments import (
+    add_calibration_arguments,
+    add_command,
+    add_data_arguments,
+    add_model_arguments,
+    check_positive_arguments,
+)
 from .loading import calibration_windows, load_model
 
 __all__ = ["register", "run"]
 
 
+_HELP = "remove whole MLP hidden units and attention heads; write a smaller, faster plain transformers model"
+_DESCRIPTION = (
+    "Width-prune MODEL from calibration text: remove the lowest-scoring MLP hidden units and attention "
+    "heads (key/value groups under grouped-query attention) of every layer, rewrite the config, and write a "
+    "folder that stock from_pretrained loads. Recover the quality by fine-tuning, ideally with WandaShrinkCallback "
+    "(distillation)."
+)
+
+
 def register(subparsers: Any) -> None:
     """Adds the ``shrink`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "shrink",
-        help="remove whole MLP hidden units and attention heads; write a smaller, faster plain transformers model",
-        description="Width-prune MODEL from calibration text: remove the lowest-scoring MLP hidden units and attention "
-        "heads (key/value groups under grouped-query attention) of every layer, rewrite the config, and write a "
-        "folder that stock from_pretrained loads. Recover the quality by fine-tuning, ideally with WandaShrinkCallback "
-        "(distillation).",
-    )
+    parser = add_command(subparsers, "shrink", run, help=_HELP, description=_DESCRIPTION)
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (a transformers model folder)")
     parser.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP hidden units removed (default 0)")
@@ -49,13 +58,10 @@ def register(subparsers: Any) -> None:
         help="what happens to the kept weights: none, bias (FLAP's compensation) or least-squares (refit to the dense "
         "outputs); default: the method's (bias for flap, none otherwise)",
     )
-    parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    add_calibration_arguments(parser, samples=128, seqlen=512, batch_size=8)
     add_data_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,11 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from ..width import ShrinkConfig, shrink_with
     from ..width.saving import save_plain_pretrained
 
-    for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
-        check_positive(value, flag, allow_none=False)
+    check_positive_arguments(args, "samples", "seqlen", "batch_size")
     as_device(args.device, "--device", must_exist=True)
     config = ShrinkConfig.create(
-        mlp=args.mlp, heads=args.heads, method=args.method, update=args.update, num_samples=None
+        mlp=args.mlp,
+        heads=args.heads,
+        method=args.method,
+        update=args.update,
+        options=CalibrationOptions(num_samples=None),
     )
     check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
     loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)

@@ -10,24 +10,26 @@ from typing import Any, cast
 
 import torch
 
-from ..core.validation import as_device, check_positive
-from .arguments import add_model_arguments
+from ..core.validation import as_device
+from .arguments import add_command, add_model_arguments, check_positive_arguments
 from .loading import load_model
 
 __all__ = ["register", "run", "verdicts"]
 
 
+_HELP = "decode/prefill tokens per second and peak memory of models, side by side, and which pays"
+_DESCRIPTION = (
+    "Time each MODEL where you run it: greedy decoding with the key/value cache (--new-tokens per "
+    "sequence, --batch-size sequences) and one prefill pass (--prefill-batch x --prefill-length tokens), best of "
+    "--repeats runs. The first model is the baseline. A 2:4-pruned model is also timed with PyTorch's 2:4 "
+    "kernels on a GPU that has them. Unstructured masks run at the dense speed; shrunk models run faster "
+    "everywhere."
+)
+
+
 def register(subparsers: Any) -> None:
     """Adds the ``speed`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "speed",
-        help="decode/prefill tokens per second and peak memory of models, side by side, and which pays",
-        description="Time each MODEL where you run it: greedy decoding with the key/value cache (--new-tokens per "
-        "sequence, --batch-size sequences) and one prefill pass (--prefill-batch x --prefill-length tokens), best of "
-        "--repeats runs. The first model is the baseline. A 2:4-pruned model is also timed with PyTorch's 2:4 "
-        "kernels on a GPU that has them. Unstructured masks run at the dense speed; shrunk models run faster "
-        "everywhere.",
-    )
+    parser = add_command(subparsers, "speed", run, help=_HELP, description=_DESCRIPTION)
     add_model_arguments(parser)
     parser.add_argument("others", nargs="*", metavar="OTHER", help="more models to compare with the first")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
@@ -36,7 +38,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--prefill-length", type=int, default=256, help="tokens per prefill sequence (default 256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, best kept (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.set_defaults(handler=run)
 
 
 def verdicts(results: list[dict[str, Any]]) -> list[str]:
@@ -73,14 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.speed import measure_speed
     from ..export.runtime import is_2_4_sparse, to_semi_structured
 
-    for flag, value in (
-        ("--batch-size", args.batch_size),
-        ("--new-tokens", args.new_tokens),
-        ("--prefill-batch", args.prefill_batch),
-        ("--prefill-length", args.prefill_length),
-        ("--repeats", args.repeats),
-    ):
-        check_positive(value, flag, allow_none=False)
+    check_positive_arguments(args, "batch_size", "new_tokens", "prefill_batch", "prefill_length", "repeats")
     device = as_device(args.device, "--device", must_exist=True) or torch.device("cpu")
     results: list[dict[str, Any]] = []
     options = dict(

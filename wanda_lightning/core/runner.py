@@ -7,8 +7,8 @@ plans) stays with it, between the two steps.
 
 Example::
 
-    stack, sequential = choose_block_stack(model, layers, options)
-    run = prepare_calibration(model, layers, batches, options, stack=stack, sequential=sequential, needed_by="wanda")
+    blocks = choose_block_stack(model, layers, options)
+    run = prepare_calibration(model, layers, batches, options, blocks, needed_by="wanda")
     seconds = run.run(action)
 """
 
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
+import torch
 from torch import nn
 
 from ..distributed.sharding import ShardedLayout, same_count_on_every_rank
@@ -28,7 +29,7 @@ from .options import CalibrationOptions
 from .pipeline import Action, BlockCallback, CalibrationPipeline, StatisticsSync
 from .targets import TargetLayer
 
-__all__ = ["CalibrationRun", "choose_block_stack", "prepare_calibration", "with_forward"]
+__all__ = ["BlockPlan", "CalibrationRun", "choose_block_stack", "prepare_calibration", "with_forward"]
 
 
 def with_forward(options: CalibrationOptions, forward_fn: ForwardFn | None) -> CalibrationOptions:
@@ -44,9 +45,28 @@ def with_forward(options: CalibrationOptions, forward_fn: ForwardFn | None) -> C
     return options if forward_fn is None else CalibrationOptions.resolve(options, forward_fn=forward_fn)
 
 
+class BlockPlan(NamedTuple):
+    """The block stack, and whether calibration goes block by block through it (only with a stack).
+
+    Example::
+
+        >>> plan = BlockPlan(stack=None, sequential=False)
+        >>> plan.name, plan._replace(sequential=True).sequential
+        (None, True)
+    """
+
+    stack: BlockStack | None
+    sequential: bool
+
+    @property
+    def name(self) -> str | None:
+        """Name of the stack calibrated block by block, for reports; ``None`` in one-shot mode."""
+        return self.stack.name if self.sequential and self.stack is not None else None
+
+
 def choose_block_stack(
     model: nn.Module, layers: Sequence[TargetLayer], options: CalibrationOptions, *, sequential: bool | None = None
-) -> tuple[BlockStack | None, bool]:
+) -> BlockPlan:
     """The block stack (``options.blocks``, or the one found) and whether calibration goes block by block through it.
 
     Args:
@@ -56,8 +76,8 @@ def choose_block_stack(
         sequential: Overrides ``options.sequential`` (a caller that must calibrate in one pass passes ``False``).
 
     Returns:
-        ``(stack, sequential)``: the stack is looked up when calibration is sequential or ``options.blocks`` names
-        one; it is sequential only with a stack.
+        The stack, looked up when calibration is sequential or ``options.blocks`` names one, and whether calibration
+        is sequential (only with a stack).
 
     Raises:
         ValueError: If ``options.blocks`` names no list of blocks.
@@ -67,14 +87,14 @@ def choose_block_stack(
         >>> from torch import nn
         >>> from wanda_lightning.core.targets import find_targets
         >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2)])
-        >>> stack, sequential = choose_block_stack(net, find_targets(net)[0], CalibrationOptions())
-        >>> len(stack.blocks), sequential
+        >>> plan = choose_block_stack(net, find_targets(net)[0], CalibrationOptions())
+        >>> len(plan.stack.blocks), plan.sequential
         (2, True)
     """
     sequential = options.sequential if sequential is None else sequential
     wanted = sequential or options.blocks is not None
     stack = find_block_stack(model, layers, options.blocks) if layers and wanted else None
-    return stack, sequential and stack is not None
+    return BlockPlan(stack, sequential and stack is not None)
 
 
 @dataclass
@@ -84,26 +104,19 @@ class CalibrationRun:
     Attributes:
         pipeline: The pipeline.
         batches: The calibration batches (none when nothing needs data).
-        stack: The block stack, or ``None``.
-        sequential: Whether calibration goes block by block.
+        blocks: The block stack and whether calibration goes block by block.
 
     Made by :func:`prepare_calibration`.
     """
 
     pipeline: CalibrationPipeline
     batches: list[Any]
-    stack: BlockStack | None
-    sequential: bool
+    blocks: BlockPlan
 
     @property
     def num_samples(self) -> int:
         """Calibration sequences over all batches."""
         return sum(batch_size_of(batch) for batch in self.batches)
-
-    @property
-    def block_stack(self) -> str | None:
-        """Name of the stack calibrated block by block, for reports; ``None`` in one-shot mode."""
-        return self.stack.name if self.sequential and self.stack is not None else None
 
     def run(self, action: Action) -> float:
         """Runs ``action`` over the batches; returns the seconds spent calibrating."""
@@ -116,9 +129,8 @@ def prepare_calibration(
     layers: Sequence[TargetLayer],
     calibration: Iterable[Any] | None,
     options: CalibrationOptions,
+    blocks: BlockPlan,
     *,
-    stack: BlockStack | None,
-    sequential: bool,
     needed_by: str | None,
     sync_statistics: StatisticsSync | None = None,
     progress: bool = False,
@@ -133,8 +145,7 @@ def prepare_calibration(
         layers: The layers whose statistics the action takes.
         calibration: The calibration batches as the user gave them.
         options: The calibration options (``num_samples``, ``batch_size``, devices, ``forward_fn``).
-        stack: The block stack, from :func:`choose_block_stack`.
-        sequential: Block-sequential calibration, from :func:`choose_block_stack` (or ruled out since).
+        blocks: From :func:`choose_block_stack` (with ``sequential`` ruled out since, where a caller must).
         needed_by: What needs the data, for the message when ``calibration`` is ``None``; ``None`` when nothing does
             (no batch is read).
         sync_statistics: In-place all-reduce of statistic tensors.
@@ -154,9 +165,9 @@ def prepare_calibration(
         >>> net = nn.Sequential(nn.Linear(4, 2))
         >>> layers, _ = find_targets(net)
         >>> run = prepare_calibration(
-        ...     net, layers, [torch.randn(3, 4)], CalibrationOptions(), stack=None, sequential=False, needed_by="wanda"
+        ...     net, layers, [torch.randn(3, 4)], CalibrationOptions(), BlockPlan(None, False), needed_by="wanda"
         ... )
-        >>> run.num_samples, run.block_stack
+        >>> run.num_samples, run.blocks.name
         (3, None)
     """
     batches: list[Any] = []
@@ -166,18 +177,20 @@ def prepare_calibration(
         batches = prepare_batches(calibration, options.num_samples, options.batch_size)
         if layout is not None:
             batches = same_count_on_every_rank(batches, layout.all_reduce, layout.world_size)
+    # CalibrationOptions turned both devices into torch.device (or None) when it was made.
+    device, offload_device = (cast("torch.device | None", d) for d in (options.device, options.offload_device))
     pipeline = CalibrationPipeline(
         model,
         layers,
-        stack=stack,
-        sequential=sequential,
+        stack=blocks.stack,
+        sequential=blocks.sequential,
         forward_fn=options.forward_fn,
-        device=options.device,
-        offload_device=options.offload_device,
+        progress=progress,
+        device=device,
+        offload_device=offload_device,
         sync_statistics=sync_statistics,
         layout=layout,
         source=source,
         on_block_done=on_block_done,
-        progress=progress,
     )
-    return CalibrationRun(pipeline, batches, stack, sequential)
+    return CalibrationRun(pipeline, batches, blocks)

@@ -138,6 +138,7 @@ def prune(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    resolved = CalibrationOptions.resolve(calibration_options, **options)
     config = PruneConfig.create(
         sparsity=sparsity,
         structure=structure,
@@ -147,7 +148,7 @@ def prune(
         targets=targets,
         ignore=ignore,
         checkpoint=checkpoint,
-        options=CalibrationOptions.resolve(calibration_options, **options),
+        options=resolved,
     )
     return prune_with(
         model,
@@ -165,19 +166,19 @@ def prune_with(
     calibration: Iterable[Any] | None,
     config: PruneConfig,
     *,
-    forward_fn: ForwardFn | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
     on_layer_pruned: LayerCallback | None = None,
     on_block_pruned: BlockCallback | None = None,
     already_pruned: Mapping[str, Tensor] | None = None,
+    forward_fn: ForwardFn | None = None,
 ) -> PruningReport:
     """:func:`prune` with a :class:`~wanda_lightning.pruning.config.PruneConfig` made beforehand (the callback builds
     one when it is constructed, and prunes with it later).
 
     ``forward_fn``, when given, replaces ``config.options.forward_fn`` (a callback runs its LightningModule its own
-    way). ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by layer
-    name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
+    way). ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by
+    layer name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
     weights stay pruned whatever their new scores (see :func:`~wanda_lightning.pruning.action.check_keeps_pruned`
     for what the configuration must allow).
 
@@ -215,15 +216,15 @@ def prune_with(
     unreadable = set(layout.fsdp1_owners) if layout is not None else set()
     check_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta], "", layout)
     _check_n_m_shapes(layers, config.structure)
-    stack, use_sequential = choose_block_stack(model, layers, options)
-    if use_sequential and layout is not None and layout.fsdp1_owners:
+    blocks = choose_block_stack(model, layers, options)
+    if blocks.sequential and layout is not None and layout.fsdp1_owners:
         warnings.warn(
             "FSDP1 (FullyShardedDataParallel) models are calibrated in one pass over the whole model: block-sequential "
             "calibration would stop FSDP1 forwards midway. Pass sequential=False to silence this, or use FSDP2 "
             "(fully_shard), which supports block-sequential calibration",
             stacklevel=3,
         )
-        use_sequential = False
+        blocks = blocks._replace(sequential=False)
     needs_data = config.needs_data
     if source is not None:
         if config.allocation is not None:
@@ -231,20 +232,20 @@ def prune_with(
                 "`allocation`='owl' scores every block on the dense model before pruning the first, which a model "
                 "read block by block from `checkpoint` cannot do; load the model, or use allocation=None"
             )
-        if not (use_sequential and needs_data):
+        if not (blocks.sequential and needs_data):
             source.materialize(model, "", options.device)  # no block-by-block pass to stream into: read everything
             check_finite(layers, " (read from the checkpoint)")
             source = None
         else:
-            assert stack is not None
-            source.materialize(model, "", options.device, exclude=f"{stack.name}." if stack.name else None)
+            assert blocks.stack is not None
+            prefix = blocks.stack.name
+            source.materialize(model, "", options.device, exclude=f"{prefix}." if prefix else None)
     run = prepare_calibration(
         model,
         layers,
         calibration,
         options,
-        stack=stack,
-        sequential=use_sequential,
+        blocks,
         needed_by=" + ".join(config.requirements()) if needs_data else None,
         sync_statistics=sync_statistics,
         progress=progress,
@@ -258,8 +259,8 @@ def prune_with(
         refinement=config.refinement.describe() if config.refinement is not None else None,
         structure=config.structure.name,
         target_sparsity=config.structure.sparsity,
-        sequential=use_sequential and needs_data,
-        block_stack=run.block_stack,
+        sequential=blocks.sequential and needs_data,
+        block_stack=blocks.name,
         num_samples=run.num_samples,
         num_batches=len(run.batches),
         skipped=[SkippedLayer(name, reason) for name, reason in skipped],
@@ -335,9 +336,10 @@ def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> PruneConfig:
             f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2); prune "
             "before sharding, or leave `refine` out"
         )
-    if config.options.device is not None:
+    device = config.options.device
+    if device is not None:
         raise ValueError(
-            f"`device`={str(config.options.device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
+            f"`device`={str(device)!r} moves blocks between devices, which FSDP2 manages for sharded weights; "
             "leave `device` at None"
         )
     if method.permute_channels:

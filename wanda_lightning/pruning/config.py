@@ -47,9 +47,9 @@ class PruneConfig:
     def create(
         cls,
         *,
+        method: str | PruningMethod = "wanda",
         sparsity: float | None = None,
         structure: str = "unstructured",
-        method: str | PruningMethod = "wanda",
         allocation: str | OWL | None = None,
         refine: str | Refinement | None = None,
         targets: Sequence[str] | None = None,

@@ -109,14 +109,8 @@ def shrink(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    config = ShrinkConfig.create(
-        mlp=mlp,
-        heads=heads,
-        method=method,
-        update=update,
-        widths=widths,
-        options=CalibrationOptions.resolve(calibration_options, **options),
-    )
+    resolved = CalibrationOptions.resolve(calibration_options, **options)
+    config = ShrinkConfig.create(mlp=mlp, heads=heads, method=method, update=update, widths=widths, options=resolved)
     return shrink_with(model, calibration, config, progress=progress, sync_statistics=sync_statistics)
 
 
@@ -242,15 +236,17 @@ def shrink_with(
 
     Example::
 
-        >>> import torch
         >>> from torch import nn
-        >>> mlp = nn.Module()
-        >>> mlp.up_proj, mlp.down_proj = nn.Linear(4, 8), nn.Linear(8, 4)
-        >>> mlp.gate_proj = nn.Linear(4, 8)
-        >>> mlp.forward = lambda x: mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
-        >>> report = shrink_with(mlp, [torch.randn(2, 4)], ShrinkConfig.create(mlp=0.25))
-        >>> mlp.down_proj.in_features
-        6
+        >>> class MLP(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+        ...     def forward(self, x):
+        ...         return self.down_proj(self.gate_proj(x) * self.up_proj(x))
+        >>> model = MLP()
+        >>> report = shrink_with(model, None, ShrinkConfig.create(mlp=0.25, method="magnitude-sp"))
+        >>> model.up_proj.out_features, report.num_samples
+        (6, 0)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -260,21 +256,13 @@ def shrink_with(
     layers = [g.target() for g in probe if g.problem is None]
     adaptive = config.widths == "adaptive"
     # Adaptive widths rank every layer's units at once.
-    stack, sequential = choose_block_stack(model, layers, options, sequential=options.sequential and not adaptive)
-    plan = plan_shrink(model, config, stack)
+    blocks = choose_block_stack(model, layers, options, sequential=options.sequential and not adaptive)
+    plan = plan_shrink(model, config, blocks.stack)
     layers = [g.target() for g in plan.groups]
     check_finite(_member_layers(plan.groups), "")
-    needed_by = config.method.describe() if config.method.needs_data else None
+    needs = config.method.describe() if config.method.needs_data else None
     run = prepare_calibration(
-        model,
-        layers,
-        calibration,
-        options,
-        stack=stack,
-        sequential=sequential,
-        needed_by=needed_by,
-        sync_statistics=sync_statistics,
-        progress=progress,
+        model, layers, calibration, options, blocks, needed_by=needs, sync_statistics=sync_statistics, progress=progress
     )
     report = ShrinkReport(
         method=config.method.describe(),
@@ -282,8 +270,8 @@ def shrink_with(
         heads=config.heads,
         parameters_before=parameter_count(model),
         macs_before=linear_macs_per_token(model),
-        sequential=sequential and needed_by is not None,
-        block_stack=run.block_stack,
+        sequential=blocks.sequential and needs is not None,
+        block_stack=blocks.name,
         num_samples=run.num_samples,
         num_batches=len(run.batches),
     )

@@ -70,9 +70,9 @@ class ShrinkConfig:
     def create(
         cls,
         *,
+        method: str | WidthMethod = "wanda-sp",
         mlp: float = 0.0,
         heads: float = 0.0,
-        method: str | WidthMethod = "wanda-sp",
         update: str | None = None,
         widths: str = "uniform",
         options: CalibrationOptions | None = None,
