@@ -23,7 +23,8 @@ from .core.masks import keep_mask, n_m_keep_mask, unstructured_keep_mask, varian
 from .core.options import CalibrationOptions
 from .core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
 from .core.structure import SparsityStructure, parse_structure
-from .core.targets import TargetLayer, find_targets
+from .core.target_layer import TargetLayer
+from .core.targets import find_targets
 from .distributed.streaming import BlockSaver
 from .export import (
     CorruptExportError,

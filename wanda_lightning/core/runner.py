@@ -27,7 +27,7 @@ from .batches import ForwardFn, batch_size_of, prepare_batches
 from .blocks import BlockStack, find_block_stack
 from .options import CalibrationOptions
 from .pipeline import Action, BlockCallback, CalibrationPipeline, StatisticsSync
-from .targets import TargetLayer
+from .target_layer import TargetLayer
 
 __all__ = ["BlockPlan", "CalibrationRun", "choose_block_stack", "prepare_calibration", "with_forward"]
 

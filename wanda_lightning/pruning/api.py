@@ -18,7 +18,8 @@ from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
 from ..core.runner import choose_block_stack, prepare_calibration, with_forward
 from ..core.structure import SparsityStructure
-from ..core.targets import TargetLayer, find_targets
+from ..core.target_layer import TargetLayer
+from ..core.targets import find_targets
 from ..distributed.sharding import ShardedLayout, fsdp1_layout, sharded_layout
 from ..distributed.streaming import SafetensorsCheckpoint, meta_tensor_names
 from ..methods.base import PruningMethod, Refinement

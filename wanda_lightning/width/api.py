@@ -15,7 +15,7 @@ from ..core.layers import find_pretrained, is_conv1d
 from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import StatisticsSync, check_finite
 from ..core.runner import choose_block_stack, prepare_calibration, with_forward
-from ..core.targets import TargetLayer
+from ..core.target_layer import TargetLayer
 from ..distributed.sharding import holds_shards
 from ..distributed.streaming import meta_tensor_names
 from .action import AdaptiveShrinkAction, ShrinkAction
