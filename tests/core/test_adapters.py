@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from cli_helpers import PRUNE_FAST, char_tokenizer, tiny_llama_config, transformers
 from conftest import make_batches, tiny_llama
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_callback import Snapshot, loader, make_trainer
-from test_cli import PRUNE_FAST, char_tokenizer, tiny_llama_config, transformers
 from torch import Tensor, nn
+from trainer_helpers import Snapshot, loader, make_trainer
 
 from wanda_lightning import (
     CalibrationOptions,

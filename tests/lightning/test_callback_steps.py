@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from test_callback import logged, make_trainer, read_csv
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+from trainer_helpers import logged, make_trainer, read_csv
 
 from wanda_lightning import CalibrationOptions, WandaPruningCallback, prune
 from wanda_lightning.core.targets import find_targets, parameter_masks

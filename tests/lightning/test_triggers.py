@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_callback import (
+from trainer_helpers import (
     Snapshot,
     assert_exactly_sparse,
     loader,

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_callback import CONFIG, Snapshot, TokenDataset, loader, make_module, make_trainer
+from trainer_helpers import CONFIG, Snapshot, TokenDataset, loader, make_module, make_trainer
 
 from wanda_lightning import (
     CalibrationOptions,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from wanda_lightning import CalibrationOptions
 from wanda_lightning.distributed.testing import CollectiveCounter, count_full_gathers
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest and helpers
 
 
 def tiny_llama() -> Any:

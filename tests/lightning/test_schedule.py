@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_callback import Snapshot, loader, logged, make_module, make_trainer, module_from, read_csv
+from trainer_helpers import Snapshot, loader, logged, make_module, make_trainer, module_from, read_csv
 
 import wanda_lightning.lightning.pruning_callback as callback_module
 from wanda_lightning import CalibrationOptions, Schedule, Wanda, WandaPruningCallback, prune
