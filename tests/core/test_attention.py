@@ -411,7 +411,7 @@ def test_the_attention_classifier_example_trains_prunes_and_reports_accuracy(sin
     pytest.importorskip("sklearn")
     import importlib.util
 
-    path = Path(__file__).parents[1] / "examples" / "attention_classifier.py"
+    path = Path(__file__).parents[2] / "examples" / "attention_classifier.py"
     spec = importlib.util.spec_from_file_location("attention_classifier", path)
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)

@@ -328,3 +328,17 @@ def test_a_module_without_forward_is_shrunk_recovers_and_its_best_checkpoint_loa
     saved = torch.load(best.best_model_path, weights_only=False)["state_dict"]
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_a_second_fit_of_the_same_callback_goes_on_distilling(tmp_path):
+    module = make_module()
+    shrinking = WandaShrinkCallback(
+        mlp=0.5, prune_on="fit_start", evaluate=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
+    make_trainer(tmp_path / "a", max_steps=1, callbacks=[shrinking]).fit(module, loader(8, seed=1), loader(8, seed=2))
+    teacher = shrinking.teacher
+    second = make_trainer(tmp_path / "b", max_steps=2, callbacks=[shrinking])
+    second.fit(module, loader(8, seed=1), loader(8, seed=2))
+    assert shrinking.teacher is not None and shrinking.teacher.model.layers[0].mlp.down_proj.in_features == 128
+    assert "distill_loss" in second.callback_metrics  # the training_step was distilling again
+    assert teacher is not None

@@ -339,7 +339,7 @@ class CalibratedCallback(Callback):
                 self._calibration.check(trainer)
             if self.distill is not None:
                 student_of(pl_module)
-        warn_if_no_validation(trainer, self.evaluate is not False)
+        warn_if_no_validation(trainer, self.evaluate is not False, type(self).__name__)
 
     def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due | None) -> None:
         """Acts on the live module when ``due`` (once, or at every step of a schedule), then keeps the result, starts

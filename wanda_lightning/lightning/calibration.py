@@ -242,10 +242,10 @@ class CalibrationData:
             ) from error
 
 
-def warn_if_no_validation(trainer: pl.Trainer, evaluate: bool) -> None:
+def warn_if_no_validation(trainer: pl.Trainer, evaluate: bool, owner: str = "WandaPruningCallback") -> None:
     """Warns that metric deltas cannot be measured without a validation dataloader."""
     if evaluate and first_loader(trainer.val_dataloaders) is None:
         rank_zero_warn(
-            "WandaPruningCallback: `evaluate`=True but the trainer has no validation dataloader: metric deltas "
-            "will not be measured (pass `val_dataloaders`, or evaluate=False)"
+            f"{owner}: `evaluate` is on but the trainer has no validation dataloader: metric deltas will not be "
+            "measured (pass `val_dataloaders`, or evaluate=False)"
         )

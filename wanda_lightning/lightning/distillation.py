@@ -279,8 +279,14 @@ class DistillationPhase:
         self._undo = self.distiller.wrap_training_step(pl_module)
 
     def resume(self, pl_module: pl.LightningModule) -> None:
-        """After a restore: the teacher comes back from the checkpoint (resized to its saved shapes)."""
-        if self.options is None or self.distiller is not None or self._saved_teacher is None:
+        """When training starts again after the action: goes on distilling from the teacher this phase holds (a later
+        ``fit`` of the same callback), or from the one a restored checkpoint kept (resized to its saved shapes)."""
+        if self.options is None or self._undo is not None:
+            return
+        if self.distiller is not None:
+            self.start(self.distiller.teacher, pl_module)
+            return
+        if self._saved_teacher is None:
             return
         teacher = copy.deepcopy(student_of(pl_module))
         fit_to_state_dict(teacher, self._saved_teacher)

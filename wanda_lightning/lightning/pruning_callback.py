@@ -482,14 +482,16 @@ class WandaPruningCallback(CalibratedCallback):
         config = self._config.to_dict()
         keys = ("sparsity", "structure", "method", "targets", "ignore", "sequential", "blocks", "num_samples")
         state = {key: config[key] for key in keys}
-        state.update(batch_size=self.calibration_options.batch_size, prune_on=self._trigger.name, epoch=self.epoch)
-        if self.step is not None:
-            state["step"] = self.step
-        if self._trigger.repeats:
-            schedule = cast(Any, self._trigger)
-            state.update(
-                start_step=schedule.start_step, end_step=schedule.end_step, every_n_steps=schedule.every_n_steps
-            )
+        trigger = cast(Any, self._trigger)
+        state.update(
+            batch_size=self.calibration_options.batch_size,
+            prune_on=trigger.name,
+            epoch=getattr(trigger, "epoch", None),
+        )
+        if isinstance(getattr(trigger, "step", None), int):
+            state["step"] = trigger.step
+        if trigger.repeats:
+            state.update(start_step=trigger.start_step, end_step=trigger.end_step, every_n_steps=trigger.every_n_steps)
         return state
 
     def _prune_checkpoint(
