@@ -678,3 +678,28 @@ def test_distillation_recovers_a_masked_model_with_its_masks_held(tmp_path):
     assert not any(p.requires_grad for p in teacher.parameters())
     assert logged(read_csv(tmp_path), "distill_loss")
     assert "val_loss/pruned" in trainer.callback_metrics
+
+
+def test_states_of_version_1_and_2_still_load():
+    import numpy as np
+
+    keep = torch.rand(6, 10, generator=torch.Generator().manual_seed(0)) > 0.5
+    name = "model.model.layers.0.mlp.up_proj.weight"
+    drop = ~keep
+    msb_first = torch.from_numpy(np.packbits(drop.flatten().numpy()))  # version 1: most significant bit first
+    lsb_first = torch.from_numpy(np.packbits(drop.flatten().numpy(), bitorder="little"))  # version 2
+    metrics = {"val_loss": {"dense": 4.0, "pruned": 4.5, "delta": 0.5}}
+    for version, bits in ((1, msb_first), (2, lsb_first)):
+        pruning = WandaPruningCallback(verbose=False)
+        pruning.load_state_dict(
+            {
+                "version": version,
+                "masks": {name: {"shape": [6, 10], "bits": bits}},
+                "report": None,
+                "metrics": metrics,
+                "global_sparsity": 0.5,
+                "sparsities": {name.removesuffix(".weight"): 0.5},
+            }
+        )
+        assert pruning.pruned and torch.equal(pruning.masks[name], keep), version
+        assert pruning.metrics == metrics and pruning.global_sparsity == 0.5

@@ -342,3 +342,21 @@ def test_a_second_fit_of_the_same_callback_goes_on_distilling(tmp_path):
     assert shrinking.teacher is not None and shrinking.teacher.model.layers[0].mlp.down_proj.in_features == 128
     assert "distill_loss" in second.callback_metrics  # the training_step was distilling again
     assert teacher is not None
+
+
+def test_a_state_saved_before_the_callback_base_still_loads():
+    model = make_module().model
+    report = shrink(model, list(loader(8, seed=2)), mlp=0.5, num_samples=8)
+    old = {  # what WandaShrinkCallback.state_dict() returned before it stood on CalibratedCallback
+        "version": 1,
+        "shrunk": True,
+        "report": report.to_dict(),
+        "metrics": {"val_loss": {"dense": 4.0, "shrunk": 4.5, "delta": 0.5}},
+        "when": "step 2",
+    }
+    shrinking = WandaShrinkCallback(mlp=0.5)
+    shrinking.load_state_dict(old)
+    assert shrinking.shrunk and shrinking.report.to_dict() == report.to_dict()
+    assert shrinking.metrics == old["metrics"]
+    assert shrinking.summary().startswith("WandaShrinkCallback: shrunk at step 2")
+    assert shrinking.state_dict()["version"] == 1 and shrinking.state_dict()["shrunk"] is True

@@ -54,7 +54,7 @@ from .metrics import measure_sparsity
 from .progress import TrainerProgress
 from .strategies import check_strategy, strategy_sync
 from .summary import log_to_loggers
-from .triggers import Due, PruneOn, Trigger
+from .triggers import Due, PruneOn, Schedule, Trigger
 
 __all__ = ["WandaPruningCallback"]
 
@@ -320,7 +320,8 @@ class WandaPruningCallback(CalibratedCallback):
                     "structure='unstructured', or another `prune_on` for N:M"
                 )
             check_keeps_pruned(self._config)
-            cast(Any, trigger).toward(structure.sparsity)
+            if isinstance(trigger, Schedule):
+                trigger.toward(structure.sparsity)
         if self._config.method.permute_channels and (
             trigger.repeats or trigger.name in ("train_epoch_end", "train_step", "fit_start")
         ):
