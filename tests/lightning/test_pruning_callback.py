@@ -435,11 +435,11 @@ def test_packed_masks_round_trip(shape):
         ({"structure": "5:4"}, r"`structure` '5:4' is impossible"),
         ({"method": "random"}, r"`method` must be one of \["),
         ({"calibration_options": {"num_samples": 8}}, r"`calibration_options` must be a CalibrationOptions"),
-        ({"evaluate": -1}, r"`evaluate` must be a positive integer, got -1"),
+        ({"evaluate": -1}, r"`evaluate` must be True, False or a positive number of validation batches, got -1"),
         ({"distill": 1.5}, r"`distill` must be True, False or a Distillation"),
         ({"targets": "*.mlp.*"}, r"`targets` must be a list of name patterns"),
         ({"ignore": ["re:("]}, r"`ignore` pattern 're:\(' is not a valid regular expression"),
-        ({"evaluate": "yes"}, r"`evaluate` must be a positive integer, got 'yes'"),
+        ({"evaluate": "yes"}, r"`evaluate` must be True, False or a positive number of validation batches, got 'yes'"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):

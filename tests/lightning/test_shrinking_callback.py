@@ -223,7 +223,10 @@ def test_spawning_strategies_are_refused_before_anything_runs():
         ({"mlp": 0.5, "prune_on": "train_step"}, r"`prune_on`='train_step' needs `step`=k"),
         ({"mlp": 0.5, "step": 3}, r"`step`=3 is only used with `prune_on`='train_step'"),
         ({"mlp": 0.5, "distill": "yes"}, r"`distill` must be True, False or a Distillation\(...\), got 'yes'"),
-        ({"mlp": 0.5, "evaluate": 0}, r"`evaluate` must be a positive integer, got 0"),
+        (
+            {"mlp": 0.5, "evaluate": 0},
+            r"`evaluate` must be True, False or a positive number of validation batches, got 0",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..core.batches import default_forward
 from ..core.options import CalibrationOptions
-from ..core.validation import check_bool, check_positive
+from ..core.validation import check_bool
 from .calibration import CalibrationData, CalibrationSource, first_loader, has_forward, warn_if_no_validation
 from .distillation import Distillation, DistillationPhase, student_of
 from .errors import misconfiguration
@@ -104,8 +104,10 @@ class CalibratedCallback(Callback):
             self._trigger = make_trigger(prune_on, epoch, step)
             self.check_trigger(self._trigger)
             self._distillation = DistillationPhase(Distillation.resolve(distill))
-            if not isinstance(evaluate, bool):
-                check_positive(evaluate, "evaluate", allow_none=False)
+            if not isinstance(evaluate, bool) and (not isinstance(evaluate, int) or evaluate < 1):
+                raise ValueError(
+                    f"`evaluate` must be True, False or a positive number of validation batches, got {evaluate!r}"
+                )
             check_bool(verbose, "verbose")
             options = self.calibration_options
             self._calibration = CalibrationData(
