@@ -1,5 +1,17 @@
-"""The ``wanda-lightning`` command line: one subcommand per module of this package (:mod:`.prune`, :mod:`.eval`,
-:mod:`.inspect`, :mod:`.bench`, :mod:`.demo`), sharing :mod:`.arguments` and :mod:`.loading`."""
+"""The ``wanda-lightning`` command line: one subcommand per module of this package (:mod:`.prune`, :mod:`.shrink`,
+:mod:`.speed`, :mod:`.eval`, :mod:`.inspect`, :mod:`.bench`, :mod:`.demo`), sharing :mod:`.arguments` and
+:mod:`.loading`.
+
+A subcommand is declared once, by its module, named in :data:`SUBCOMMANDS`:
+
+- the module docstring is its help text: the first paragraph is the one-line ``help`` listed by
+  ``wanda-lightning --help``, the rest the ``description`` of ``wanda-lightning COMMAND --help`` (see
+  :func:`.arguments.command_texts`);
+- ``add_arguments(parser: argparse.ArgumentParser) -> None`` adds its arguments;
+- ``run(args: argparse.Namespace) -> int`` runs it and returns the exit status.
+
+:func:`build_parser` adds the sub-parser of each and sets ``run`` as its ``handler``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +20,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .arguments import command_texts
+
 __all__ = ["main"]
 
-# Each module defines `register(subparsers)`, which adds its parser and sets `handler=callable(args) -> int`.
+# The modules of the subcommands, in the order `wanda-lightning --help` lists them; see the module docstring.
 SUBCOMMANDS: tuple[str, ...] = ("bench", "prune", "shrink", "speed", "eval", "inspect", "demo")
 
 
@@ -22,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in SUBCOMMANDS:
-        importlib.import_module(f"wanda_lightning.cli.{name}").register(subparsers)
+        module = importlib.import_module(f"wanda_lightning.cli.{name}")
+        help_text, description = command_texts(module.__doc__)
+        command = subparsers.add_parser(name, help=help_text, description=description)
+        command.set_defaults(handler=module.run)
+        module.add_arguments(command)
     return parser
 
 

@@ -1,10 +1,9 @@
 """Arguments the subcommands share: how to read MODEL, which text, which dtype, the calibration sizes and the
-pruning choices, and how a subcommand is added and its numbers checked."""
+pruning choices, how a subcommand's docstring gives its help, and how its numbers are checked."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,11 +15,11 @@ from .loading import MODEL_HELP
 __all__ = [
     "DTYPES",
     "add_calibration_arguments",
-    "add_command",
     "add_data_arguments",
     "add_model_arguments",
     "add_pruning_arguments",
     "check_positive_arguments",
+    "command_texts",
     "parse_dtype",
     "pruning_choices",
 ]
@@ -56,21 +55,24 @@ def parse_dtype(value: str) -> torch.dtype:
         ) from None
 
 
-def add_command(
-    subparsers: Any, name: str, handler: Callable[[argparse.Namespace], int], *, help: str, description: str
-) -> argparse.ArgumentParser:
-    """Adds subcommand ``name`` to ``subparsers`` (an ``argparse`` sub-parser action), run by ``handler(args)``.
+def command_texts(docstring: str | None) -> tuple[str, str]:
+    """Splits a subcommand module's docstring into its ``help`` and its ``description``, each on one line.
+
+    The first paragraph is the ``help``, the line ``wanda-lightning --help`` shows for the subcommand; the rest is the
+    ``description`` that ``wanda-lightning COMMAND --help`` shows. Both are argparse texts, so a literal ``%`` in the
+    ``help`` is written ``%%``. Without a docstring (``python -OO``) both are empty.
 
     Example::
 
-        >>> subparsers = argparse.ArgumentParser().add_subparsers()
-        >>> parser = add_command(subparsers, "hello", lambda args: 0, help="say hello", description="Says hello.")
-        >>> parser.parse_args([]).handler(None)
-        0
+        >>> command_texts('''say hello
+        ...
+        ... Says hello to
+        ... the world.
+        ... ''')
+        ('say hello', 'Says hello to the world.')
     """
-    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=description)
-    parser.set_defaults(handler=handler)
-    return parser
+    help_text, _, description = (docstring or "").strip().partition("\n\n")
+    return " ".join(help_text.split()), " ".join(description.split())
 
 
 def check_positive_arguments(args: argparse.Namespace, *names: str) -> None:

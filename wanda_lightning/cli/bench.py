@@ -1,24 +1,21 @@
-"""``wanda-lightning bench``: prune the built-in SmolLM2-135M on the pydoc corpus and print the report."""
+"""prune SmolLM2-135M on the pydoc corpus (offline) and print the report with held-out perplexity
+
+Prune the offline SmolLM2-135M-Instruct on CPython's pydoc text and compare perplexities.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from typing import Any
 
-from .arguments import add_calibration_arguments, add_command, add_pruning_arguments, pruning_choices
+from .arguments import add_calibration_arguments, add_pruning_arguments, pruning_choices
 
-__all__ = ["register", "run"]
-
-
-_HELP = "prune SmolLM2-135M on the pydoc corpus (offline) and print the report with held-out perplexity"
-_DESCRIPTION = "Prune the offline SmolLM2-135M-Instruct on CPython's pydoc text and compare perplexities."
+__all__ = ["add_arguments", "run"]
 
 
-def register(subparsers: Any) -> None:
-    """Adds the ``bench`` subcommand to ``subparsers``."""
-    parser = add_command(subparsers, "bench", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning bench``."""
     add_pruning_arguments(parser, refine_help="none, DSnoT (dsnot = dsnot-expected) or admm-update")
     add_calibration_arguments(parser, samples=16, seqlen=256, batch_size=8)
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows scored (default 32)")

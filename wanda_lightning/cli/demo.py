@@ -1,12 +1,9 @@
-"""``wanda-lightning demo``: the two ways to make SmolLM2-135M cheaper, side by side, in a few minutes, offline.
+"""SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning
 
-1. Fine-tune SmolLM2-135M for a few steps with Lightning on CPython's pydoc text.
-2. Masks: :class:`~wanda_lightning.WandaPruningCallback` prunes a copy to 50 % (``trainer.validate``), reports dense vs
-   pruned perplexity and writes the compact export.
-3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy
-   (FLAP scores, least-squares refit of the layers that lost inputs) at the start of a short fit that recovers it by
-   distilling from the fine-tuned model, and writes a folder that stock ``from_pretrained`` loads.
-4. Speed: decode and prefill tokens per second of the three models, on this machine.
+Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning Trainer; prunes a
+copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another copy with WandaShrinkCallback and
+recovers it by distillation (perplexity, a folder from_pretrained loads); and times decode and prefill of the three on
+this machine (a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -25,9 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.options import CalibrationOptions
 from ..core.validation import check_positive
-from .arguments import add_command
 
-__all__ = ["DemoResult", "WindowDataset", "register", "run", "run_demo"]
+__all__ = ["DemoResult", "WindowDataset", "add_arguments", "run", "run_demo"]
 
 _EVAL_BATCH_SIZE = 4  # sequences per forward pass of calibration and validation
 
@@ -85,18 +81,8 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-_HELP = "SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning"
-_DESCRIPTION = (
-    "Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning "
-    "Trainer; prunes a copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another "
-    "copy with WandaShrinkCallback and recovers it by distillation (perplexity, a folder from_pretrained "
-    "loads); and times decode and prefill of the three on this machine (a few minutes on 2 CPU cores)."
-)
-
-
-def register(subparsers: Any) -> None:
-    """Adds the ``demo`` subcommand to ``subparsers``."""
-    parser = add_command(subparsers, "demo", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning demo``."""
     parser.add_argument("--out", type=Path, default=Path("wanda-demo"), help="output folder (default ./wanda-demo)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="masks: fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="masks: 'unstructured' or N:M such as 2:4")
@@ -132,10 +118,19 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
-    """Runs the demo (see the module docstring) and returns what it measured.
+    """Runs the demo: the two ways to make SmolLM2-135M cheaper, side by side, in a few minutes, offline.
 
-    The pydoc text is tokenised once and cut at 70 %: calibration windows, then training windows come from the first
-    part, validation windows from the rest. Everything is logged to a CSV logger under ``out/logs``.
+    1. Fine-tune SmolLM2-135M for a few steps with Lightning on CPython's pydoc text.
+    2. Masks: :class:`~wanda_lightning.WandaPruningCallback` prunes a copy to 50 % (``trainer.validate``), reports
+       dense vs pruned perplexity and writes the compact export.
+    3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy
+       (FLAP scores, least-squares refit of the layers that lost inputs) at the start of a short fit that recovers it
+       by distilling from the fine-tuned model, and writes a folder that stock ``from_pretrained`` loads.
+    4. Speed: decode and prefill tokens per second of the three models, on this machine.
+
+    Returns what it measured. The pydoc text is tokenised once and cut at 70 %: calibration windows, then training
+    windows come from the first part, validation windows from the rest. Everything is logged to a CSV logger under
+    ``out/logs``.
 
     Raises:
         ValueError: For arguments that leave no data (too many steps or windows for the text).

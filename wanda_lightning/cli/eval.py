@@ -1,4 +1,8 @@
-"""``wanda-lightning eval MODEL``: held-out perplexity (non-overlapping windows) of a dense, pruned or exported LM."""
+"""held-out perplexity of a dense, pruned or exported model
+
+Score MODEL's perplexity on non-overlapping windows of held-out text: the last 30 %% of the built-in pydoc corpus (never
+used for calibration), or a whole text file or dataset.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core.validation import as_device, check_positive
-from .arguments import add_command, add_data_arguments, add_model_arguments, check_positive_arguments
+from .arguments import add_data_arguments, add_model_arguments, check_positive_arguments
 from .loading import LoadedModel, load_model, load_text, quiet_transformers, text_windows, tokenize
 
-__all__ = ["evaluation_windows", "register", "run"]
+__all__ = ["add_arguments", "evaluation_windows", "run"]
 
 
 class _Positional(nn.Module):
@@ -54,16 +58,8 @@ def evaluation_windows(
     return windows if max_windows is None else windows[:max_windows]
 
 
-_HELP = "held-out perplexity of a dense, pruned or exported model"
-_DESCRIPTION = (
-    "Score MODEL's perplexity on non-overlapping windows of held-out text: the last 30 %% of the "
-    "built-in pydoc corpus (never used for calibration), or a whole text file or dataset."
-)
-
-
-def register(subparsers: Any) -> None:
-    """Adds the ``eval`` subcommand to ``subparsers``."""
-    parser = add_command(subparsers, "eval", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning eval``."""
     add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")

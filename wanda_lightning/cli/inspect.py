@@ -1,4 +1,8 @@
-"""``wanda-lightning inspect PATH``: per-layer sparsity, N:M pattern, storage format and on-disk size against dense."""
+"""per-layer sparsity, N:M check, format and on-disk size against dense
+
+Inspect an export (verifying it), a transformers directory, a .safetensors file or a Lightning checkpoint: per-tensor
+layout, sparsity, N:M pattern, stored and dense bytes (numel x dtype size).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .arguments import add_command
-
-__all__ = ["inspect_path", "nm_pattern", "register", "run"]
+__all__ = ["add_arguments", "inspect_path", "nm_pattern", "run"]
 
 _MIB = 2**20
 
@@ -236,16 +238,8 @@ def _print(result: dict[str, Any]) -> None:
         print("pruned weights   none (no 2-D weight with at least 25 % zeros)")
 
 
-_HELP = "per-layer sparsity, N:M check, format and on-disk size against dense"
-_DESCRIPTION = (
-    "Inspect an export (verifying it), a transformers directory, a .safetensors file or a Lightning "
-    "checkpoint: per-tensor layout, sparsity, N:M pattern, stored and dense bytes (numel x dtype size)."
-)
-
-
-def register(subparsers: Any) -> None:
-    """Adds the ``inspect`` subcommand to ``subparsers``."""
-    parser = add_command(subparsers, "inspect", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning inspect``."""
     parser.add_argument("path", metavar="PATH", help="export directory, transformers directory, .safetensors or .ckpt")
     parser.add_argument(
         "--no-verify", action="store_true", help="for an export, read only the manifest (skip checksums and patterns)"

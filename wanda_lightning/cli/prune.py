@@ -1,5 +1,8 @@
-"""``wanda-lightning prune MODEL --out DIR``: prune a checkpoint without writing code and write the compressed
-export."""
+"""prune a model (transformers dir, GGUF, Lightning .ckpt) and write the compressed export
+
+Prune MODEL with Wanda (or another method) on calibration text and write a compressed export (kept values + 1-bit masks
+or N:M codes in safetensors, with config, tokenizer and a checksummed manifest).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from ..core.layers import find_pretrained
 from ..core.validation import as_device
 from .arguments import (
     add_calibration_arguments,
-    add_command,
     add_data_arguments,
     add_model_arguments,
     add_pruning_arguments,
@@ -25,7 +27,7 @@ from .loading import LoadedModel, calibration_windows, load_model, load_text
 if TYPE_CHECKING:
     from ..export import ExportSummary
 
-__all__ = ["REFINE_HELP", "register", "run"]
+__all__ = ["REFINE_HELP", "add_arguments", "run"]
 
 REFINE_HELP = (
     "mask refinement: none, or DSnoT with its default guard (dsnot = dsnot-expected), the exact-error guard "
@@ -34,16 +36,8 @@ REFINE_HELP = (
 )
 
 
-_HELP = "prune a model (transformers dir, GGUF, Lightning .ckpt) and write the compressed export"
-_DESCRIPTION = (
-    "Prune MODEL with Wanda (or another method) on calibration text and write a compressed export "
-    "(kept values + 1-bit masks or N:M codes in safetensors, with config, tokenizer and a checksummed manifest)."
-)
-
-
-def register(subparsers: Any) -> None:
-    """Adds the ``prune`` subcommand to ``subparsers`` (an ``argparse`` sub-parser action)."""
-    parser = add_command(subparsers, "prune", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning prune``."""
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
     add_pruning_arguments(parser, refine_help=REFINE_HELP)

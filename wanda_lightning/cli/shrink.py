@@ -1,6 +1,9 @@
-"""``wanda-lightning shrink MODEL --out DIR --mlp 0.5 --heads 0.33``: remove whole MLP hidden units and attention
-heads and write a plain transformers folder (stock ``from_pretrained`` loads it; ``eval``, ``inspect`` and ``speed``
-read it)."""
+"""remove whole MLP hidden units and attention heads; write a smaller, faster plain transformers model
+
+Width-prune MODEL from calibration text: remove the lowest-scoring MLP hidden units and attention heads (key/value
+groups under grouped-query attention) of every layer, rewrite the config, and write a folder that stock from_pretrained
+loads. Recover the quality by fine-tuning, ideally with WandaShrinkCallback (distillation).
+"""
 
 from __future__ import annotations
 
@@ -17,28 +20,17 @@ from ..width.methods import WIDTH_METHODS
 from ..width.updates import UPDATES
 from .arguments import (
     add_calibration_arguments,
-    add_command,
     add_data_arguments,
     add_model_arguments,
     check_positive_arguments,
 )
 from .loading import calibration_windows, load_model
 
-__all__ = ["register", "run"]
+__all__ = ["add_arguments", "run"]
 
 
-_HELP = "remove whole MLP hidden units and attention heads; write a smaller, faster plain transformers model"
-_DESCRIPTION = (
-    "Width-prune MODEL from calibration text: remove the lowest-scoring MLP hidden units and attention "
-    "heads (key/value groups under grouped-query attention) of every layer, rewrite the config, and write a "
-    "folder that stock from_pretrained loads. Recover the quality by fine-tuning, ideally with WandaShrinkCallback "
-    "(distillation)."
-)
-
-
-def register(subparsers: Any) -> None:
-    """Adds the ``shrink`` subcommand to ``subparsers``."""
-    parser = add_command(subparsers, "shrink", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning shrink``."""
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (a transformers model folder)")
     parser.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP hidden units removed (default 0)")

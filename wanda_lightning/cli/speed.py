@@ -1,5 +1,10 @@
-"""``wanda-lightning speed MODEL [OTHER ...]``: decode and prefill tokens per second and peak memory of each model on
-this machine, side by side, and which one pays."""
+"""decode/prefill tokens per second and peak memory of models, side by side, and which pays
+
+Time each MODEL where you run it: greedy decoding with the key/value cache (--new-tokens per sequence, --batch-size
+sequences) and one prefill pass (--prefill-batch x --prefill-length tokens), best of --repeats runs. The first model is
+the baseline. A 2:4-pruned model is also timed with PyTorch's 2:4 kernels on a GPU that has them. Unstructured masks run
+at the dense speed; shrunk models run faster everywhere.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +16,14 @@ from typing import Any, cast
 import torch
 
 from ..core.validation import as_device
-from .arguments import add_command, add_model_arguments, check_positive_arguments
+from .arguments import add_model_arguments, check_positive_arguments
 from .loading import load_model
 
-__all__ = ["register", "run", "verdicts"]
+__all__ = ["add_arguments", "run", "verdicts"]
 
 
-_HELP = "decode/prefill tokens per second and peak memory of models, side by side, and which pays"
-_DESCRIPTION = (
-    "Time each MODEL where you run it: greedy decoding with the key/value cache (--new-tokens per "
-    "sequence, --batch-size sequences) and one prefill pass (--prefill-batch x --prefill-length tokens), best of "
-    "--repeats runs. The first model is the baseline. A 2:4-pruned model is also timed with PyTorch's 2:4 "
-    "kernels on a GPU that has them. Unstructured masks run at the dense speed; shrunk models run faster "
-    "everywhere."
-)
-
-
-def register(subparsers: Any) -> None:
-    """Adds the ``speed`` subcommand to ``subparsers``."""
-    parser = add_command(subparsers, "speed", run, help=_HELP, description=_DESCRIPTION)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``wanda-lightning speed``."""
     add_model_arguments(parser)
     parser.add_argument("others", nargs="*", metavar="OTHER", help="more models to compare with the first")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")

@@ -69,7 +69,8 @@ class WidthMethod(ABC):
         name: The method's name.
         requires_calibration: Whether scores need data (``False``: calibration is skipped unless ``update`` needs it).
         statistics_class: What scores need: ``None``, :class:`InputNormStatistics` or :class:`MomentStatistics`.
-        update: What happens to the consumer's kept weights: ``"none"``, ``"bias"`` or ``"least-squares"``.
+        update: What happens to the consumer's kept weights: ``"none"``, ``"bias"`` or ``"least-squares"``; the class's
+            value is the default of the ``update`` argument.
 
     Example::
 
@@ -86,6 +87,14 @@ class WidthMethod(ABC):
     requires_calibration: ClassVar[bool] = True
     statistics_class: ClassVar[type[InputNormStatistics] | None] = None
     update: str = "none"
+
+    def __init__(self, update: Update | None = None) -> None:
+        """Sets :attr:`update` (``None``: the class's).
+
+        Raises:
+            ValueError: For an unknown update.
+        """
+        self.update = _checked(type(self).update if update is None else update)
 
     @property
     def needs_data(self) -> bool:
@@ -151,9 +160,6 @@ class WandaSP(WidthMethod):
     name = "wanda-sp"
     statistics_class = InputNormStatistics
 
-    def __init__(self, update: Update = "none") -> None:
-        self.update = _checked(update)
-
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         mean_sq_norm = expect_statistics(statistics, InputNormStatistics, "wanda-sp").mean_sq_norm
         norms = mean_sq_norm.sqrt().to(weight.device)  # (in,)
@@ -178,9 +184,6 @@ class FLAP(WidthMethod):
     statistics_class = MomentStatistics
     update = "bias"
 
-    def __init__(self, update: Update = "bias") -> None:
-        self.update = _checked(update)
-
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         variance = expect_statistics(statistics, MomentStatistics, "flap").variance.to(weight.device)  # (in,)
         return weight.float().square().sum(dim=0) * variance
@@ -197,9 +200,6 @@ class MagnitudeSP(WidthMethod):
 
     name = "magnitude-sp"
     requires_calibration = False
-
-    def __init__(self, update: Update = "none") -> None:
-        self.update = _checked(update)
 
     def channel_scores(self, weight: Tensor, statistics: LayerStatistics | None) -> Tensor:
         return weight.abs().float().sum(dim=0)
