@@ -60,7 +60,8 @@ def command_texts(docstring: str | None) -> tuple[str, str]:
 
     The first paragraph is the ``help``, the line ``wanda-lightning --help`` shows for the subcommand; the rest is the
     ``description`` that ``wanda-lightning COMMAND --help`` shows. Both are argparse texts, so a literal ``%`` in the
-    ``help`` is written ``%%``. Without a docstring (``python -OO``) both are empty.
+    ``help`` is written ``%%`` (argparse formats it; a ``description`` is shown as written). Without a docstring
+    (``python -OO``) both are empty.
 
     Example::
 

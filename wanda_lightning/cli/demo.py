@@ -1,7 +1,7 @@
 """SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning
 
 Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning Trainer; prunes a
-copy to 50 %% with WandaPruningCallback (perplexity, compact export); shrinks another copy with WandaShrinkCallback and
+copy to 50 % with WandaPruningCallback (perplexity, compact export); shrinks another copy with WandaShrinkCallback and
 recovers it by distillation (perplexity, a folder from_pretrained loads); and times decode and prefill of the three on
 this machine (a few minutes on 2 CPU cores).
 """

@@ -1,6 +1,6 @@
 """held-out perplexity of a dense, pruned or exported model
 
-Score MODEL's perplexity on non-overlapping windows of held-out text: the last 30 %% of the built-in pydoc corpus (never
+Score MODEL's perplexity on non-overlapping windows of held-out text: the last 30 % of the built-in pydoc corpus (never
 used for calibration), or a whole text file or dataset.
 """
 
