@@ -7,12 +7,21 @@ Each check raises ``ValueError`` or ``TypeError`` naming the argument (``name``:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from typing import Any
 
 import torch
 
-__all__ = ["as_device", "check_bool", "check_choice", "check_number", "check_positive", "describe_argument"]
+__all__ = [
+    "as_device",
+    "check_bool",
+    "check_choice",
+    "check_directory",
+    "check_number",
+    "check_positive",
+    "describe_argument",
+]
 
 
 def describe_argument(name: str) -> str:
@@ -117,3 +126,18 @@ def as_device(value: Any, name: str, *, must_exist: bool = False) -> torch.devic
             f"(torch {torch.__version__})"
         )
     return device
+
+
+def check_directory(value: Any, name: str) -> None:
+    """Raises ``TypeError`` unless ``value`` is a non-empty directory path (``str`` or ``os.PathLike``) or ``None``.
+
+    Example::
+
+        >>> check_directory("out/", "save_dir")
+        >>> check_directory(3, "save_dir")
+        Traceback (most recent call last):
+        ...
+        TypeError: `save_dir` must be a directory path or None, got 3
+    """
+    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+        raise TypeError(f"{describe_argument(name)} must be a directory path or None, got {value!r}")

@@ -14,7 +14,6 @@ this class says what its action is (masks from :func:`~wanda_lightning.pruning.a
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, cast
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 from ..core.layers import local_tensor
 from ..core.options import CalibrationOptions
 from ..core.targets import find_targets, layer_masks, parameter_masks
+from ..core.validation import check_directory
 from ..distributed.readback import drop_masks_from_zeros
 from ..distributed.sharding import holds_shards, is_fsdp1
 from ..methods.base import PruningMethod
@@ -263,8 +263,7 @@ class WandaPruningCallback(CalibratedCallback):
                 ignore=ignore,
                 options=CalibrationOptions.resolve(calibration_options),
             )
-            if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir)):
-                raise TypeError(f"`export_dir` must be a directory path or None, got {export_dir!r}")
+            check_directory(export_dir, "export_dir")
         super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
         if export_dir is not None and self._trigger.on_checkpoints:
             raise MisconfigurationException(

@@ -12,7 +12,6 @@ rebuilt for the new parameters, checkpoints of the new shapes resumed (:mod:`.sh
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ..core.options import CalibrationOptions
+from ..core.validation import check_directory
 from ..width.api import plan_shrink, shrink_with
 from ..width.config import ShrinkConfig, Widths
 from ..width.methods import Update, WidthMethodName
@@ -142,8 +142,7 @@ class WandaShrinkCallback(CalibratedCallback):
                 widths=widths,
                 options=CalibrationOptions.resolve(calibration_options),
             )
-            if save_dir is not None and (not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir)):
-                raise TypeError(f"`save_dir` must be a directory path or None, got {save_dir!r}")
+            check_directory(save_dir, "save_dir")
         super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
         self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
         self.update = update
