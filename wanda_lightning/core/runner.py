@@ -118,6 +118,16 @@ class CalibrationRun:
         """Calibration sequences over all batches."""
         return sum(batch_size_of(batch) for batch in self.batches)
 
+    def record(self, needs_data: bool) -> dict[str, Any]:
+        """The :class:`~wanda_lightning.core.calibration_record.CalibrationRecord` fields known before the run;
+        ``needs_data``: whether anything calibrates (a data-free run is not sequential)."""
+        return {
+            "sequential": self.blocks.sequential and needs_data,
+            "block_stack": self.blocks.name,
+            "num_samples": self.num_samples,
+            "num_batches": len(self.batches),
+        }
+
     def run(self, action: Action) -> float:
         """Runs ``action`` over the batches; returns the seconds spent calibrating."""
         self.pipeline.run(action, self.batches)

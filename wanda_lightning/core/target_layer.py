@@ -71,9 +71,13 @@ class TargetLayer:
 
         For a DTensor weight (FSDP2), this rank's shard: its own output rows under ``Shard(0)``.
         """
-        weight = local_tensor(self.tensor.data)
-        weight = weight.t() if self.transposed else weight
-        return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
+        return self.as_layer(local_tensor(self.tensor.data))
+
+    def as_layer(self, shaped_like_parameter: Tensor) -> Tensor:
+        """A tensor shaped like the parameter (the weight, a mask of it) seen as this target's ``(out_features,
+        in_features)`` view: transposed for ``Conv1D``, this target's rows of a packed parameter."""
+        view = shaped_like_parameter.t() if self.transposed else shaped_like_parameter
+        return view if self.rows is None else view[self.rows[0] : self.rows[1]]
 
     @property
     def in_features(self) -> int:

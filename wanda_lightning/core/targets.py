@@ -64,14 +64,9 @@ def layer_masks(layers: Sequence[TargetLayer], masks: Mapping[str, Tensor]) -> d
         >>> layer_masks([layer], {"fc.weight": torch.tensor([[True, False]])})
         {'fc': tensor([[ True, False]])}
     """
-    result: dict[str, Tensor] = {}
-    for layer in layers:
-        mask = masks.get(layer.parameter_name)
-        if mask is None:
-            continue
-        mask = mask.t() if layer.transposed else mask
-        result[layer.name] = mask if layer.rows is None else mask[layer.rows[0] : layer.rows[1]]
-    return result
+    return {
+        layer.name: layer.as_layer(masks[layer.parameter_name]) for layer in layers if layer.parameter_name in masks
+    }
 
 
 def _storage_key(weight: Tensor) -> int:

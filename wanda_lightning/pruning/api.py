@@ -260,11 +260,8 @@ def prune_with(
         refinement=config.refinement.describe() if config.refinement is not None else None,
         structure=config.structure.name,
         target_sparsity=config.structure.sparsity,
-        sequential=blocks.sequential and needs_data,
-        block_stack=blocks.name,
-        num_samples=run.num_samples,
-        num_batches=len(run.batches),
         skipped=[SkippedLayer(name, reason) for name, reason in skipped],
+        **run.record(needs_data),
     )
     action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
     report.calibration_seconds = run.run(action)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..core.calibration_record import CalibrationRecord
 from ..core.tables import format_pairs, format_table
 
 __all__ = ["LayerReport", "PruningReport", "SkippedLayer"]
@@ -48,7 +49,7 @@ class SkippedLayer:
 
 
 @dataclass
-class PruningReport:
+class PruningReport(CalibrationRecord):
     """The result of :func:`~wanda_lightning.prune`.
 
     Attributes:
@@ -84,20 +85,13 @@ class PruningReport:
     target_sparsity: float
     allocation: str | None = None
     refinement: str | None = None
-    sequential: bool = False
-    block_stack: str | None = None
-    num_samples: int = 0
-    num_batches: int = 0
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
     block_sparsity: dict[str, float] = field(default_factory=dict)
     outlier_ratios: dict[str, float] = field(default_factory=dict)
     permuted_layers: list[str] = field(default_factory=list)
-    calibration_seconds: float = 0.0
-    scoring_seconds: float = 0.0
     allocation_seconds: float = 0.0
     refine_seconds: float = 0.0
-    total_seconds: float = 0.0
 
     @property
     def num_parameters(self) -> int:

@@ -270,10 +270,7 @@ def shrink_with(
         heads=config.heads,
         parameters_before=parameter_count(model),
         macs_before=linear_macs_per_token(model),
-        sequential=blocks.sequential and needs is not None,
-        block_stack=blocks.name,
-        num_samples=run.num_samples,
-        num_batches=len(run.batches),
+        **run.record(needs is not None),
     )
     groups = {g.consumer.name: g for g in plan.groups}
     action: ShrinkAction = (

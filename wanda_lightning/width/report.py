@@ -7,6 +7,7 @@ from typing import Any, cast
 
 from torch import Tensor, nn
 
+from ..core.calibration_record import CalibrationRecord
 from ..core.layers import is_linear_layer
 from ..core.tables import format_pairs, format_table
 
@@ -68,7 +69,7 @@ class GroupReport:
 
 
 @dataclass
-class ShrinkReport:
+class ShrinkReport(CalibrationRecord):
     """The result of :func:`~wanda_lightning.shrink`.
 
     Attributes:
@@ -105,13 +106,6 @@ class ShrinkReport:
     macs_before: int = 0
     macs_after: int = 0
     config_updates: dict[str, Any] = field(default_factory=dict)
-    sequential: bool = False
-    block_stack: str | None = None
-    num_samples: int = 0
-    num_batches: int = 0
-    calibration_seconds: float = 0.0
-    scoring_seconds: float = 0.0
-    total_seconds: float = 0.0
 
     @property
     def parameter_ratio(self) -> float:
