@@ -15,7 +15,7 @@ pytestmark = [
 ]
 
 
-def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capsys):
+def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capfd):
     import transformers
 
     from wanda_lightning import load_pruned
@@ -23,9 +23,13 @@ def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capsys):
 
     args = ["--steps", "1", "--recover-steps", "1", "--batch-size", "1", "--seqlen", "64", "--val-windows", "2"]
     assert main(["demo", "--out", str(tmp_path), *args, "--samples", "4", "--new-tokens", "2"]) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # file descriptors: Lightning's log handler writes to the real stderr
     for fragment in ("held-out perplexity", "compact export", "plain folder", "decode tok/s", "from_pretrained"):
         assert fragment in out, fragment
+    assert "x dense;" in out and "x before recovery" in out  # every perplexity as a ratio to the dense one
+    # What a new user sees is progress and the table: no accelerator banners, tips or deprecation notices.
+    for noise in ("GPU available", "Tip:", "deprecated", "`Trainer.fit` stopped"):
+        assert noise not in out and noise not in err, noise
     assert "model.layers.29" not in out  # per-layer rows only with --layers
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
         rows = list(csv.DictReader(file))

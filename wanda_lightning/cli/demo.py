@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,13 +292,15 @@ def run_demo(
 def format_result(result: DemoResult) -> str:
     """The demo's table: perplexity, size and speed of the dense, masked and shrunk models."""
     mib = 2**20
+    dense, masked = result.perplexity["dense"], result.perplexity["masked"]
+    recovered, shrunk = result.perplexity["recovered"], result.perplexity["shrunk"]
     rows = [
         ("", "dense (fine-tuned)", f"Wanda masks ({result.sparsity:.0%})", "shrunk + recovered"),
         (
             "held-out perplexity",
-            f"{result.perplexity['dense']:.2f}",
-            f"{result.perplexity['masked']:.2f}",
-            f"{result.perplexity['recovered']:.2f} ({result.perplexity['shrunk']:.2f} before recovery)",
+            f"{dense:.2f}",
+            f"{masked:.2f} ({masked / dense:.2f}x dense)",
+            f"{recovered:.2f} ({recovered / dense:.2f}x dense; {shrunk / dense:.2f}x before recovery)",
         ),
         ("parameters", *(f"{result.parameters[k] / 1e6:.1f}M" for k in ("dense", "masked", "shrunk"))),
         (
@@ -321,11 +327,39 @@ def format_result(result: DemoResult) -> str:
     return "\n".join([*lines, "", f"time: {times}"])
 
 
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """For the ``with`` block, what Lightning says at INFO level (accelerator banners, tips, "`Trainer.fit` stopped")
+    and the libraries' deprecation notices are not shown, so that a new user sees the progress bars and the table;
+    warnings of this package and Lightning's other warnings still are.
+
+    Example::
+
+        >>> with quiet_libraries():
+        ...     logging.getLogger("lightning.pytorch").info("GPU available: False")  # not shown
+    """
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            # The fine-tuning phase has no validation data on purpose (the callbacks measure on their own).
+            warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the demo with the command line's values and prints its table; returns the exit status."""
     # The parser has one flag per keyword of run_demo (but `progress`).
     keywords = [name for name in inspect.signature(run_demo).parameters if name not in ("out", "progress")]
-    result = run_demo(args.out, **{name: getattr(args, name) for name in keywords})
+    with quiet_libraries():
+        result = run_demo(args.out, **{name: getattr(args, name) for name in keywords})
     if args.layers:
         print(result.pruning_summary)
         print()
