@@ -101,13 +101,10 @@ def test_distillation_weight_zero_is_plain_fine_tuning_and_one_is_not(tmp_path):
     assert any(not torch.equal(finals["plain"][k], v) for k, v in finals["one"].items())
 
 
-def test_distillation_loss_matches_a_slow_reference():
-    generator = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    temperature, total, count = 2.0, 0.0, 0
-    for b in range(2):
-        for t in range(3):
+def _slow_distillation_loss(student, teacher, mask, temperature):
+    total, count = 0.0, 0
+    for b in range(student.shape[0]):
+        for t in range(student.shape[1]):
             if not mask[b, t]:
                 continue
             p = [math.exp(float(x) / temperature) for x in teacher[b, t]]
@@ -116,7 +113,19 @@ def test_distillation_loss_matches_a_slow_reference():
             q = [v / sum(q) for v in q]
             total += temperature**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
             count += 1
-    assert float(distillation_loss(student, teacher, temperature, mask)) == pytest.approx(total / count, rel=1e-5)
+    return total / count
+
+
+def test_distillation_loss_matches_a_slow_reference():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    expected = _slow_distillation_loss(student, teacher, mask, 2.0)
+    assert float(distillation_loss(student, teacher, 2.0, mask)) == pytest.approx(expected, rel=1e-5)
+    # The default is forward KL at temperature 1, the same as the callbacks' default Distillation().
+    expected = _slow_distillation_loss(student, teacher, mask, 1.0)
+    assert float(distillation_loss(student, teacher, mask=mask)) == pytest.approx(expected, rel=1e-5)
+    assert (Distillation().weight, Distillation().temperature) == (1.0, 1.0)
 
 
 def _resumable(root: Path, max_steps: int, ckpt_path: str | None = None) -> CausalLMModule:
