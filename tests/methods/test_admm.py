@@ -333,6 +333,28 @@ def _dead_feature_model():
     return model
 
 
+def test_many_layers_warning_alike_give_one_summary_warning_and_the_details_in_the_report():
+    torch.manual_seed(0)
+    blocks = [_dead_feature_model() for _ in range(3)]
+    model = nn.Sequential(*[layer for block in blocks for layer in block], nn.Linear(6, 8))  # 8 -> ... -> 6 -> 8
+    for index in (3, 6):  # the later blocks read 6 features: their first layers take 6 inputs
+        model[index] = nn.Linear(6, 24)
+        with torch.no_grad():
+            model[index].bias[:5] = -100.0
+            model[index].bias[5:] = 100.0
+    consumers = ["2", "5", "8"]  # each fed 24 features of which 5 are dead
+    batches = [torch.randn(16, 8, generator=torch.Generator().manual_seed(1))]
+    with pytest.warns(PruningWarning) as caught:
+        report = prune(model, batches, method="admm", targets=consumers, sparsity=0.5, sequential=False)
+    weak = [w for w in caught if "input features had (almost) no calibration signal" in str(w.message)]
+    assert len(weak) == 1  # one warning for the run, not one per layer
+    assert str(weak[0].message).startswith("3 layers: ADMM: N of N input features")
+    assert "the first, layer '2': ADMM: 5 of 24" in str(weak[0].message)
+    assert [m.split(":")[0] for m in report.warnings if "calibration signal" in m] == [
+        f"layer '{c}'" for c in consumers
+    ]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dead_features_and_a_tiny_calibration_set_stay_finite_and_warn(dtype):
     model = _dead_feature_model().to(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ from ..methods.wanda import Wanda
 from .config import PruneConfig
 from .report import LayerReport, PruningReport
 
-__all__ = ["LayerCallback", "MaskAction", "check_keeps_pruned"]
+__all__ = ["LayerCallback", "MaskAction", "check_keeps_pruned", "warn_once_per_kind"]
 
 LayerCallback = Callable[[str, Tensor], None]
 """Called as ``callback(layer_name, keep_mask)`` after each layer is pruned."""
@@ -178,7 +179,7 @@ class MaskAction(Action):
         dense = weight.float().clone() if config.refinement is not None else None
         already = self.already_pruned.get(layer.name)
         try:
-            with _named_warnings(layer.name):
+            with _collected_warnings(layer.name, self.report.warnings):
                 if already is None:
                     keep = config.method.prune_layer(weight, group.get("method"), config.structure, sparsity)
                 else:
@@ -190,7 +191,7 @@ class MaskAction(Action):
         self.report.scoring_seconds += time.perf_counter() - start
         if config.refinement is not None and dense is not None:
             start = time.perf_counter()
-            with _named_warnings(layer.name):
+            with _collected_warnings(layer.name, self.report.warnings):
                 keep = config.refinement.refine(dense, weight, keep, group.get("refine"), config.structure)
             del dense
             self.report.refine_seconds += time.perf_counter() - start
@@ -251,16 +252,47 @@ class MaskAction(Action):
 
 
 @contextmanager
-def _named_warnings(name: str) -> Iterator[None]:
-    """Re-issues the :class:`~wanda_lightning.methods.base.PruningWarning` raised in the ``with`` block with the
-    layer's name in front (methods do not know it); other warnings pass through unchanged."""
+def _collected_warnings(name: str, collected: list[str]) -> Iterator[None]:
+    """Collects the :class:`~wanda_lightning.methods.base.PruningWarning` raised in the ``with`` block into
+    ``collected``, with the layer's name in front (methods do not know it), for :func:`warn_once_per_kind` to report at
+    the end of the run; other warnings pass through unchanged."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PruningWarning)  # one per layer, not one per line of code
         yield
     for record in caught:
         if issubclass(record.category, PruningWarning):
-            warnings.warn(f"layer {name!r}: {record.message}", record.category, stacklevel=4)
+            collected.append(f"layer {name!r}: {record.message}")
         else:
             warnings.warn_explicit(
                 record.message, record.category, record.filename, record.lineno, source=record.source
+            )
+
+
+def warn_once_per_kind(messages: Sequence[str], stacklevel: int = 2) -> None:
+    """Issues one :class:`~wanda_lightning.methods.base.PruningWarning` per kind of message (the same text but for
+    the layer's name and the numbers): the message itself when one layer raised it, else how many layers did, the
+    first one in full, and where the others are (the report's ``warnings``).
+
+    Example::
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_once_per_kind(["layer 'a': ADMM: 3 of 8 features weak", "layer 'b': ADMM: 1 of 8 features weak"])
+        >>> len(caught), str(caught[0].message).split(";")[0]
+        (1, '2 layers: ADMM: N of N features weak')
+    """
+    kinds: dict[str, list[str]] = {}
+    for message in messages:
+        kind = re.sub(r"[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?", "N", message.split(": ", 1)[-1])
+        kinds.setdefault(kind, []).append(message)
+    for kind, found in kinds.items():
+        if len(found) == 1:
+            warnings.warn(found[0], PruningWarning, stacklevel=stacklevel + 1)
+        else:
+            warnings.warn(
+                f"{len(found)} layers: {kind}; the first, {found[0]} (each layer's message is in the report's "
+                "`warnings`)",
+                PruningWarning,
+                stacklevel=stacklevel + 1,
             )

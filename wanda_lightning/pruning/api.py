@@ -24,7 +24,7 @@ from ..distributed.sharding import ShardedLayout, fsdp1_layout, sharded_layout
 from ..distributed.streaming import SafetensorsCheckpoint, meta_tensor_names
 from ..methods.base import PruningMethod, Refinement
 from ..methods.owl import OWL
-from .action import LayerCallback, MaskAction, check_keeps_pruned
+from .action import LayerCallback, MaskAction, check_keeps_pruned, warn_once_per_kind
 from .config import PruneConfig
 from .report import PruningReport, SkippedLayer
 
@@ -265,6 +265,7 @@ def prune_with(
     )
     action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
     report.calibration_seconds = run.run(action)
+    warn_once_per_kind(report.warnings)
     if layout is not None and layout.sharded_layers:
         _gather_layer_counts(report, layout)
     report.total_seconds = time.perf_counter() - total_start

@@ -67,6 +67,8 @@ class PruningReport(CalibrationRecord):
         block_sparsity: Sparsity given to each block by the allocation.
         outlier_ratios: OWL's outlier share of each block.
         permuted_layers: Layers whose input channels an N:M channel permutation reordered (with their producers).
+        warnings: What methods and refinements warned about, one message per layer and kind (a numerical fallback,
+            input features without calibration signal, ...); ``prune()`` warns once per kind.
         calibration_seconds: Wall time of forward passes (capture, statistics, propagation).
         scoring_seconds: Wall time of scoring, mask selection, weight updates and masking.
         allocation_seconds: Wall time of the allocation (its dense calibration pass included).
@@ -90,6 +92,7 @@ class PruningReport(CalibrationRecord):
     block_sparsity: dict[str, float] = field(default_factory=dict)
     outlier_ratios: dict[str, float] = field(default_factory=dict)
     permuted_layers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     allocation_seconds: float = 0.0
     refine_seconds: float = 0.0
 
