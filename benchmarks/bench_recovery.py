@@ -1,0 +1,197 @@
+"""Benchmark: recovery of shrunk and masked SmolLM2-135M inside the Lightning trainer, the real workflow, offline.
+
+The teacher is the model a user would ship: dense SmolLM2 fine-tuned on pydoc (``--teacher-steps`` steps of
+4 x 256 tokens, AdamW 1e-4; cached in ``--cache`` so that arms run separately reuse it). Each arm starts from it,
+acts at ``prune_on="fit_start"`` (post-fine-tune compression) and trains ``--steps`` more steps of 4 x 256 tokens on
+the training windows that follow the teacher's, at the recovery learning rate: ``--lr`` (5e-4, about a fifth of
+SmolLM2's 3e-3 pretraining peak, as Model-Optimizer's pruning guide advises for ~50 % pruning) with ``--warmup``
+linear warm-up steps and a cosine decay to 10 % of it. Held-out perplexity (non-overlapping 256-token windows of the
+last 30 % of pydoc) every ``--eval-every`` steps, as a ratio to the teacher's.
+
+Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one at a time, across sessions):
+
+- ``shrink-ce`` / ``shrink-kd``: MLP -50 % (``flap`` + least-squares) recovered by plain CE / by the default
+  distillation (logits-only forward KL at T = 1 from the teacher);
+- ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero).
+
+    python benchmarks/bench_recovery.py --arms shrink-kd [--steps 200] [--json benchmarks/results/recovery.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from _common import machine, print_table, write_json
+from torch.utils.data import DataLoader
+
+from wanda_lightning import CalibrationOptions, WandaPruningCallback, WandaShrinkCallback
+from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.data.corpus import pydoc_text, token_windows
+from wanda_lightning.data.evaluation import perplexity
+from wanda_lightning.data.smollm2 import load_smollm2
+from wanda_lightning.lightning import CausalLMModule
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BATCH = 4
+
+
+def arm_callback(arm: str, calibration: DataLoader) -> pl.Callback:
+    """The callback of an arm, acting when the fit starts, calibrated on the same 16 x 256 windows."""
+    common: dict[str, Any] = dict(
+        calibration=calibration,
+        calibration_options=CalibrationOptions(num_samples=None),
+        prune_on="fit_start",
+        evaluate=False,
+        verbose=False,
+    )
+    if arm in ("shrink-ce", "shrink-kd"):
+        return WandaShrinkCallback(mlp=0.5, method="flap", update="least-squares", distill=arm == "shrink-kd", **common)
+    if arm in ("2:4-kd", "50%-kd"):
+        structure = "2:4" if arm == "2:4-kd" else "unstructured"
+        return WandaPruningCallback(0.5, structure, "admm", distill=True, **common)
+    raise ValueError(f"`--arms` must be among {list(ARMS)}, got {arm!r}")
+
+
+ARMS = ("shrink-ce", "shrink-kd", "2:4-kd", "50%-kd")
+
+
+class RecoveryModule(CausalLMModule):
+    """``CausalLMModule`` at the recovery learning rate: AdamW, linear warm-up, cosine decay to 10 %."""
+
+    def __init__(self, model: torch.nn.Module, learning_rate: float, warmup: int, total: int) -> None:
+        super().__init__(model, learning_rate=learning_rate)
+        self.warmup, self.total = warmup, total
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.learning_rate)
+
+        def factor(step: int) -> float:
+            if step < self.warmup:
+                return (step + 1) / self.warmup
+            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class EvalEvery(pl.Callback):
+    """Held-out perplexity of the module's model when training starts (after the callbacks before it acted) and every
+    ``every`` steps; calls ``report(step, ppl)`` each time."""
+
+    def __init__(self, windows: torch.Tensor, every: int, report: Any) -> None:
+        self.windows, self.every, self.report = windows, every, report
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: CausalLMModule) -> None:
+        self.report(0, perplexity(pl_module.model, self.windows))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: CausalLMModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            self.report(step, perplexity(pl_module.model, self.windows))
+
+
+def fit(module: CausalLMModule, windows: torch.Tensor, steps: int, callbacks: list[pl.Callback]) -> float:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, DataLoader(WindowDataset(windows), batch_size=BATCH, shuffle=False))
+    return time.perf_counter() - start
+
+
+def teacher_state(args: argparse.Namespace, model: torch.nn.Module, train: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fine-tuned dense weights, from the cache when an earlier run made them with the same settings."""
+    path = Path(args.cache) / f"teacher-{args.teacher_steps}steps-{args.seqlen}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    module = CausalLMModule(model, learning_rate=1e-4)
+    fit(module, train[: args.teacher_steps * BATCH], args.teacher_steps, [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", required=True, choices=list(ARMS))
+    parser.add_argument("--steps", type=int, default=200, help="recovery steps of 4 x seqlen tokens (default 200)")
+    parser.add_argument("--teacher-steps", type=int, default=40, help="fine-tuning steps of the teacher (default 40)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="recovery peak learning rate (default 5e-4)")
+    parser.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between perplexities (default 50)")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows (default 32)")
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where the teacher's weights are cached")
+    parser.add_argument("--json", default=None, help="JSON file the arms accumulate into")
+    args = parser.parse_args()
+
+    model, tokenizer = load_smollm2()
+    tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
+    cut = int(tokens.numel() * 0.7)
+    windows = token_windows(tokens[:cut], args.seqlen)
+    calibration, train = windows[:16], windows[16:]
+    heldout = token_windows(tokens[cut:], args.seqlen, args.eval_windows)
+    state = teacher_state(args, model, train)
+    model.load_state_dict(state)
+    teacher_ppl = perplexity(model, heldout)
+    recovery = train[args.teacher_steps * BATCH :]
+    needed = args.steps * BATCH
+    recovery = recovery.repeat(math.ceil(needed / recovery.shape[0]), 1)[:needed]  # cycle the windows if too few
+
+    results: dict[str, Any] = {}
+    if args.json and Path(args.json).exists():
+        results = json.loads(Path(args.json).read_text()).get("arms", {})
+    payload = {"benchmark": "recovery", "machine": machine(), "teacher_perplexity": teacher_ppl, "arms": results}
+    for arm in args.arms:
+        rows: list[dict[str, Any]] = []
+        results[arm] = {"args": {k: v for k, v in vars(args).items() if k != "arms"}, "rows": rows}
+        start = time.perf_counter()
+
+        def report(
+            step: int, ppl: float, arm: str = arm, rows: list[dict[str, Any]] = rows, start: float = start
+        ) -> None:
+            rows.append(
+                {"step": step, "perplexity": ppl, "ratio": ppl / teacher_ppl, "seconds": time.perf_counter() - start}
+            )
+            print(f"{arm}: step {step}, perplexity {ppl:.2f} ({ppl / teacher_ppl:.2f}x the teacher)", flush=True)
+            write_json(args.json, payload)
+
+        module = RecoveryModule(copy.deepcopy(model), args.lr, args.warmup, args.steps)
+        calibrate = DataLoader(WindowDataset(calibration), batch_size=8)
+        callbacks = [arm_callback(arm, calibrate), EvalEvery(heldout, args.eval_every, report)]
+        fit(module, recovery, args.steps, callbacks)
+    print(f"\nteacher (dense fine-tuned {args.teacher_steps} steps): held-out perplexity {teacher_ppl:.2f}")
+    table = []
+    for arm, result in results.items():
+        table.append([arm, *(f"{row['perplexity']:.2f} ({row['ratio']:.2f}x)" for row in result["rows"])])
+    width = max(len(row) for row in table) if table else 1
+    steps_seen = next(iter(results.values()))["rows"] if results else []
+    header = ["arm", *(f"step {row['step']}" for row in steps_seen)]
+    print_table(header[:width], [row + [""] * (width - len(row)) for row in table])
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()
