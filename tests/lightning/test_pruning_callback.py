@@ -504,7 +504,7 @@ def test_batches_the_forward_cannot_take_ask_for_forward_fn(tmp_path):
     tokens = DataLoader(TokenDataset(8, seed=3, key="tokens"), batch_size=4)
     _fit_refused(
         tmp_path / "a",
-        r"could not run on a calibration batch.*Pass `forward_fn=",
+        r"could not run on a calibration batch.*CalibrationOptions\(forward_fn=",
         WandaPruningCallback(calibration=tokens, evaluate=False),
         None,
         max_steps=1,

@@ -237,8 +237,8 @@ class CalibrationData:
             what = type(model).__name__ if has_forward(model) else f"{type(model).__name__}.{self.step_name}"
             raise MisconfigurationException(
                 f"{what} could not run on a calibration batch of type {type(batch).__name__}: "
-                f"{type(error).__name__}: {error}. Pass `forward_fn=lambda pl_module, batch: ...` (or override "
-                "`calibration_forward`) to run the module on your batches"
+                f"{type(error).__name__}: {error}. Pass `calibration_options=CalibrationOptions(forward_fn=lambda "
+                "pl_module, batch: ...)` (or override `calibration_forward`) to run the module on your batches"
             ) from error
 
 
