@@ -16,15 +16,15 @@ SEQ_LEN = 16
 def tiny_llama(**config_overrides):
     """A tiny random Llama (2 decoder layers, 64 hidden, GQA 4/2 heads), seeded, in eval mode."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        **config_overrides,
     )
+    config = transformers.LlamaConfig(**{**settings, **config_overrides})
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 

@@ -21,6 +21,7 @@ Example::
 
 from .core.masks import keep_mask, n_m_keep_mask, unstructured_keep_mask, variant_keep_mask
 from .core.options import CalibrationOptions
+from .core.reconstruction import Reconstruction
 from .core.statistics import GramStatistics, InputNormStatistics, LayerStatistics, MomentStatistics
 from .core.structure import SparsityStructure, parse_structure
 from .core.target_layer import TargetLayer
@@ -102,6 +103,7 @@ __all__ = [
     "PruningMethod",
     "PruningReport",
     "PruningWarning",
+    "Reconstruction",
     "Refinement",
     "Schedule",
     "ShrinkConfig",

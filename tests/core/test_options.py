@@ -86,6 +86,7 @@ def test_prune_config_to_dict_keeps_its_keys():
         "method": "wanda",
         "allocation": None,
         "refinement": None,
+        "reconstruction": None,
         "targets": None,
         "ignore": None,
         "sequential": False,

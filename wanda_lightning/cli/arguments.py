@@ -138,7 +138,7 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, refine_help: str) 
     parser.add_argument(
         "--allocation", default="uniform", choices=list(ALLOCATIONS), help="layer-wise sparsity: uniform or OWL"
     )
-    parser.add_argument("--refine", default="none", choices=list(REFINEMENTS), help=refine_help)
+    parser.add_argument("--refine", default="none", choices=[*REFINEMENTS, "reconstruct"], help=refine_help)
 
 
 def pruning_choices(args: argparse.Namespace) -> dict[str, Any]:

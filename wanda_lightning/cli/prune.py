@@ -32,7 +32,8 @@ __all__ = ["REFINE_HELP", "add_arguments", "run"]
 REFINE_HELP = (
     "mask refinement: none, or DSnoT with its default guard (dsnot = dsnot-expected), the exact-error guard "
     "(dsnot-exact, needs each layer's Gram matrix) or none (dsnot-unguarded), or admm-update (the method's mask with "
-    "optimal kept weights, by ADMM on each layer's Gram matrix)"
+    "optimal kept weights, by ADMM on each layer's Gram matrix), or reconstruct (each pruned block's kept weights "
+    "trained to the dense block's outputs, the pruned ones held at zero)"
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.options import CalibrationOptions
 from ..core.validation import as_device
+from ..width.config import RECONSTRUCT
 from ..width.methods import WIDTH_METHODS
 from ..width.updates import UPDATES
 from .arguments import (
@@ -46,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--update",
         default=None,
-        choices=list(UPDATES),
-        help="what happens to the kept weights: none, bias (FLAP's compensation) or least-squares (refit to the dense "
-        "outputs); default: the method's (bias for flap, none otherwise)",
+        choices=[*UPDATES, RECONSTRUCT],
+        help="what happens to the kept weights: none, bias (FLAP's compensation), least-squares (refit to the dense "
+        "outputs) or reconstruct (least-squares, then each block trained to the dense block's outputs); default: the "
+        "method's (bias for flap, none otherwise)",
     )
     add_calibration_arguments(parser, samples=128, seqlen=512, batch_size=8)
     add_data_arguments(parser)

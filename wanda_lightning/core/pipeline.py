@@ -44,6 +44,7 @@ from .batches import ForwardFn, batch_size_of, default_forward, input_device, mo
 from .blocks import BlockStack
 from .collector import StatisticsCollector, StatisticsFactory, StopForward
 from .layers import module_device
+from .reconstruction import BlockFit, Reconstruction, reconstruct_block
 from .statistics import LayerStatistics
 from .target_layer import TargetLayer
 
@@ -146,6 +147,12 @@ class Action(ABC):
     def apply(self, step: Step) -> None:
         """Changes the model for one step's layers, from their statistics."""
 
+    def reconstructed(self, step: Step) -> list[tuple[nn.Parameter, Tensor | None]]:
+        """What block reconstruction trains after :meth:`apply` changed ``step``'s block: ``(parameter, held)`` pairs,
+        ``held`` a boolean mask of the weights that must stay zero (or ``None``). Default: the weights and biases of
+        the step's layers."""
+        return [(p, None) for layer in step.layers for p in layer.module.parameters(recurse=False)]
+
 
 @contextmanager
 def calibration_mode(model: nn.Module) -> Iterator[None]:
@@ -225,10 +232,22 @@ def _first_output(output: Any) -> Tensor:
     raise TypeError(f"a block returned {type(output).__name__}; expected a tensor or a tuple starting with one")
 
 
-def _run_block(block: nn.Module, record: _BlockInput, device: torch.device) -> Tensor:
-    hidden = record.hidden.to(device, non_blocking=True)
-    args = move_to(record.args, device)
-    kwargs = move_to(record.kwargs, device)
+def _same(value: Any) -> Any:
+    return value
+
+
+def _run_block(
+    block: nn.Module,
+    record: _BlockInput,
+    device: torch.device,
+    hidden: Tensor | None = None,
+    cast: Callable[[Any], Any] = _same,
+) -> Tensor:
+    """``block``'s output hidden states on ``record`` (or on ``hidden`` with ``record``'s other inputs), with ``cast``
+    applied to every input."""
+    hidden = cast((record.hidden if hidden is None else hidden).to(device, non_blocking=True))
+    args = cast(move_to(record.args, device))
+    kwargs = cast(move_to(record.kwargs, device))
     if record.hidden_positional:
         return _first_output(block(hidden, *args, **kwargs))
     return _first_output(block(*args, hidden_states=hidden, **kwargs))
@@ -251,6 +270,10 @@ class CalibrationPipeline:
         source: For meta-device blocks: the checkpoint each block is read from just before it is calibrated.
         on_block_done: Called as ``on_block_done(block_name, block)`` after each block.
         progress: Show a progress bar over blocks.
+        reconstruction: Block-sequential only: after the action changed a block, train what
+            :meth:`Action.reconstructed` names to reproduce the dense block's outputs (see
+            :mod:`~wanda_lightning.core.reconstruction`). The dense outputs come from a second stream of hidden states
+            through the blocks as they were, so each block also makes up for the error of the blocks before it.
     """
 
     def __init__(
@@ -268,6 +291,7 @@ class CalibrationPipeline:
         source: SafetensorsCheckpoint | None = None,
         on_block_done: BlockCallback | None = None,
         progress: bool = False,
+        reconstruction: Reconstruction | None = None,
     ) -> None:
         self.model = model
         self.layers = list(layers)
@@ -284,7 +308,14 @@ class CalibrationPipeline:
         # Under FSDP2 every rank must run every block forward to its end: the all-gathers stay in lock-step, and a
         # forward cut short by an exception would leave the block unsharded.
         self.stop_early = layout is None
+        self.reconstruction = reconstruction
         self.calibration_seconds = 0.0
+        #: Seconds running the blocks as they were on the dense stream (about a dense forward through the stack).
+        self.dense_seconds = 0.0
+        #: Seconds training blocks to their dense outputs.
+        self.reconstruction_seconds = 0.0
+        #: What reconstruction did to each changed block, in order.
+        self.block_fits: list[BlockFit] = []
         self._done_blocks = 0
         self._applied = False
         self._verb = Action.verb
@@ -467,6 +498,7 @@ class CalibrationPipeline:
                 self._apply(action, early, before.statistics)
 
         last = len(stack.blocks) - 1
+        dense = [record.hidden for record in records] if self.reconstruction is not None else None
         for index, block in enumerate(tqdm(stack.blocks, desc="calibrating blocks", disable=not self.progress)):
             layers = by_block.get(index, [])
             streamed = self.source is not None and bool(meta_tensor_names(block))
@@ -481,11 +513,16 @@ class CalibrationPipeline:
             if self.device is not None and home is not None and home != self.device:
                 block.to(self.device)
             try:
+                # The dense block's outputs on the dense stream, taken before the action changes the block.
+                targets = self._dense_outputs(block, records, dense, compute) if dense is not None else None
                 if layers:
                     statistics = self._block_statistics(block, index, layers, records, compute, factories)
-                    self._apply_step(
-                        action, Step(layers, statistics, stack, block=block, block_index=index, layout=self.layout)
-                    )
+                    step = Step(layers, statistics, stack, block=block, block_index=index, layout=self.layout)
+                    self._apply_step(action, step)
+                    if targets is not None:
+                        self._reconstruct(action, step, block, records, targets, compute)
+                if targets is not None:
+                    dense = targets
                 if index < last:
                     start = time.perf_counter()
                     for record in records:
@@ -504,6 +541,49 @@ class CalibrationPipeline:
         if after:
             # Layers after the stack (say an explicitly targeted head) are calibrated on the changed model.
             self._apply(action, after, self.collect(after, batches, factories))
+
+    def _dense_outputs(
+        self, block: nn.Module, records: list[_BlockInput], dense: list[Tensor], compute: torch.device
+    ) -> list[Tensor]:
+        start = time.perf_counter()
+        outputs = [
+            move_to(_run_block(block, record, compute, hidden), self.offload_device)
+            for record, hidden in zip(records, dense, strict=True)
+        ]
+        self.dense_seconds += time.perf_counter() - start
+        return outputs
+
+    def _reconstruct(
+        self,
+        action: Action,
+        step: Step,
+        block: nn.Module,
+        records: list[_BlockInput],
+        targets: list[Tensor],
+        compute: torch.device,
+    ) -> None:
+        assert self.reconstruction is not None
+        pairs = action.reconstructed(step)
+        if not pairs:
+            return
+        start = time.perf_counter()
+
+        def run(module: nn.Module, i: int, cast: Callable[[Any], Any]) -> Tensor:
+            return _run_block(module, records[i], compute, cast=cast)
+
+        fit = reconstruct_block(
+            block,
+            run,
+            [target.to(compute) for target in targets],
+            [record.token_mask for record in records],
+            [p for p, _ in pairs],
+            [held for _, held in pairs],
+            self.reconstruction,
+            self.sync_statistics,
+        )
+        self.block_fits.append(fit)
+        self.reconstruction_seconds += time.perf_counter() - start
+        torch.clear_autocast_cache()
 
     def _block_statistics(
         self,

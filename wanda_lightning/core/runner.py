@@ -27,9 +27,17 @@ from .batches import ForwardFn, batch_size_of, prepare_batches
 from .blocks import BlockStack, find_block_stack
 from .options import CalibrationOptions
 from .pipeline import Action, BlockCallback, CalibrationPipeline, StatisticsSync
+from .reconstruction import Reconstruction
 from .target_layer import TargetLayer
 
-__all__ = ["BlockPlan", "CalibrationRun", "choose_block_stack", "prepare_calibration", "with_forward"]
+__all__ = [
+    "BlockPlan",
+    "CalibrationRun",
+    "check_reconstructible",
+    "choose_block_stack",
+    "prepare_calibration",
+    "with_forward",
+]
 
 
 def with_forward(options: CalibrationOptions, forward_fn: ForwardFn | None) -> CalibrationOptions:
@@ -133,6 +141,24 @@ class CalibrationRun:
         self.pipeline.run(action, self.batches)
         return self.pipeline.calibration_seconds
 
+    def reconstruction_record(self) -> dict[str, Any]:
+        """The :class:`~wanda_lightning.core.calibration_record.CalibrationRecord` fields of block reconstruction,
+        known after :meth:`run` (empty without it)."""
+        pipeline = self.pipeline
+        if pipeline.reconstruction is None:
+            return {}
+        fits = pipeline.block_fits
+        return {
+            "reconstruction": pipeline.reconstruction.describe(),
+            "reconstruction_seconds": pipeline.reconstruction_seconds,
+            "dense_forward_seconds": pipeline.dense_seconds,
+            "reconstruction_error": (
+                sum(f.error_before for f in fits) / max(1, len(fits)),
+                sum(f.error_after for f in fits) / max(1, len(fits)),
+            ),
+            "reconstruction_undone": sum(not f.kept for f in fits),
+        }
+
 
 def prepare_calibration(
     model: nn.Module,
@@ -147,6 +173,7 @@ def prepare_calibration(
     layout: ShardedLayout | None = None,
     source: SafetensorsCheckpoint | None = None,
     on_block_done: BlockCallback | None = None,
+    reconstruction: Reconstruction | None = None,
 ) -> CalibrationRun:
     """Prepares ``calibration`` as ``options`` say and builds the pipeline over ``layers``.
 
@@ -163,9 +190,12 @@ def prepare_calibration(
         layout: Sharded weights: every process then runs the same number of batches.
         source: Checkpoint that meta-device blocks are read from as they come.
         on_block_done: Called as ``on_block_done(block_name, block)`` after each block.
+        reconstruction: Train each changed block to its dense outputs (block-sequential calibration only), named in
+            messages as ``argument``.
 
     Raises:
-        ValueError: If data is needed and ``calibration`` is ``None`` or yields nothing.
+        ValueError: If data is needed and ``calibration`` is ``None`` or yields nothing; if ``reconstruction`` is asked
+            without block-sequential calibration or with sharded weights.
 
     Example::
 
@@ -180,6 +210,8 @@ def prepare_calibration(
         >>> run.num_samples, run.blocks.name
         (3, None)
     """
+    if reconstruction is not None:
+        check_reconstructible(blocks, layout)
     batches: list[Any] = []
     if needed_by is not None:
         if calibration is None:
@@ -202,5 +234,30 @@ def prepare_calibration(
         layout=layout,
         source=source,
         on_block_done=on_block_done,
+        reconstruction=reconstruction,
     )
     return CalibrationRun(pipeline, batches, blocks)
+
+
+def check_reconstructible(blocks: BlockPlan, layout: ShardedLayout | None) -> None:
+    """Raises ``ValueError`` when block reconstruction cannot run: it trains block by block through a block stack,
+    on whole weights.
+
+    Example::
+
+        >>> try:
+        ...     check_reconstructible(BlockPlan(None, False), None)
+        ... except ValueError as error:
+        ...     print(str(error)[:46])
+        block reconstruction trains block by block: it
+    """
+    if not blocks.sequential:
+        raise ValueError(
+            "block reconstruction trains block by block: it needs block-sequential calibration through a block stack "
+            "(sequential=True, and `blocks` naming the stack where none is found), got one-shot calibration"
+        )
+    if layout is not None:
+        raise ValueError(
+            "block reconstruction trains whole block weights, and this model's are sharded across processes (FSDP); "
+            "prune or shrink before sharding, or leave reconstruction out"
+        )

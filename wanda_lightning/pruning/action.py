@@ -114,10 +114,19 @@ class MaskAction(Action):
 
     @property
     def needs_data(self) -> bool:
-        return self.config.method.requires_calibration or self.config.refinement is not None
+        config = self.config
+        return config.method.requires_calibration or config.refinement is not None or config.reconstruction is not None
 
     def statistics(self, layer: TargetLayer) -> Mapping[str, StatisticsFactory]:
         return self._factories
+
+    def reconstructed(self, step: Step) -> list[tuple[nn.Parameter, Tensor | None]]:
+        """The step's layers: their weights with the pruned ones held at zero, and their biases."""
+        return [
+            (p, p == 0 if name == "weight" else None)
+            for layer in step.layers
+            for name, p in layer.module.named_parameters(recurse=False)
+        ]
 
     # --- allocation -------------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..core.batches import ForwardFn
 from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
+from ..core.reconstruction import Reconstruction
 from ..core.runner import choose_block_stack, prepare_calibration, with_forward
 from ..core.structure import SparsityStructure
 from ..core.target_layer import TargetLayer
@@ -44,7 +45,7 @@ def prune(
     structure: str = "unstructured",
     method: str | PruningMethod = "wanda",
     allocation: str | OWL | None = None,
-    refine: str | Refinement | None = None,
+    refine: str | Refinement | Reconstruction | None = None,
     targets: Sequence[str] | None = None,
     ignore: Sequence[str] | None = None,
     calibration_options: CalibrationOptions | None = None,
@@ -86,7 +87,11 @@ def prune(
             Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact reconstruction error; collects
             each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance;
             or ``"admm-update"`` / ``ADMMUpdate(...)``: the method's mask with the kept weights that best reproduce
-            the dense layer's outputs on the calibration data (ADMM on each layer's Gram matrix).
+            the dense layer's outputs on the calibration data (ADMM on each layer's Gram matrix); or ``"reconstruct"``
+            / :class:`~wanda_lightning.Reconstruction`: after each block is pruned, its kept weights are trained for a
+            bounded number of steps to reproduce the dense block's outputs on the calibration activations, the pruned
+            weights held at zero (block-sequential calibration only; see
+            :mod:`~wanda_lightning.core.reconstruction`).
         targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
             transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
@@ -253,6 +258,7 @@ def prune_with(
         layout=layout,
         source=source,
         on_block_done=on_block_pruned,
+        reconstruction=config.reconstruction,
     )
     report = PruningReport(
         method=config.method.describe(),
@@ -265,6 +271,8 @@ def prune_with(
     )
     action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
     report.calibration_seconds = run.run(action)
+    for key, value in run.reconstruction_record().items():
+        setattr(report, key, value)
     warn_once_per_kind(report.warnings)
     if layout is not None and layout.sharded_layers:
         _gather_layer_counts(report, layout)

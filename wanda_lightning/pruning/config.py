@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.options import CalibrationOptions, options_or_default
+from ..core.reconstruction import Reconstruction
 from ..core.structure import SparsityStructure, parse_structure
 from ..core.targets import validate_patterns
 from ..methods.base import PruningMethod, Refinement
@@ -42,6 +43,7 @@ class PruneConfig:
     ignore: tuple[str, ...] | None = None
     checkpoint: Path | None = None
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
+    reconstruction: Reconstruction | None = None
 
     @classmethod
     def create(
@@ -51,7 +53,7 @@ class PruneConfig:
         sparsity: float | None = None,
         structure: str = "unstructured",
         allocation: str | OWL | None = None,
-        refine: str | Refinement | None = None,
+        refine: str | Refinement | Reconstruction | None = None,
         targets: Sequence[str] | None = None,
         ignore: Sequence[str] | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
@@ -65,8 +67,15 @@ class PruneConfig:
         parsed = parse_structure(structure, sparsity)
         pruning_method = get_method(method)
         owl = get_allocation(allocation)
-        refinement = get_refinement(refine)
+        reconstruction = Reconstruction() if refine == "reconstruct" else refine
+        reconstructs = isinstance(reconstruction, Reconstruction)
+        refinement = None if reconstructs else get_refinement(refine)  # type: ignore[arg-type]
         calibration = options_or_default(options)
+        if reconstructs and not calibration.sequential:
+            raise ValueError(
+                f"`refine`={refine!r} trains block by block, and sequential=False calibrates the whole model in one "
+                "pass: use sequential=True, or another `refine`"
+            )
         if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"`checkpoint` must be a path to a .safetensors file or folder, got {checkpoint!r}")
         if owl is not None and parsed.is_n_m:
@@ -88,17 +97,23 @@ class PruneConfig:
             ignore=validate_patterns(ignore, "ignore"),
             checkpoint=Path(checkpoint) if checkpoint is not None else None,
             options=calibration,
+            reconstruction=reconstruction if isinstance(reconstruction, Reconstruction) else None,
         )
 
     @property
     def needs_data(self) -> bool:
         """Whether calibration batches are needed (by the method, the allocation or the refinement)."""
-        return self.method.requires_calibration or self.allocation is not None or self.refinement is not None
+        return (
+            self.method.requires_calibration
+            or self.allocation is not None
+            or self.refinement is not None
+            or self.reconstruction is not None
+        )
 
     def requirements(self) -> list[str]:
         """What needs calibration data, for messages: ``["sparsegpt", "owl (M=5, lambda=0.08)"]``."""
         wanted = [self.method.describe()] if self.method.requires_calibration else []
-        return wanted + [x.describe() for x in (self.allocation, self.refinement) if x is not None]
+        return wanted + [x.describe() for x in (self.allocation, self.refinement, self.reconstruction) if x is not None]
 
     def with_batches_as_given(self) -> PruneConfig:
         """A copy that uses calibration batches as they come (no ``num_samples`` bound, no re-batching): for callers
@@ -113,6 +128,7 @@ class PruneConfig:
             "method": self.method.describe(),
             "allocation": self.allocation.describe() if self.allocation is not None else None,
             "refinement": self.refinement.describe() if self.refinement is not None else None,
+            "reconstruction": self.reconstruction.describe() if self.reconstruction is not None else None,
             "targets": list(self.targets) if self.targets is not None else None,
             "ignore": list(self.ignore) if self.ignore is not None else None,
             "sequential": self.options.sequential,

@@ -80,6 +80,15 @@ class ShrinkAction(Action):
             self.remove(group, layer, statistics, choose_units(scores, self.keep[layer.name]))
             self.report.scoring_seconds += time.perf_counter() - start
 
+    def reconstructed(self, step: Step) -> list[tuple[torch.nn.Parameter, Tensor | None]]:
+        """Every layer of the step's groups, producers and consumer: their kept weights and biases."""
+        return [
+            (p, None)
+            for layer in step.layers
+            for member in self.groups[layer.name].members
+            for p in member.module.parameters(recurse=False)
+        ]
+
     @torch.no_grad()
     def unit_scores(self, group: UnitGroup, layer: TargetLayer, statistics: LayerStatistics | None) -> Tensor:
         """``(units,)`` float32 scores of a group's units."""

@@ -13,7 +13,8 @@ from torch import nn
 from ..core.batches import ForwardFn
 from ..core.layers import find_pretrained, is_conv1d
 from ..core.options import CalibrationFields, CalibrationOptions
-from ..core.pipeline import StatisticsSync, check_finite
+from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
+from ..core.reconstruction import Reconstruction
 from ..core.runner import choose_block_stack, prepare_calibration, with_forward
 from ..core.target_layer import TargetLayer
 from ..distributed.sharding import holds_shards
@@ -40,7 +41,7 @@ def shrink(
     mlp: float = 0.0,
     heads: float = 0.0,
     method: str | WidthMethod = "wanda-sp",
-    update: str | None = None,
+    update: str | Reconstruction | None = None,
     widths: str = "uniform",
     calibration_options: CalibrationOptions | None = None,
     progress: bool = False,
@@ -73,7 +74,12 @@ def shrink(
         update: What happens to each consumer's kept weights, overriding the method's default: ``"none"``,
             ``"bias"`` (the removed units' mean contribution goes into the consumer's bias; ``"flap"``'s default) or
             ``"least-squares"`` (the kept columns, and the bias where the config can hold one, refitted to the dense
-            layer's outputs on the calibration data; see :mod:`~wanda_lightning.width.updates`).
+            layer's outputs on the calibration data; see :mod:`~wanda_lightning.width.updates`), or ``"reconstruct"``:
+            least-squares, then each shrunk block's kept weights (MLP producers and consumer together, attention too
+            when heads go) trained for a bounded number of steps to reproduce the dense block's outputs on the
+            calibration activations, block by block, in float32 (see :mod:`~wanda_lightning.core.reconstruction`);
+            a :class:`~wanda_lightning.Reconstruction` sets its steps and learning rate. Needs block-sequential
+            calibration and uniform widths.
         widths: ``"uniform"`` (default: every layer keeps as many units) or ``"adaptive"``: FLAP's global ranking of
             standardised scores across layers (each layer's unit scores standardised by their own mean and standard
             deviation; every layer keeps at least one unit), calibrated in one pass over the unchanged model. For
@@ -230,9 +236,11 @@ def shrink_with(
     forward_fn: ForwardFn | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
+    on_block_done: BlockCallback | None = None,
 ) -> ShrinkReport:
     """:func:`shrink` with a :class:`~wanda_lightning.width.config.ShrinkConfig` made beforehand (the callback builds
-    one when it is constructed); ``forward_fn``, when given, replaces ``config.options.forward_fn``.
+    one when it is constructed); ``forward_fn``, when given, replaces ``config.options.forward_fn``;
+    ``on_block_done(block_name, block)`` is called after each block of block-sequential calibration.
 
     Example::
 
@@ -262,10 +270,19 @@ def shrink_with(
     check_finite(_member_layers(plan.groups), "")
     needs = config.method.describe() if config.method.needs_data else None
     run = prepare_calibration(
-        model, layers, calibration, options, blocks, needed_by=needs, sync_statistics=sync_statistics, progress=progress
+        model,
+        layers,
+        calibration,
+        options,
+        blocks,
+        needed_by=needs,
+        sync_statistics=sync_statistics,
+        progress=progress,
+        on_block_done=on_block_done,
+        reconstruction=config.reconstruction,
     )
     report = ShrinkReport(
-        method=config.method.describe(),
+        method=config.describe_method(),
         mlp=config.mlp,
         heads=config.heads,
         parameters_before=parameter_count(model),
@@ -279,6 +296,8 @@ def shrink_with(
         else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
     )
     report.calibration_seconds = run.run(action)
+    for key, value in run.reconstruction_record().items():
+        setattr(report, key, value)
     if plan.config_owner is not None:
         for key, value in plan.config_updates.items():
             setattr(plan.config_owner.config, key, value)

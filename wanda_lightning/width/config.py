@@ -8,9 +8,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from ..core.options import CalibrationOptions, options_or_default
+from ..core.reconstruction import Reconstruction
 from .methods import WidthMethod, get_width_method
 
-__all__ = ["WIDTHS", "ShrinkConfig", "Widths", "units_to_remove"]
+__all__ = ["RECONSTRUCT", "WIDTHS", "ShrinkConfig", "Widths", "units_to_remove"]
+
+#: The ``update`` that refits with least squares, then trains each block to its dense outputs (default settings).
+RECONSTRUCT = "reconstruct"
 
 Widths = Literal["uniform", "adaptive"]
 WIDTHS: tuple[str, ...] = get_args(Widths)
@@ -65,6 +69,7 @@ class ShrinkConfig:
     method: WidthMethod
     widths: str = "uniform"
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
+    reconstruction: Reconstruction | None = None
 
     @classmethod
     def create(
@@ -73,11 +78,13 @@ class ShrinkConfig:
         method: str | WidthMethod = "wanda-sp",
         mlp: float = 0.0,
         heads: float = 0.0,
-        update: str | None = None,
+        update: str | Reconstruction | None = None,
         widths: str = "uniform",
         options: CalibrationOptions | None = None,
     ) -> ShrinkConfig:
         """Checks and resolves every argument; ``options`` defaults to ``CalibrationOptions()``.
+        ``update="reconstruct"`` (or a :class:`~wanda_lightning.Reconstruction`) is the least-squares update followed
+        by block reconstruction.
 
         Raises:
             ValueError, TypeError: Naming the argument, the value and what is allowed.
@@ -86,12 +93,39 @@ class ShrinkConfig:
         if mlp_fraction == 0 and heads_fraction == 0:
             raise ValueError("`mlp` and `heads` are both 0: nothing to remove; set one of them in (0, 1)")
         width_method = get_width_method(method)
-        if update is not None:
-            width_method = width_method.with_update(update)
+        reconstruction = Reconstruction() if update == RECONSTRUCT else update
+        if isinstance(reconstruction, Reconstruction):
+            width_method = width_method.with_update("least-squares")
+        elif update is not None:
+            width_method = width_method.with_update(update)  # type: ignore[arg-type]
         if widths not in WIDTHS:
             raise ValueError(f"`widths` must be one of {list(WIDTHS)}, got {widths!r}")
         calibration = options_or_default(options)
-        return cls(mlp=mlp_fraction, heads=heads_fraction, method=width_method, widths=widths, options=calibration)
+        if isinstance(reconstruction, Reconstruction) and (widths == "adaptive" or not calibration.sequential):
+            what = "widths='adaptive'" if widths == "adaptive" else "sequential=False"
+            raise ValueError(
+                f"`update`={update!r} trains block by block, and {what} calibrates the whole model in one pass: use "
+                "widths='uniform' and sequential=True, or another `update`"
+            )
+        return cls(
+            mlp=mlp_fraction,
+            heads=heads_fraction,
+            method=width_method,
+            widths=widths,
+            options=calibration,
+            reconstruction=reconstruction if isinstance(reconstruction, Reconstruction) else None,
+        )
+
+    def describe_method(self) -> str:
+        """The method with its update, and block reconstruction when asked.
+
+        Example::
+
+            >>> ShrinkConfig.create(mlp=0.5, method="flap", update="reconstruct").describe_method()
+            'flap (least-squares update) + block reconstruction (64 steps, lr 0.002)'
+        """
+        described = self.method.describe()
+        return described if self.reconstruction is None else f"{described} + {self.reconstruction.describe()}"
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -118,7 +152,7 @@ class ShrinkConfig:
         return {
             "mlp": self.mlp,
             "heads": self.heads,
-            "method": self.method.describe(),
+            "method": self.describe_method(),
             "widths": self.widths,
             **self.options.to_dict(),
         }

@@ -167,6 +167,7 @@ class ShrinkReport(CalibrationRecord):
             ("config", ", ".join(f"{k}={v}" for k, v in self.config_updates.items()) or "(no config)"),
             ("calibration", f"{self.num_samples} sequences, {self.num_batches} batches"),
             ("mode", f"block-sequential over `{self.block_stack}`" if self.sequential else "one-shot"),
+            *self.reconstruction_lines(),
             (
                 "time",
                 f"{self.total_seconds:.2f} s (calibration {self.calibration_seconds:.2f} s, scoring and surgery "
