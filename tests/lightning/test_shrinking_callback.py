@@ -20,6 +20,7 @@ from trainer_helpers import CONFIG, Snapshot, TokenDataset, loader, make_module,
 from wanda_lightning import (
     CalibrationOptions,
     Distillation,
+    Reconstruction,
     Schedule,
     WandaShrinkCallback,
     load_shrunk_checkpoint,
@@ -372,3 +373,20 @@ def test_a_state_saved_before_the_callback_base_still_loads():
     assert shrinking.metrics == old["metrics"]
     assert shrinking.summary().startswith("WandaShrinkCallback: shrunk at step 2")
     assert shrinking.state_dict()["version"] == 1 and shrinking.state_dict()["shrunk"] is True
+
+
+def test_reconstruction_in_the_callback_matches_shrink(tmp_path):
+    module, val = make_module(), loader(8, seed=2)
+    dense = make_module()
+    options = Reconstruction(steps=4, learning_rate=3e-4)
+    shrinking = WandaShrinkCallback(
+        mlp=0.5, method="flap", update=options, prune_on="fit_start", evaluate=False, distill=False,
+        calibration_options=CalibrationOptions(num_samples=8),
+    )  # fmt: skip
+    after = Snapshot()  # after the callback: the shrunk weights before the first step
+    make_trainer(tmp_path, max_steps=1, callbacks=[shrinking, after]).fit(module, loader(4, 1), val)
+    expected = shrink(dense.model, [{"input_ids": b["input_ids"]} for b in val], mlp=0.5, method="flap", update=options)
+    assert shrinking.report.reconstruction_error == pytest.approx(expected.reconstruction_error, rel=1e-5)
+    for name, tensor in dense.model.state_dict().items():
+        torch.testing.assert_close(after.at_train_start[f"model.{name}"], tensor, rtol=1e-5, atol=1e-7, msg=name)
+    assert "block reconstruction (4 steps" in shrinking.summary()

@@ -38,6 +38,7 @@ from .calibration import CalibrationData, CalibrationSource, first_loader, has_f
 from .distillation import Distillation, DistillationPhase, student_of
 from .errors import misconfiguration
 from .evaluation import measure_validation, quiet_steps, run_step
+from .recovery_lr import RecoverySchedule
 from .strategies import check_strategy, is_sharded_strategy
 from .summary import format_summary, log_to_loggers, metric_deltas, publish_metrics
 from .triggers import Due, PruneOn, Trigger, make_trigger
@@ -71,7 +72,8 @@ class CalibratedCallback(Callback):
         epoch: With ``prune_on="train_epoch_end"`` only (and required there): the zero-based epoch after which to act.
         step: With ``prune_on="train_step"`` only (and required there): act once this many optimizer steps are done.
         distill: While training goes on after the action, distil from the module as it was just before it
-            (``True`` for the defaults of :class:`~wanda_lightning.Distillation`, or one with your settings).
+            (``True`` for the defaults of :class:`~wanda_lightning.Distillation`, or one with your settings, such as
+            the recovery learning rate ``Distillation(learning_rate=5e-4)``).
         evaluate: Measure the module's validation metrics before and after the action and log the deltas: ``True``
             on as many validation batches (per process) as the trainer validates, an ``int`` on at most that many,
             ``False`` not at all.
@@ -104,6 +106,12 @@ class CalibratedCallback(Callback):
             self._trigger = make_trigger(prune_on, epoch, step)
             self.check_trigger(self._trigger)
             self._distillation = DistillationPhase(Distillation.resolve(distill))
+            recovery = self._distillation.options
+            self._recovery_lr = (
+                RecoverySchedule(recovery.learning_rate, recovery.warmup_steps)
+                if recovery is not None and recovery.learning_rate is not None
+                else None
+            )
             if not isinstance(evaluate, bool) and (not isinstance(evaluate, int) or evaluate < 1):
                 raise ValueError(
                     f"`evaluate` must be True, False or a positive number of validation batches, got {evaluate!r}"
@@ -256,6 +264,8 @@ class CalibratedCallback(Callback):
             with misconfiguration():
                 self.on_restored(trainer, pl_module)
                 self._distillation.resume(pl_module)
+            if self._recovery_lr is not None:
+                self._recovery_lr.install(trainer)
             self._publish(trainer)
             if not self._trigger.repeats:
                 return
@@ -316,6 +326,7 @@ class CalibratedCallback(Callback):
             "dense_metrics": deepcopy(self._dense_metrics),
             "when": self._when,
             "trigger": self._trigger.state_dict(),
+            "recovery_lr": self._recovery_lr.state_dict() if self._recovery_lr is not None else None,
             **self.extra_state(),
         }
 
@@ -328,6 +339,8 @@ class CalibratedCallback(Callback):
         self._dense_metrics = deepcopy(dense) if dense is not None else None
         self._when = str(state_dict.get("when", self._when))
         self._trigger.load_state_dict(state_dict.get("trigger") or {})
+        if self._recovery_lr is not None:
+            self._recovery_lr.load_state_dict(state_dict.get("recovery_lr") or {})
         self.load_extra_state(state_dict, int(state_dict.get("version", 1)))
 
     # --- acting ------------------------------------------------------------------------------------------------------
@@ -339,7 +352,7 @@ class CalibratedCallback(Callback):
             self.check_module(trainer, pl_module)
             if self.needs_calibration:
                 self._calibration.check(trainer)
-            if self.distill is not None:
+            if self.distill is not None and self.distill.uses_teacher:
                 student_of(pl_module)
         warn_if_no_validation(trainer, self.evaluate is not False, type(self).__name__)
 
@@ -355,6 +368,8 @@ class CalibratedCallback(Callback):
         self.on_action_done(trainer, pl_module, due, fitting)
         if teacher is not None:
             self._distillation.start(teacher, pl_module)
+        if fitting and self._recovery_lr is not None:
+            self._recovery_lr.install(trainer)
         self._trigger.acted(due)
         if due.stopped_early:
             rank_zero_warn(

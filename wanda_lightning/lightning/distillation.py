@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.layers import find_pretrained
-from ..core.validation import as_device, check_number
+from ..core.validation import as_device, check_number, check_positive
 from ..width.surgery import fit_to_state_dict
 
 __all__ = ["TEACHER_KEY", "Distillation", "DistillationPhase", "Distiller", "distillation_loss", "student_of"]
@@ -84,6 +84,8 @@ class Distiller:
         temperature: Softening temperature (> 0).
         device: Where the teacher lives (say ``"cpu"`` to keep accelerator memory for the student); ``None``: where
             the student is.
+        copy_teacher: Distil from a copy of ``teacher`` (default); ``False`` adopts ``teacher`` itself (a copy made
+            already), which is frozen and put in eval mode.
 
     Example::
 
@@ -98,8 +100,10 @@ class Distiller:
         weight: float = 1.0,
         temperature: float = 1.0,
         device: str | torch.device | None = None,
+        *,
+        copy_teacher: bool = True,
     ) -> None:
-        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.teacher = (copy.deepcopy(teacher) if copy_teacher else teacher).eval().requires_grad_(False)
         if device is not None:
             self.teacher.to(device)
         self.student = student
@@ -178,23 +182,36 @@ class Distiller:
 
 @dataclass(frozen=True)
 class Distillation:
-    """How a callback distils after it acted: the loss, and where the teacher lives.
+    """How a callback recovers the model after it acted: the loss, where the teacher lives, and the learning rate.
 
     The teacher is the model at the moment the callback acts (for post-fine-tune compression with
     ``prune_on="fit_start"``, the user's fine-tuned model). The defaults are forward KL on the logits alone at
     temperature 1, which recovered pruned models best against CE + KL, MSE and reverse KL, and against temperatures
     0.1, 0.5 and 3 (Minitron, "LLM Pruning and Distillation in Practice", Table 15 and Appendix A.3); NVIDIA
-    Model-Optimizer's distillation defaults are the same (no LM loss, temperature 1). Checked when made.
+    Model-Optimizer's distillation defaults are the same (no LM loss, temperature 1). ``weight=0`` recovers with the
+    task loss alone (no teacher is kept). Checked when made.
+
+    ``learning_rate`` puts every optimizer on the recovery learning rate from the action on (see
+    :mod:`~wanda_lightning.lightning.recovery_lr`): recovery needs far more than fine-tuning, about a fifth of the
+    pretraining peak for ~50 % pruning (Model-Optimizer's pruning guide; 5e-4 for SmolLM2-135M, whose peak is 3e-3).
+    It warms up linearly over ``warmup_steps`` and decays along a cosine to 10 % at the fit's last step, replacing the
+    module's schedulers for the rest of the fit; ``None`` (default) leaves the module's optimizers and schedulers as
+    they are.
 
     Args:
-        weight: Share of the distillation term in the loss, in ``[0, 1]`` (1: distillation alone).
+        weight: Share of the distillation term in the loss, in ``[0, 1]`` (1: distillation alone; 0: the task loss
+            alone).
         temperature: Softening temperature (> 0).
         teacher_device: Where the frozen teacher lives (say ``"cpu"``); ``None``: where the model is.
+        learning_rate: The recovery learning rate (> 0), or ``None``.
+        warmup_steps: Its linear warm-up, in optimizer steps (>= 1).
 
     Example::
 
         >>> Distillation().weight, Distillation().temperature
         (1.0, 1.0)
+        >>> Distillation(learning_rate=5e-4).warmup_steps
+        10
         >>> Distillation(temperature=0)
         Traceback (most recent call last):
         ...
@@ -204,12 +221,23 @@ class Distillation:
     weight: float = 1.0
     temperature: float = 1.0
     teacher_device: str | None = None
+    learning_rate: float | None = None
+    warmup_steps: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", check_number(self.weight, "weight", 0.0, 1.0, closed=True))
         temperature = check_number(self.temperature, "temperature", 0.0, float("inf"), closed=False)
         object.__setattr__(self, "temperature", temperature)
         as_device(self.teacher_device, "teacher_device")
+        if self.learning_rate is not None:
+            rate = check_number(self.learning_rate, "learning_rate", 0.0, float("inf"), closed=False)
+            object.__setattr__(self, "learning_rate", rate)
+        check_positive(self.warmup_steps, "warmup_steps", allow_none=False)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the loss has a distillation term (a teacher is kept)."""
+        return self.weight > 0
 
     @classmethod
     def resolve(cls, distill: bool | Distillation | None) -> Distillation | None:
@@ -265,7 +293,7 @@ class DistillationPhase:
     def snapshot(self, pl_module: nn.Module) -> nn.Module | None:
         """A copy of the student as it is now, to distil from after the action; ``None`` when not distilling, or
         already distilling (the teacher of a schedule is the model before its first step)."""
-        if self.options is None or self.distiller is not None:
+        if self.options is None or not self.options.uses_teacher or self.distiller is not None:
             return None
         return copy.deepcopy(student_of(pl_module))
 
@@ -278,13 +306,14 @@ class DistillationPhase:
             weight=self.options.weight,
             temperature=self.options.temperature,
             device=self.options.teacher_device,
+            copy_teacher=False,
         )
         self._undo = self.distiller.wrap_training_step(pl_module)
 
     def resume(self, pl_module: pl.LightningModule) -> None:
         """When training starts again after the action: goes on distilling from the teacher this phase holds (a later
         ``fit`` of the same callback), or from the one a restored checkpoint kept (resized to its saved shapes)."""
-        if self.options is None or self._undo is not None:
+        if self.options is None or not self.options.uses_teacher or self._undo is not None:
             return
         if self.distiller is not None:
             self.start(self.distiller.teacher, pl_module)

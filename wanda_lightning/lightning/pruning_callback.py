@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..core.layers import local_tensor
 from ..core.options import CalibrationOptions
+from ..core.reconstruction import Reconstruction
 from ..core.targets import find_targets, layer_masks, parameter_masks
 from ..core.validation import check_directory
 from ..distributed.readback import drop_masks_from_zeros
@@ -160,7 +161,9 @@ class WandaPruningCallback(CalibratedCallback):
             error under DSnoT's input model; Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact
             reconstruction error; needs each layer's input Gram matrix) or ``"dsnot-unguarded"`` (the paper's rules
             alone); or ``"admm-update"``: the method's mask with the kept weights that best reproduce the dense
-            layer's outputs (ADMM on each layer's Gram matrix, see :class:`~wanda_lightning.ADMMUpdate`).
+            layer's outputs (ADMM on each layer's Gram matrix, see :class:`~wanda_lightning.ADMMUpdate`); or
+            ``"reconstruct"`` / a :class:`~wanda_lightning.Reconstruction`: each pruned block's kept weights trained
+            to the dense block's outputs on the calibration activations, the pruned ones held at zero.
         targets: Name patterns (glob, or regex prefixed with ``re:``) of the layers to prune, relative to the
             LightningModule (``"model.model.layers.*"``); default every ``nn.Linear`` and transformers ``Conv1D``.
         ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights tied to an embedding are always left
@@ -234,7 +237,7 @@ class WandaPruningCallback(CalibratedCallback):
         method: str | PruningMethod = "wanda",
         *,
         allocation: AllocationName = "uniform",
-        refine: RefinementName = "none",
+        refine: RefinementName | Literal["reconstruct"] | Reconstruction = "none",
         targets: Sequence[str] | None = None,
         ignore: Sequence[str] | None = None,
         calibration: CalibrationSource | DataLoader = "val",

@@ -20,9 +20,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ..core.options import CalibrationOptions
+from ..core.reconstruction import Reconstruction
 from ..core.validation import check_directory
 from ..width.api import plan_shrink, shrink_with
 from ..width.config import ShrinkConfig, Widths
+from ..width.groups import find_unit_groups
 from ..width.methods import Update, WidthMethodName
 from ..width.report import ShrinkReport
 from ..width.saving import save_plain_pretrained
@@ -30,6 +32,7 @@ from .calibrated_callback import CalibratedCallback
 from .calibration import CalibrationSource
 from .distillation import Distillation, student_of
 from .errors import misconfiguration
+from .progress import TrainerProgress
 from .shrunk_checkpoints import wrap_loads
 from .strategies import rebuild_optimizers, strategy_sync
 from .triggers import Due, Trigger
@@ -71,8 +74,10 @@ class WandaShrinkCallback(CalibratedCallback):
         heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
         method: ``"wanda-sp"``, ``"flap"`` (with bias compensation) or ``"magnitude-sp"``.
         update: What happens to the kept weights of each layer that lost inputs: ``"none"``, ``"bias"`` (the removed
-            units' mean contribution goes into its bias) or ``"least-squares"`` (kept columns and bias refitted to the
-            dense outputs on the calibration data); ``None``: the method's default.
+            units' mean contribution goes into its bias), ``"least-squares"`` (kept columns and bias refitted to the
+            dense outputs on the calibration data) or ``"reconstruct"`` (least squares, then each shrunk block trained
+            to the dense block's outputs on the calibration activations; a :class:`~wanda_lightning.Reconstruction`
+            sets its steps and learning rate); ``None``: the method's default.
         widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
             transformers config, see :func:`~wanda_lightning.shrink`).
         calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
@@ -121,7 +126,7 @@ class WandaShrinkCallback(CalibratedCallback):
         heads: float = 0.0,
         method: WidthMethodName = "wanda-sp",
         *,
-        update: Update | None = None,
+        update: Update | Literal["reconstruct"] | Reconstruction | None = None,
         widths: Widths = "uniform",
         calibration: CalibrationSource | DataLoader = "val",
         calibration_options: CalibrationOptions | None = None,
@@ -178,14 +183,19 @@ class WandaShrinkCallback(CalibratedCallback):
     def apply(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due
     ) -> ShrinkReport:
-        """Shrinks with :func:`~wanda_lightning.width.shrink_with`."""
-        with misconfiguration():
+        """Shrinks with :func:`~wanda_lightning.width.shrink_with`, with a progress bar over the blocks."""
+        config = self._config
+        # One group of the first kind per block: the bar advances as each block is done.
+        blocks = [g for g in find_unit_groups(pl_module, None, [config.kinds[0]]) if g.kind == config.kinds[0]]
+        what = "Shrinking and reconstructing blocks" if config.reconstruction is not None else "Shrinking blocks"
+        with misconfiguration(), TrainerProgress(trainer, what, len(blocks)) as progress:
             report = shrink_with(
                 pl_module,
                 batches,
-                self._config.with_batches_as_given(),
+                config.with_batches_as_given(),
                 forward_fn=self.forward(trainer, pl_module),
                 sync_statistics=strategy_sync(trainer),
+                on_block_done=lambda name, block: progress.advance(),
             )
         self.shrunk = True
         return report

@@ -91,13 +91,25 @@ def _check_reshapable(trainer: pl.Trainer, owner: str, names: set[str]) -> None:
 
 def rebuild_optimizers(trainer: pl.Trainer) -> None:
     """New optimizers and LR schedulers from ``configure_optimizers`` for the module's new parameters (and, under DDP,
-    a new wrapper: its gradient buckets were sized for the old ones)."""
+    a new wrapper: its gradient buckets were sized for the old ones). The new schedulers go on where the old ones were
+    (their state, and the learning rates they had set), so the module's schedule carries on across the rebuild."""
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and strategy.lightning_module is not None:
         strategy.model = strategy._setup_model(strategy.lightning_module)
         strategy._register_ddp_hooks()
+    schedulers = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
     strategy.setup_optimizers(trainer)
     _optimizers_to_device(strategy.optimizers, strategy.root_device)
+    configs = strategy.lr_scheduler_configs
+    if len(configs) != len(schedulers):
+        return
+    for config, state in zip(configs, schedulers, strict=True):
+        scheduler = config.scheduler
+        if type(state.get("_last_lr")) is not list or len(state["_last_lr"]) != len(scheduler.optimizer.param_groups):
+            continue
+        scheduler.load_state_dict(state)
+        for group, rate in zip(scheduler.optimizer.param_groups, state["_last_lr"], strict=True):
+            group["lr"] = rate
 
 
 def is_sharded_strategy(trainer: pl.Trainer) -> bool:
