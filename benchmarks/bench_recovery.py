@@ -12,7 +12,12 @@ Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one
 
 - ``shrink-ce`` / ``shrink-kd``: MLP -50 % (``flap`` + least-squares) recovered by plain CE / by the default
   distillation (logits-only forward KL at T = 1 from the teacher);
+- ``shrink-rc-ce`` / ``shrink-rc-kd``: the same with ``update="reconstruct"`` (least-squares, then each block trained
+  to the dense block's outputs on the calibration activations) before recovery;
 - ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero).
+
+The recovery learning rate is the library's: ``distill=Distillation(learning_rate=--lr, warmup_steps=--warmup)``
+(``weight=0`` for plain CE) puts the optimizer on it when the callback acts.
 
     python benchmarks/bench_recovery.py --arms shrink-kd [--steps 200] [--json benchmarks/results/recovery.json]
 """
@@ -30,10 +35,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import machine, print_table, write_json
+from _common import fit_windows, machine, print_table, write_json
 from torch.utils.data import DataLoader
 
-from wanda_lightning import CalibrationOptions, WandaPruningCallback, WandaShrinkCallback
+from wanda_lightning import CalibrationOptions, Distillation, WandaPruningCallback, WandaShrinkCallback
 from wanda_lightning.cli.demo import WindowDataset
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
@@ -45,44 +50,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BATCH = 4
 
 
-def arm_callback(arm: str, calibration: DataLoader) -> pl.Callback:
-    """The callback of an arm, acting when the fit starts, calibrated on the same 16 x 256 windows."""
+def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) -> pl.Callback:
+    """The callback of an arm, acting when the fit starts, calibrated on the same 16 x 256 windows, recovering at the
+    recovery learning rate (the library's ``Distillation(learning_rate=...)``; ``weight=0`` for plain CE)."""
+    kind, update, loss = ARMS[arm]
+    recovery = Distillation(weight=1.0 if loss == "kd" else 0.0, learning_rate=args.lr, warmup_steps=args.warmup)
     common: dict[str, Any] = dict(
         calibration=calibration,
         calibration_options=CalibrationOptions(num_samples=None),
         prune_on="fit_start",
+        distill=recovery,
         evaluate=False,
         verbose=False,
     )
-    if arm in ("shrink-ce", "shrink-kd"):
-        return WandaShrinkCallback(mlp=0.5, method="flap", update="least-squares", distill=arm == "shrink-kd", **common)
-    if arm in ("2:4-kd", "50%-kd"):
-        structure = "2:4" if arm == "2:4-kd" else "unstructured"
-        return WandaPruningCallback(0.5, structure, "admm", distill=True, **common)
-    raise ValueError(f"`--arms` must be among {list(ARMS)}, got {arm!r}")
+    if kind == "shrink":
+        return WandaShrinkCallback(mlp=0.5, method="flap", update=update, **common)
+    return WandaPruningCallback(0.5, kind, "admm", **common)
 
 
-ARMS = ("shrink-ce", "shrink-kd", "2:4-kd", "50%-kd")
-
-
-class RecoveryModule(CausalLMModule):
-    """``CausalLMModule`` at the recovery learning rate: AdamW, linear warm-up, cosine decay to 10 %."""
-
-    def __init__(self, model: torch.nn.Module, learning_rate: float, warmup: int, total: int) -> None:
-        super().__init__(model, learning_rate=learning_rate)
-        self.warmup, self.total = warmup, total
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.learning_rate)
-
-        def factor(step: int) -> float:
-            if step < self.warmup:
-                return (step + 1) / self.warmup
-            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+#: arm -> (what: "shrink" or a mask structure, shrink update, recovery loss)
+ARMS: dict[str, tuple[str, str | None, str]] = {
+    "shrink-ce": ("shrink", "least-squares", "ce"),
+    "shrink-kd": ("shrink", "least-squares", "kd"),
+    "shrink-rc-ce": ("shrink", "reconstruct", "ce"),
+    "shrink-rc-kd": ("shrink", "reconstruct", "kd"),
+    "2:4-kd": ("2:4", None, "kd"),
+    "50%-kd": ("unstructured", None, "kd"),
+}
 
 
 class EvalEvery(pl.Callback):
@@ -101,32 +95,13 @@ class EvalEvery(pl.Callback):
             self.report(step, perplexity(pl_module.model, self.windows))
 
 
-def fit(module: CausalLMModule, windows: torch.Tensor, steps: int, callbacks: list[pl.Callback]) -> float:
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, DataLoader(WindowDataset(windows), batch_size=BATCH, shuffle=False))
-    return time.perf_counter() - start
-
-
 def teacher_state(args: argparse.Namespace, model: torch.nn.Module, train: torch.Tensor) -> dict[str, torch.Tensor]:
     """The fine-tuned dense weights, from the cache when an earlier run made them with the same settings."""
     path = Path(args.cache) / f"teacher-{args.teacher_steps}steps-{args.seqlen}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     module = CausalLMModule(model, learning_rate=1e-4)
-    fit(module, train[: args.teacher_steps * BATCH], args.teacher_steps, [])
+    fit_windows(module, train[: args.teacher_steps * BATCH], args.teacher_steps, [])
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     torch.save(state, path)
@@ -164,9 +139,20 @@ def main() -> None:
     if args.json and Path(args.json).exists():
         results = json.loads(Path(args.json).read_text()).get("arms", {})
     payload = {"benchmark": "recovery", "machine": machine(), "teacher_perplexity": teacher_ppl, "arms": results}
+    mine: set[str] = set()
+
+    def save() -> None:
+        """Writes the JSON with the arms other runs wrote to it since this one started (theirs kept, ours updated)."""
+        if args.json and Path(args.json).exists():
+            for name, result in json.loads(Path(args.json).read_text()).get("arms", {}).items():
+                if name not in mine:
+                    results[name] = result
+        write_json(args.json, payload)
+
     for arm in args.arms:
         rows: list[dict[str, Any]] = []
         results[arm] = {"args": {k: v for k, v in vars(args).items() if k != "arms"}, "rows": rows}
+        mine.add(arm)
         start = time.perf_counter()
 
         def report(
@@ -176,12 +162,20 @@ def main() -> None:
                 {"step": step, "perplexity": ppl, "ratio": ppl / teacher_ppl, "seconds": time.perf_counter() - start}
             )
             print(f"{arm}: step {step}, perplexity {ppl:.2f} ({ppl / teacher_ppl:.2f}x the teacher)", flush=True)
-            write_json(args.json, payload)
+            save()
 
-        module = RecoveryModule(copy.deepcopy(model), args.lr, args.warmup, args.steps)
-        calibrate = DataLoader(WindowDataset(calibration), batch_size=8)
-        callbacks = [arm_callback(arm, calibrate), EvalEvery(heldout, args.eval_every, report)]
-        fit(module, recovery, args.steps, callbacks)
+        module = CausalLMModule(copy.deepcopy(model), learning_rate=args.lr)
+        calibrate = DataLoader(WindowDataset(calibration), batch_size=4)
+        callback = arm_callback(arm, calibrate, args)
+        fit_windows(module, recovery, args.steps, [callback, EvalEvery(heldout, args.eval_every, report)])
+        reconstructed = callback.report.reconstruction_error if callback.report is not None else None
+        if reconstructed is not None:
+            results[arm]["reconstruction"] = {
+                "error_before_after": reconstructed,
+                "seconds": callback.report.reconstruction_seconds,
+                "dense_forward_seconds": callback.report.dense_forward_seconds,
+            }
+            save()
     print(f"\nteacher (dense fine-tuned {args.teacher_steps} steps): held-out perplexity {teacher_ppl:.2f}")
     table = []
     for arm, result in results.items():
@@ -190,7 +184,7 @@ def main() -> None:
     steps_seen = next(iter(results.values()))["rows"] if results else []
     header = ["arm", *(f"step {row['step']}" for row in steps_seen)]
     print_table(header[:width], [row + [""] * (width - len(row)) for row in table])
-    write_json(args.json, payload)
+    save()
 
 
 if __name__ == "__main__":

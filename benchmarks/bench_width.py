@@ -26,7 +26,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import machine, print_table, write_json
+from _common import fit_windows, machine, print_table, write_json
 from torch.utils.data import DataLoader
 
 from wanda_lightning import WandaShrinkCallback, prune, shrink
@@ -90,24 +90,10 @@ def train(
     callbacks: list[Any],
 ) -> tuple[CausalLMModule, EvalAt, float]:
     """``steps`` optimizer steps of AdamW (1e-4) on ``windows`` in order, 4 per batch."""
-    pl.seed_everything(0, verbose=False)
     module = CausalLMModule(model, learning_rate=1e-4)
     evaluate = EvalAt(heldout, evaluate_at)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[evaluate, *callbacks],
-    )
-    start = time.perf_counter()
-    trainer.fit(module, DataLoader(WindowDataset(windows), batch_size=4, shuffle=False))
-    return module, evaluate, time.perf_counter() - start
+    seconds = fit_windows(module, windows, steps, [evaluate, *callbacks])
+    return module, evaluate, seconds
 
 
 def main() -> None:
