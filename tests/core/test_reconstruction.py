@@ -242,3 +242,10 @@ def test_reconstruction_without_block_sequential_calibration_is_refused_untouche
         call(model, make_batches())
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+def test_an_unknown_update_or_refine_names_every_choice():
+    with pytest.raises(ValueError, match=r"\['none', 'bias', 'least-squares', 'reconstruct'\] or a Reconstruction"):
+        shrink(tiny_llama(), make_batches(), mlp=0.5, update="reconstructed")
+    with pytest.raises(ValueError, match=r"'admm-update', 'reconstruct'\], a Refinement or a Reconstruction"):
+        prune(tiny_llama(), make_batches(), sparsity=0.5, refine="recon")

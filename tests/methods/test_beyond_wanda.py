@@ -224,7 +224,7 @@ def test_owl_refuses_n_m_and_needs_data(llama, calibration_batches):
         prune(llama, None, method="magnitude", allocation="owl")
     with pytest.raises(ValueError, match=r"\['uniform', 'owl'\]"):
         prune(llama, calibration_batches, allocation="owls")
-    refinements = r"\['none', 'dsnot', 'dsnot-expected', 'dsnot-exact', 'dsnot-unguarded', 'admm-update'\]"
+    refinements = r"\['none', 'dsnot', 'dsnot-expected', 'dsnot-exact', 'dsnot-unguarded', 'admm-update', 'reconstruct'"
     with pytest.raises(ValueError, match=refinements):
         prune(llama, calibration_batches, refine="dsnt")
     with pytest.raises(ValueError, match=r"sparsegpt"):

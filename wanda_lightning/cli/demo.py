@@ -25,11 +25,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.options import CalibrationOptions
-from ..core.validation import check_positive
+from ..core.reconstruction import Reconstruction
+from ..core.validation import check_choice, check_positive
 
 __all__ = ["DemoResult", "WindowDataset", "add_arguments", "run", "run_demo"]
 
 _EVAL_BATCH_SIZE = 4  # sequences per forward pass of calibration and validation
+#: The demo's block reconstruction: half the default steps, to stay within its few minutes.
+DEMO_RECONSTRUCTION = Reconstruction(steps=32, learning_rate=2e-3)
 
 
 class WindowDataset(Dataset):
@@ -93,7 +96,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp", type=float, default=0.5, help="width: MLP hidden units removed (default 0.5)")
     parser.add_argument("--heads", type=float, default=0.0, help="width: key/value groups removed (default 0)")
     parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps (default 8)")
-    parser.add_argument("--recover-steps", type=int, default=16, help="recovery steps after shrinking (default 16)")
+    parser.add_argument("--recover-steps", type=int, default=24, help="recovery steps after shrinking (default 24)")
+    parser.add_argument(
+        "--recover-lr",
+        type=float,
+        default=5e-4,
+        help="recovery learning rate after shrinking, with 10 warm-up steps and a cosine decay (default 5e-4, about a "
+        "fifth of SmolLM2's pretraining peak)",
+    )
+    parser.add_argument(
+        "--update",
+        default="reconstruct",
+        choices=["least-squares", "reconstruct"],
+        help="what the shrunk layers' kept weights get before recovery: a least-squares refit, or that and each block "
+        f"trained to the dense block's outputs for {DEMO_RECONSTRUCTION.steps} steps (default reconstruct)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per training step (default 4)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--val-windows", type=int, default=8, help="held-out validation sequences (default 8)")
@@ -112,7 +129,9 @@ def run_demo(
     mlp: float = 0.5,
     heads: float = 0.0,
     steps: int = 8,
-    recover_steps: int = 16,
+    recover_steps: int = 24,
+    recover_lr: float = 5e-4,
+    update: str = "reconstruct",
     batch_size: int = 4,
     seqlen: int = 256,
     val_windows: int = 8,
@@ -128,8 +147,10 @@ def run_demo(
     2. Masks: :class:`~wanda_lightning.WandaPruningCallback` prunes a copy to 50 % (``trainer.validate``), reports
        dense vs pruned perplexity and writes the compact export.
     3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy
-       (FLAP scores, least-squares refit of the layers that lost inputs) at the start of a short fit that recovers it
-       by distilling from the fine-tuned model, and writes a folder that stock ``from_pretrained`` loads.
+       (FLAP scores, least-squares refit of the layers that lost inputs, then each block trained to the dense block's
+       outputs: ``update="reconstruct"``) at the start of a short fit that recovers it by distilling from the
+       fine-tuned model at the recovery learning rate (``recover_lr``), and writes a folder that stock
+       ``from_pretrained`` loads.
     4. Speed: decode and prefill tokens per second of the three models, on this machine.
 
     Returns what it measured. The pydoc text is tokenised once and cut at 70 %: calibration windows, then training
@@ -153,7 +174,7 @@ def run_demo(
     from ..data.evaluation import perplexity
     from ..data.smollm2 import load_smollm2
     from ..data.speed import measure_speed, weight_bytes
-    from ..lightning import CausalLMModule, WandaPruningCallback, WandaShrinkCallback
+    from ..lightning import CausalLMModule, Distillation, WandaPruningCallback, WandaShrinkCallback
 
     for value, name in (
         (steps, "steps"),
@@ -165,6 +186,9 @@ def run_demo(
         (new_tokens, "new_tokens"),
     ):
         check_positive(value, name, allow_none=False)
+    # Checked before anything trains: the recovery settings and the shrink update.
+    recovery_options = Distillation(learning_rate=recover_lr, warmup_steps=min(10, recover_steps))
+    check_choice(update, "update", ("least-squares", "reconstruct"))
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -241,8 +265,9 @@ def run_demo(
         mlp=mlp,
         heads=heads,
         method="flap",
-        update="least-squares",
+        update=DEMO_RECONSTRUCTION if update == "reconstruct" else "least-squares",
         prune_on="fit_start",
+        distill=recovery_options,
         save_dir=str(folder),
         **calibrate,
     )

@@ -14,7 +14,7 @@ from ..core.structure import SparsityStructure, parse_structure
 from ..core.targets import validate_patterns
 from ..methods.base import PruningMethod, Refinement
 from ..methods.owl import OWL
-from ..methods.registry import get_allocation, get_method, get_refinement
+from ..methods.registry import REFINEMENTS, get_allocation, get_method, get_refinement
 
 __all__ = ["PruneConfig"]
 
@@ -69,7 +69,13 @@ class PruneConfig:
         owl = get_allocation(allocation)
         reconstruction = Reconstruction() if refine == "reconstruct" else refine
         reconstructs = isinstance(reconstruction, Reconstruction)
-        refinement = None if reconstructs else get_refinement(refine)  # type: ignore[arg-type]
+        try:
+            refinement = None if reconstructs else get_refinement(refine)  # type: ignore[arg-type]
+        except ValueError:
+            raise ValueError(
+                f"`refine` must be one of {[*REFINEMENTS, 'reconstruct']}, a Refinement or a Reconstruction, got "
+                f"{refine!r}"
+            ) from None
         calibration = options_or_default(options)
         if reconstructs and not calibration.sequential:
             raise ValueError(

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 from ..core.options import CalibrationOptions, options_or_default
 from ..core.reconstruction import Reconstruction
 from .methods import WidthMethod, get_width_method
+from .updates import UPDATES
 
 __all__ = ["RECONSTRUCT", "WIDTHS", "ShrinkConfig", "Widths", "units_to_remove"]
 
@@ -97,7 +98,11 @@ class ShrinkConfig:
         if isinstance(reconstruction, Reconstruction):
             width_method = width_method.with_update("least-squares")
         elif update is not None:
-            width_method = width_method.with_update(update)  # type: ignore[arg-type]
+            if update not in UPDATES:
+                raise ValueError(
+                    f"`update` must be one of {[*UPDATES, RECONSTRUCT]} or a Reconstruction, got {update!r}"
+                )
+            width_method = width_method.with_update(update)
         if widths not in WIDTHS:
             raise ValueError(f"`widths` must be one of {list(WIDTHS)}, got {widths!r}")
         calibration = options_or_default(options)
