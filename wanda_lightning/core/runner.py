@@ -25,6 +25,7 @@ from ..distributed.sharding import ShardedLayout, same_count_on_every_rank
 from ..distributed.streaming import SafetensorsCheckpoint
 from .batches import ForwardFn, batch_size_of, prepare_batches
 from .blocks import BlockStack, find_block_stack
+from .calibration_record import CalibrationRecord
 from .options import CalibrationOptions
 from .pipeline import Action, BlockCallback, CalibrationPipeline, StatisticsSync
 from .reconstruction import Reconstruction
@@ -141,23 +142,20 @@ class CalibrationRun:
         self.pipeline.run(action, self.batches)
         return self.pipeline.calibration_seconds
 
-    def reconstruction_record(self) -> dict[str, Any]:
-        """The :class:`~wanda_lightning.core.calibration_record.CalibrationRecord` fields of block reconstruction,
-        known after :meth:`run` (empty without it)."""
+    def record_reconstruction(self, report: CalibrationRecord) -> None:
+        """Fills ``report``'s block reconstruction fields after :meth:`run` (nothing without reconstruction)."""
         pipeline = self.pipeline
         if pipeline.reconstruction is None:
-            return {}
+            return
         fits = pipeline.block_fits
-        return {
-            "reconstruction": pipeline.reconstruction.describe(),
-            "reconstruction_seconds": pipeline.reconstruction_seconds,
-            "dense_forward_seconds": pipeline.dense_seconds,
-            "reconstruction_error": (
-                sum(f.error_before for f in fits) / max(1, len(fits)),
-                sum(f.error_after for f in fits) / max(1, len(fits)),
-            ),
-            "reconstruction_undone": sum(not f.kept for f in fits),
-        }
+        report.reconstruction = pipeline.reconstruction.describe()
+        report.reconstruction_seconds = pipeline.reconstruction_seconds
+        report.dense_forward_seconds = pipeline.dense_seconds
+        report.reconstruction_error = (
+            sum(f.error_before for f in fits) / max(1, len(fits)),
+            sum(f.error_after for f in fits) / max(1, len(fits)),
+        )
+        report.reconstruction_undone = sum(not f.kept for f in fits)
 
 
 def prepare_calibration(

@@ -271,8 +271,7 @@ def prune_with(
     )
     action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
     report.calibration_seconds = run.run(action)
-    for key, value in run.reconstruction_record().items():
-        setattr(report, key, value)
+    run.record_reconstruction(report)
     warn_once_per_kind(report.warnings)
     if layout is not None and layout.sharded_layers:
         _gather_layer_counts(report, layout)

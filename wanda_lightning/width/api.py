@@ -296,8 +296,7 @@ def shrink_with(
         else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
     )
     report.calibration_seconds = run.run(action)
-    for key, value in run.reconstruction_record().items():
-        setattr(report, key, value)
+    run.record_reconstruction(report)
     if plan.config_owner is not None:
         for key, value in plan.config_updates.items():
             setattr(plan.config_owner.config, key, value)
