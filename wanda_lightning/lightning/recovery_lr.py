@@ -2,9 +2,9 @@
 without editing ``configure_optimizers``.
 
 Recovery needs a far higher learning rate than fine-tuning: about a fifth of the pretraining peak for ~50 % pruning,
-more for more (NVIDIA Model-Optimizer's pruning guide; SmolLM2-135M's peak is 3e-3). Measured on SmolLM2 shrunk by
-half its MLP and fine-tuned on pydoc: 5e-4 with 10 warm-up steps and a cosine decay to 10 % took 20 steps of
-distillation from 2.37x to 1.88x the fine-tuned model's perplexity, where 1e-4 stayed above 2.3x.
+more for more (NVIDIA Model-Optimizer's pruning guide; SmolLM2-135M's peak is 3e-3). On SmolLM2 shrunk by half its
+MLP after fine-tuning on pydoc, 20 steps of distillation at 1e-4 left it at 2.37x the fine-tuned model's perplexity,
+and 20 steps at 5e-4 (10 warm-up steps, cosine to 10 %) at 1.88x (``benchmarks/bench_recovery.py`` runs it for 200).
 
 :class:`RecoverySchedule` sets every optimizer's learning rate to it from the step the callback acted at: a linear
 warm-up, then a cosine decay to ``final_ratio`` of it at the fit's last step, replacing the trainer's schedulers for
