@@ -13,10 +13,32 @@ __all__ = ["ForwardFn", "batch_size_of", "default_forward", "move_to", "prepare_
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Applies ``fn`` to every tensor inside nested tuples (named ones too), lists and mappings (subclasses such as
+    transformers' ``BatchEncoding`` kept); everything else is returned as is.
+
+    Example::
+
+        >>> map_tensors({"x": (torch.ones(1), 2)}, lambda t: 2 * t)
+        {'x': (tensor([2.]), 2)}
+    """
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in obj.items()}
+        return mapped if type(obj) is dict else type(obj)(mapped)  # type: ignore[call-arg]
+    return obj
+
+
 def move_to(obj: Any, device: torch.device | None) -> Any:
     """Moves every tensor inside nested tuples, lists and mappings to ``device`` (``None``: unchanged)."""
     if device is None:
         return obj
+    return map_tensors(obj, lambda tensor: tensor.to(device, non_blocking=True))
     if isinstance(obj, Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -26,7 +48,7 @@ def move_to(obj: Any, device: torch.device | None) -> Any:
     if isinstance(obj, Mapping):
         moved = {k: move_to(v, device) for k, v in obj.items()}
         # Keep mapping subclasses such as transformers' BatchEncoding.
-        return moved if type(obj) is dict else type(obj)(moved)  # type: ignore[call-arg]
+        return moved if type(obj) is dict else type(obj)(moved)
     return obj
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .batches import map_tensors
 from .validation import check_number, check_positive
 
 __all__ = ["BlockFit", "Reconstruction", "reconstruct_block", "reconstruction_error"]
@@ -112,15 +113,8 @@ def reconstruction_error(output: Tensor, target: Tensor, token_mask: Tensor | No
 
 
 def _float32(value: object) -> object:
-    if isinstance(value, Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_float32(v) for v in value)
-    if isinstance(value, list):
-        return [_float32(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _float32(v) for k, v in value.items()}
-    return value
+    """``value`` with every floating-point tensor in it cast to float32."""
+    return map_tensors(value, lambda tensor: tensor.float() if tensor.is_floating_point() else tensor)
 
 
 def reconstruct_block(
@@ -175,11 +169,9 @@ def reconstruct_block(
     work = block if dtypes == {torch.float32} else copy.deepcopy(block).float()
     cast: Callable[[object], object] = (lambda value: value) if work is block else _float32
     trained = [work.get_parameter(name) for name in names]
+    held = {id(p): mask for p, mask in zip(parameters, held_zero, strict=True) if mask is not None}
     masks = {
-        name: mask.to(work.get_parameter(name).device)
-        for name, p in block.named_parameters()
-        for param, mask in zip(parameters, held_zero, strict=True)
-        if param is p and mask is not None
+        name: held[id(p)].to(work.get_parameter(name).device) for name, p in block.named_parameters() if id(p) in held
     }
     saved = [p.detach().clone() for p in trained]
     flags = [(p, p.requires_grad) for p in work.parameters()]

@@ -80,10 +80,9 @@ class RecoverySchedule:
 
         configs = []
         for optimizer in trainer.optimizers:
-            top = max(float(group["lr"]) for group in optimizer.param_groups) or 1.0
+            top = max(float(group["lr"]) for group in optimizer.param_groups)
             for group in optimizer.param_groups:
-                share = float(group["lr"]) / top if top > 0 else 1.0
-                group["initial_lr"] = self.learning_rate * share
+                group["initial_lr"] = self.learning_rate * (float(group["lr"]) / top if top > 0 else 1.0)
             configs.append(LRSchedulerConfig(LambdaLR(optimizer, factor), interval="step"))
         trainer.strategy.lr_scheduler_configs = configs
         self._installed_for = trainer.optimizers
