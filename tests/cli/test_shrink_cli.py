@@ -57,11 +57,30 @@ def test_shrink_writes_a_folder_stock_from_pretrained_loads(dense_dir, tmp_path,
     assert code == 0, stderr
 
 
+def test_shrink_removes_blocks_with_layers(dense_dir, tmp_path, capsys):
+    out = tmp_path / "shallow"
+    code, stdout, stderr = run_cli(capsys, "shrink", dense_dir, "--out", out, "--layers", "0.5", *PRUNE_FAST, "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)["report"]
+    assert report["config_updates"] == {"num_hidden_layers": 1}
+    from wanda_lightning.data.corpus import split_tokens
+
+    dense = transformers.AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+    windows = split_tokens(char_tokenizer(), num_samples=4, seqlen=32).calibration
+    expected = shrink(dense, [{"input_ids": windows}], layers=0.5)
+    assert report["removed_blocks"] == expected.removed_blocks and report["block_scores"] == expected.block_scores
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert len(loaded.model.layers) == 1
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=windows[:2]).logits, dense(input_ids=windows[:2]).logits)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--mlp", "1.5"], "`mlp` must be a fraction in [0, 1), got 1.5"),
-        ([], "`mlp` and `heads` are both 0"),
+        ([], "`mlp`, `heads` and `layers` are all 0"),
+        (["--layers", "0.2"], "`layers`=0.2 of 2 blocks in the block stack `model.layers` rounds to none"),
         (["--heads", "0.1"], "rounds to none"),
         (["--mlp", "0.5", "--samples", "0"], "--samples must be a positive integer"),
     ],

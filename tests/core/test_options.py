@@ -103,6 +103,8 @@ def test_shrink_config_to_dict_and_batches_as_given():
     assert config.to_dict() == {
         "mlp": 0.5,
         "heads": 0.0,
+        "layers": 0.0,
+        "layer_score": "influence",
         "method": "flap",
         "widths": "uniform",
         **CalibrationOptions(num_samples=8, device="cpu").to_dict(),

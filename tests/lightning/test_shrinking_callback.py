@@ -226,7 +226,7 @@ def test_spawning_strategies_are_refused_before_anything_runs():
     ("kwargs", "match"),
     [
         ({"mlp": 1.5}, r"`mlp` must be a fraction in \[0, 1\), got 1.5"),
-        ({"mlp": 0.0}, r"`mlp` and `heads` are both 0"),
+        ({"mlp": 0.0}, r"`mlp`, `heads` and `layers` are all 0"),
         ({"mlp": 0.5, "method": "random"}, r"`method` must be one of"),
         ({"mlp": 0.5, "prune_on": "checkpoint"}, r"`prune_on`='checkpoint' is not offered for shrinking"),
         ({"mlp": 0.5, "prune_on": Schedule(end_step=10)}, r"`prune_on`='schedule' is not offered for shrinking"),
@@ -390,3 +390,45 @@ def test_reconstruction_in_the_callback_matches_shrink(tmp_path):
     for name, tensor in dense.model.state_dict().items():
         torch.testing.assert_close(after.at_train_start[f"model.{name}"], tensor, rtol=1e-5, atol=1e-7, msg=name)
     assert "block reconstruction (4 steps" in shrinking.summary()
+
+
+def _deep_run(root: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[CausalLMModule, WandaShrinkCallback]:
+    torch.manual_seed(0)
+    module = CausalLMModule(config={**CONFIG, "num_hidden_layers": 4}, learning_rate=1e-2)
+    shrinking = WandaShrinkCallback(
+        mlp=0.5,
+        layers=0.5,
+        prune_on="train_step",
+        step=2,
+        evaluate=False,
+        calibration_options=CalibrationOptions(num_samples=8),
+    )
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=4)
+    trainer = make_trainer(root, max_steps=max_steps, callbacks=[shrinking, checkpoints], enable_checkpointing=True)
+    trainer.fit(module, loader(16, seed=1), loader(8, seed=2), ckpt_path=ckpt_path)
+    return module, shrinking
+
+
+def test_depth_pruning_mid_fit_distils_resumes_and_loads(tmp_path):
+    uninterrupted, shrinking = _deep_run(tmp_path / "a", max_steps=6)
+    report = shrinking.report
+    assert report.blocks_before == 4 and len(report.removed_blocks) == 2
+    assert len(uninterrupted.model.model.layers) == 2 and uninterrupted.model.config.num_hidden_layers == 2
+    assert _widths(uninterrupted)[0] == 64
+    assert "4 -> 2" in shrinking.summary()
+
+    _deep_run(tmp_path / "b", max_steps=4)  # shrinks at step 2, saves at step 4 with the teacher
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["wanda_removed_blocks"] == {"model.model.layers": report.removed_blocks}
+    resumed, _ = _deep_run(tmp_path / "c", max_steps=6, ckpt_path=str(last))
+    expected = uninterrupted.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+    loaded = load_shrunk_checkpoint(CausalLMModule, last)
+    assert len(loaded.model.model.layers) == 2 and loaded.model.config.num_hidden_layers == 2
+    assert loaded.state_dict().keys() == saved["state_dict"].keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved["state_dict"][name]), name

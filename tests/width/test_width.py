@@ -275,7 +275,7 @@ def test_unit_groups_of_each_family():
         ("llama", dict(mlp=1.0), ValueError, ["`mlp`", "1.0", "[0, 1)"]),
         ("llama", dict(mlp=-0.1), ValueError, ["`mlp`", "-0.1"]),
         ("llama", dict(heads=True), TypeError, ["`heads`", "True"]),
-        ("llama", dict(mlp=0.0, heads=0.0), ValueError, ["`mlp` and `heads` are both 0"]),
+        ("llama", dict(mlp=0.0, heads=0.0), ValueError, ["`mlp`, `heads` and `layers` are all 0"]),
         ("llama", dict(heads=0.2), ValueError, ["`heads`=0.2", "rounds to none"]),
         ("llama", dict(heads=0.8), ValueError, ["`heads`=0.8", "removes all"]),
         ("llama", dict(mlp=0.5, method="nope"), ValueError, ["`method`", "'nope'", "wanda-sp"]),

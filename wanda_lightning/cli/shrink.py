@@ -1,8 +1,9 @@
-"""remove whole MLP hidden units and attention heads; write a smaller, faster plain transformers model
+"""remove whole blocks, MLP hidden units and attention heads; write a smaller, faster plain transformers model
 
-Width-prune MODEL from calibration text: remove the lowest-scoring MLP hidden units and attention heads (key/value
-groups under grouped-query attention) of every layer, rewrite the config, and write a folder that stock from_pretrained
-loads. Recover the quality by fine-tuning, ideally with WandaShrinkCallback (distillation).
+Shrink MODEL from calibration text: remove the decoder blocks that change their input least (--layers), and the
+lowest-scoring MLP hidden units and attention heads (key/value groups under grouped-query attention) of every layer,
+rewrite the config, and write a folder that stock from_pretrained loads. Recover the quality by fine-tuning, ideally
+with WandaShrinkCallback (distillation).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..core.options import CalibrationOptions
 from ..core.validation import as_device
+from ..depth.scores import LAYER_SCORES
 from ..width.config import RECONSTRUCT
 from ..width.methods import WIDTH_METHODS
 from ..width.updates import UPDATES
@@ -37,6 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP hidden units removed (default 0)")
     parser.add_argument(
         "--heads", type=float, default=0.0, help="fraction of attention heads / key-value groups removed (default 0)"
+    )
+    parser.add_argument(
+        "--layers", type=float, default=0.0, help="fraction of decoder blocks removed, whole blocks (default 0)"
+    )
+    parser.add_argument(
+        "--layer-score",
+        default="influence",
+        choices=list(LAYER_SCORES),
+        help="how blocks are ranked: influence (1 - cosine of a block's input and output; default) or angular (the "
+        "closest run of consecutive blocks)",
     )
     parser.add_argument(
         "--method",
@@ -78,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         update=args.update,
         options=CalibrationOptions(num_samples=None),
+        layers=args.layers,
+        layer_score=args.layer_score,
     )
     check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
     loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"MODEL {args.model!r} is not a transformers model: `shrink` writes transformers folders")
     model = found[0]
     batches: list[Any] = []
-    if config.method.needs_data:
+    if config.layers or config.method.needs_data:
         windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
         batches = [{"input_ids": w} for w in windows.split(args.batch_size)]
     if args.device is not None:

@@ -112,3 +112,8 @@ def local_tensor(tensor: Tensor) -> Tensor:
     if is_dtensor(tensor):
         return tensor.to_local()  # type: ignore[attr-defined]
     return tensor
+
+
+def describe_family(config: Any) -> str:
+    """``"llama"`` or the config class name, for messages."""
+    return str(getattr(config, "model_type", None) or type(config).__name__)

@@ -51,6 +51,7 @@ from .target_layer import TargetLayer
 __all__ = [
     "Action",
     "BlockCallback",
+    "BlockObserver",
     "CalibrationPipeline",
     "StatisticsSync",
     "Step",
@@ -62,6 +63,10 @@ StatisticsSync = Callable[[list[Tensor]], None]
 """Sums statistic tensors across processes in place (an all-reduce), so that every process acts alike."""
 BlockCallback = Callable[[str, nn.Module], None]
 """Called as ``callback(block_name, block)`` once a block is done and has produced the next block's inputs."""
+
+BlockObserver = Callable[[int, list[Tensor], list[Tensor], list["Tensor | None"]], None]
+"""Called as ``observe(block_index, inputs, outputs, token_masks)`` by :meth:`CalibrationPipeline.trace`: one entry
+per calibration batch, the hidden states going into and out of the block and the batch's mask of counted tokens."""
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
@@ -364,6 +369,28 @@ class CalibrationPipeline:
         self._finish(collector, self._already_changed())
         return collector.statistics
 
+    def trace(self, batches: list[Any], observe: BlockObserver) -> None:
+        """One pass of the unchanged model through the block stack: ``observe(index, inputs, outputs, token_masks)``
+        sees every block's input and output hidden states on every batch (on the offload device), in block order.
+        Nothing is changed; the time counts as calibration.
+
+        Raises:
+            ValueError: Without a block stack, or when the forward never reaches its first block.
+        """
+        if self.stack is None:
+            raise ValueError("tracing hidden states block by block needs a block stack; name it with `blocks`")
+        start = time.perf_counter()
+        with calibration_mode(self.model):
+            records, _ = self._capture(batches, [], {})
+            masks = [record.token_mask for record in records]
+            for index, block in enumerate(tqdm(self.stack.blocks, desc="tracing blocks", disable=not self.progress)):
+                with self._placed(index, block, [], records) as compute:
+                    outputs = [move_to(_run_block(block, record, compute), self.offload_device) for record in records]
+                observe(index, [record.hidden for record in records], outputs, masks)
+                for record, output in zip(records, outputs, strict=True):
+                    record.hidden = output
+        self.calibration_seconds += time.perf_counter() - start
+
     # --- the passes ---------------------------------------------------------------------------------------------------
 
     def _apply(
@@ -501,18 +528,7 @@ class CalibrationPipeline:
         dense = [record.hidden for record in records] if self.reconstruction is not None else None
         for index, block in enumerate(tqdm(stack.blocks, desc="calibrating blocks", disable=not self.progress)):
             layers = by_block.get(index, [])
-            streamed = self.source is not None and bool(meta_tensor_names(block))
-            if streamed:
-                assert self.source is not None
-                home = self.device or input_device(self.model)
-                self.source.materialize(block, f"{stack.block_name(index)}.", home)
-                check_finite(layers, f" (read from the checkpoint for block {index}){self._already_changed()}")
-            else:
-                home = module_device(block)
-            compute = self.device or home or records[0].hidden.device
-            if self.device is not None and home is not None and home != self.device:
-                block.to(self.device)
-            try:
+            with self._placed(index, block, layers, records) as compute:
                 # The dense block's outputs on the dense stream, taken before the action changes the block.
                 targets = self._dense_outputs(block, records, dense, compute) if dense is not None else None
                 if layers:
@@ -528,11 +544,6 @@ class CalibrationPipeline:
                     for record in records:
                         record.hidden = move_to(_run_block(block, record, compute), self.offload_device)
                     self.calibration_seconds += time.perf_counter() - start
-            finally:
-                if streamed and self.offload_device is not None:
-                    block.to(self.offload_device)
-                elif not streamed and self.device is not None and home is not None and home != self.device:
-                    block.to(home)
             self._done_blocks = index + 1
             if self.on_block_done is not None:
                 self.on_block_done(stack.block_name(index), block)
@@ -541,6 +552,32 @@ class CalibrationPipeline:
         if after:
             # Layers after the stack (say an explicitly targeted head) are calibrated on the changed model.
             self._apply(action, after, self.collect(after, batches, factories))
+
+    @contextmanager
+    def _placed(
+        self, index: int, block: nn.Module, layers: list[TargetLayer], records: list[_BlockInput]
+    ) -> Iterator[torch.device]:
+        """Block ``index`` ready to run (read from the checkpoint if on the meta device, moved to the compute device)
+        for the ``with`` block, which gets the compute device; put back after."""
+        assert self.stack is not None
+        streamed = self.source is not None and bool(meta_tensor_names(block))
+        if streamed:
+            assert self.source is not None
+            home = self.device or input_device(self.model)
+            self.source.materialize(block, f"{self.stack.block_name(index)}.", home)
+            check_finite(layers, f" (read from the checkpoint for block {index}){self._already_changed()}")
+        else:
+            home = module_device(block)
+        compute = self.device or home or records[0].hidden.device
+        if self.device is not None and home is not None and home != self.device:
+            block.to(self.device)
+        try:
+            yield compute
+        finally:
+            if streamed and self.offload_device is not None:
+                block.to(self.offload_device)
+            elif not streamed and self.device is not None and home is not None and home != self.device:
+                block.to(home)
 
     def _dense_outputs(
         self, block: nn.Module, records: list[_BlockInput], dense: list[Tensor], compute: torch.device

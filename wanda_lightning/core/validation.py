@@ -7,6 +7,7 @@ Each check raises ``ValueError`` or ``TypeError`` naming the argument (``name``:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "check_number",
     "check_positive",
     "describe_argument",
+    "units_to_remove",
 ]
 
 
@@ -141,3 +143,27 @@ def check_directory(value: Any, name: str) -> None:
     """
     if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
         raise TypeError(f"{describe_argument(name)} must be a directory path or None, got {value!r}")
+
+
+def units_to_remove(fraction: float, units: int, argument: str, where: str, noun: str = "unit") -> int:
+    """``fraction * units`` rounded to the nearest whole unit (halves up), refusing a non-zero fraction that removes no
+    unit or every unit; ``noun`` names a unit in messages.
+
+    Example::
+
+        >>> units_to_remove(0.33, 3, "heads", "model.layers.0.self_attn.o_proj")
+        1
+        >>> units_to_remove(0.1, 3, "heads", "o_proj")
+        Traceback (most recent call last):
+        ...
+        ValueError: `heads`=0.1 of 3 units in o_proj rounds to none; use at least 0.166667 (one unit), or 0
+    """
+    count = math.floor(fraction * units + 0.5)
+    if fraction > 0 and count == 0:
+        raise ValueError(
+            f"`{argument}`={fraction:g} of {units} {noun}s in {where} rounds to none; use at least "
+            f"{0.5 / units:g} (one {noun}), or 0"
+        )
+    if count >= units:
+        raise ValueError(f"`{argument}`={fraction:g} of {units} {noun}s in {where} removes all of them; use less")
+    return count

@@ -284,6 +284,8 @@ class DistillationPhase:
         self.distiller: Distiller | None = None
         self._saved_teacher: dict[str, Any] | None = None
         self._undo: Callable[[], None] | None = None
+        #: What a resumed teacher is rebuilt from instead of a copy of the student (when the student lost blocks).
+        self.template: nn.Module | None = None
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -320,7 +322,8 @@ class DistillationPhase:
             return
         if self._saved_teacher is None:
             return
-        teacher = copy.deepcopy(student_of(pl_module))
+        teacher = self.template if self.template is not None else copy.deepcopy(student_of(pl_module))
+        self.template = None
         fit_to_state_dict(teacher, self._saved_teacher)
         teacher.load_state_dict(self._saved_teacher)
         self._saved_teacher = None

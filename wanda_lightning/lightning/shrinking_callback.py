@@ -12,6 +12,7 @@ rebuilt for the new parameters, checkpoints of the new shapes resumed (:mod:`.sh
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader
 from ..core.options import CalibrationOptions
 from ..core.reconstruction import Reconstruction
 from ..core.validation import check_directory
+from ..depth.api import plan_depth
+from ..depth.scores import LayerScore
 from ..width.api import plan_shrink, shrink_with
 from ..width.config import ShrinkConfig, Widths
 from ..width.groups import find_unit_groups
@@ -30,10 +33,10 @@ from ..width.report import ShrinkReport
 from ..width.saving import save_plain_pretrained
 from .calibrated_callback import CalibratedCallback
 from .calibration import CalibrationSource
-from .distillation import Distillation, student_of
+from .distillation import TEACHER_KEY, Distillation, student_of
 from .errors import misconfiguration
 from .progress import TrainerProgress
-from .shrunk_checkpoints import wrap_loads
+from .shrunk_checkpoints import REMOVED_BLOCKS_KEY, wrap_loads
 from .strategies import rebuild_optimizers, strategy_sync
 from .triggers import Due, Trigger
 
@@ -43,7 +46,8 @@ ShrinkOn = Literal["fit_start", "train_step", "train_epoch_end", "fit_end", "val
 
 
 class WandaShrinkCallback(CalibratedCallback):
-    r"""Shrinks the LightningModule's model by whole MLP hidden units and attention heads, then lets it recover.
+    r"""Shrinks the LightningModule's model by whole blocks, MLP hidden units and attention heads, then lets it
+    recover.
 
     At the chosen point (``prune_on``) the callback calibrates on the run's batches (the validation dataloader by
     default), measures the module's validation metrics, removes the lowest-scoring units of every block
@@ -80,6 +84,11 @@ class WandaShrinkCallback(CalibratedCallback):
             sets its steps and learning rate); ``None``: the method's default.
         widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
             transformers config, see :func:`~wanda_lightning.shrink`).
+        layers: Fraction of the decoder blocks to remove (depth pruning), in ``[0, 1)``, rounded to whole blocks;
+            the blocks go first, then the widths are calibrated on the shorter model. Checkpoints name the removed
+            blocks, so resuming and :func:`~wanda_lightning.load_shrunk_checkpoint` remove the same ones.
+        layer_score: ``"influence"`` (block influence, default) or ``"angular"`` (the closest run of consecutive
+            blocks); see :func:`~wanda_lightning.shrink`.
         calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
             :class:`~wanda_lightning.WandaPruningCallback`.
         calibration_options: How calibration runs (:class:`~wanda_lightning.CalibrationOptions`: ``num_samples``
@@ -128,6 +137,8 @@ class WandaShrinkCallback(CalibratedCallback):
         *,
         update: Update | Literal["reconstruct"] | Reconstruction | None = None,
         widths: Widths = "uniform",
+        layers: float = 0.0,
+        layer_score: LayerScore = "influence",
         calibration: CalibrationSource | DataLoader = "val",
         calibration_options: CalibrationOptions | None = None,
         prune_on: ShrinkOn | Trigger = "fit_end",
@@ -146,11 +157,14 @@ class WandaShrinkCallback(CalibratedCallback):
                 update=update,
                 widths=widths,
                 options=CalibrationOptions.resolve(calibration_options),
+                layers=layers,
+                layer_score=layer_score,
             )
             check_directory(save_dir, "save_dir")
         super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
         self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
         self.update = update
+        self.layers, self.layer_score = self._config.layers, layer_score
         self.save_dir = save_dir
         self.shrunk = False
         self._undo: list[Callable[[], None]] = []
@@ -178,17 +192,24 @@ class WandaShrinkCallback(CalibratedCallback):
             )
 
     def check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan_shrink(pl_module, self._config)  # the layout, the counts and the config, checked on the live model
+        # The layout, the counts and the config, checked on the live model.
+        if self._config.layers:
+            plan_depth(pl_module, self._config.layers, self._config.options)
+        if self._config.kinds:
+            plan_shrink(pl_module, self._config)
 
     def apply(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due
     ) -> ShrinkReport:
         """Shrinks with :func:`~wanda_lightning.width.shrink_with`, with a progress bar over the blocks."""
         config = self._config
-        # One group of the first kind per block: the bar advances as each block is done.
-        blocks = [g for g in find_unit_groups(pl_module, None, [config.kinds[0]]) if g.kind == config.kinds[0]]
+        # One group of the first kind per block that stays: the bar advances as each block is done.
+        kinds = config.kinds[:1]
+        blocks = len([g for g in find_unit_groups(pl_module, None, list(kinds)) if g.kind in kinds])
+        if config.layers and blocks:
+            blocks -= plan_depth(pl_module, config.layers, config.options).count
         what = "Shrinking and reconstructing blocks" if config.reconstruction is not None else "Shrinking blocks"
-        with misconfiguration(), TrainerProgress(trainer, what, len(blocks)) as progress:
+        with misconfiguration(), TrainerProgress(trainer, what, blocks) as progress:
             report = shrink_with(
                 pl_module,
                 batches,
@@ -229,7 +250,12 @@ class WandaShrinkCallback(CalibratedCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Checks the strategy and makes checkpoint loading resize the module to the checkpoint."""
         super().setup(trainer, pl_module, stage)
-        self._undo.append(wrap_loads(pl_module))
+        self._undo.append(wrap_loads(pl_module, lambda checkpoint: self._keep_full_depth(pl_module, checkpoint)))
+
+    def _keep_full_depth(self, pl_module: pl.LightningModule, checkpoint: Mapping[str, Any]) -> None:
+        """A resumed teacher that has blocks the student lost is rebuilt from the module as built, before they go."""
+        if checkpoint.get(REMOVED_BLOCKS_KEY) and checkpoint.get(TEACHER_KEY) is not None:
+            self._distillation.template = copy.deepcopy(student_of(pl_module))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Undoes the wrappers."""
@@ -238,6 +264,15 @@ class WandaShrinkCallback(CalibratedCallback):
             self._undo.pop()()
 
     # --- state -------------------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Also names the blocks depth pruning removed, so that a module built at full depth loses the same ones."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        report = self.report
+        if self.shrunk and report is not None and report.removed_blocks and report.removed_from is not None:
+            checkpoint[REMOVED_BLOCKS_KEY] = {report.removed_from: list(report.removed_blocks)}
 
     def extra_state(self) -> dict[str, Any]:
         """Whether the model was shrunk."""

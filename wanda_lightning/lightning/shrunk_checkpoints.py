@@ -1,5 +1,7 @@
-"""Loading and continuing width-pruned (shrunk) models in Lightning: checkpoints hold the new shapes, so the module
-built at its original size is resized to the checkpoint before its weights are loaded."""
+"""Loading and continuing shrunk models in Lightning: checkpoints hold the new shapes, so the module built at its
+original size is resized to the checkpoint before its weights are loaded. Blocks removed by depth pruning are named
+in the checkpoint (:data:`REMOVED_BLOCKS_KEY`, written by the callback), so the same blocks go, whatever each
+computes differently (a sliding-window block stays one)."""
 
 from __future__ import annotations
 
@@ -10,38 +12,69 @@ from typing import Any, TypeVar, cast
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
+from ..core.blocks import BlockStack
 from ..core.layers import find_pretrained
+from ..depth.surgery import remove_blocks
 from ..width.hf_config import sync_config
 from ..width.surgery import fit_to_state_dict
 
-__all__ = ["fit_module_to_checkpoint", "load_shrunk_checkpoint", "unwrap_loads", "wrap_loads"]
+__all__ = [
+    "REMOVED_BLOCKS_KEY",
+    "fit_module_to_checkpoint",
+    "load_shrunk_checkpoint",
+    "removed_blocks_of",
+    "unwrap_loads",
+    "wrap_loads",
+]
+
+#: Checkpoint entry ``{stack name: [removed block indices]}`` (indices into the stack as the module is built).
+REMOVED_BLOCKS_KEY = "wanda_removed_blocks"
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
 
 
-def fit_module_to_checkpoint(module: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Resizes ``module``'s layers to ``state_dict``'s shapes and rewrites the config of the transformers model it
-    holds to match; returns the resized layers' names."""
+def removed_blocks_of(checkpoint: Mapping[str, Any]) -> dict[str, list[int]]:
+    """The blocks depth pruning removed, as the checkpoint names them (empty when none were)."""
+    found = checkpoint.get(REMOVED_BLOCKS_KEY) or {}
+    return {str(name): [int(i) for i in indices] for name, indices in found.items()}
+
+
+def fit_module_to_checkpoint(
+    module: nn.Module, state_dict: Mapping[str, Tensor], removed_blocks: Mapping[str, list[int]] | None = None
+) -> list[str]:
+    """Removes ``removed_blocks`` (``{stack name: indices}``) from ``module`` where it still has them, resizes its
+    layers to ``state_dict``'s shapes and rewrites the config of the transformers model it holds to match; returns
+    the resized layers' names."""
+    try:
+        found = find_pretrained(module)
+    except TypeError:
+        found = None
+    config = found[0].config if found is not None else None
+    for name, indices in (removed_blocks or {}).items():
+        blocks = list(module.get_submodule(name).children())
+        saved = {key[len(name) + 1 :].split(".", 1)[0] for key in state_dict if key.startswith(f"{name}.")}
+        if len(blocks) == len(saved) + len(indices):  # not yet removed from this module
+            remove_blocks(module, BlockStack(name, blocks), indices, config)
     resized = fit_to_state_dict(module, state_dict)
-    if resized:
-        try:
-            found = find_pretrained(module)
-        except TypeError:
-            found = None
-        if found is not None:
-            sync_config(found[0])
+    if resized and found is not None:
+        sync_config(found[0])
     return resized
 
 
-def wrap_loads(pl_module: pl.LightningModule) -> Callable[[], None]:
+def wrap_loads(
+    pl_module: pl.LightningModule, before_resize: Callable[[dict[str, Any]], None] | None = None
+) -> Callable[[], None]:
     """Makes ``pl_module.on_load_checkpoint`` resize the module to the checkpoint first (Lightning calls it before it
-    loads the state dict, when resuming with ``Trainer.fit(ckpt_path=...)``); returns the function that undoes it."""
+    loads the state dict, when resuming with ``Trainer.fit(ckpt_path=...)``); ``before_resize(checkpoint)`` runs just
+    before, on the module as it was built. Returns the function that undoes it."""
     original = pl_module.on_load_checkpoint
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
-            fit_module_to_checkpoint(pl_module, state)
+            if before_resize is not None:
+                before_resize(checkpoint)
+            fit_module_to_checkpoint(pl_module, state, removed_blocks_of(checkpoint))
         original(checkpoint)
 
     pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
@@ -54,7 +87,7 @@ def unwrap_loads(pl_module: pl.LightningModule) -> None:
 
 
 def load_shrunk_checkpoint(cls: type[ModuleT], checkpoint_path: str | os.PathLike[str], **kwargs: Any) -> ModuleT:
-    """``cls.load_from_checkpoint(checkpoint_path, **kwargs)`` for a checkpoint of a width-pruned model.
+    """``cls.load_from_checkpoint(checkpoint_path, **kwargs)`` for a checkpoint of a shrunk model (widths or depth).
 
     A plain ``load_from_checkpoint`` builds the module at its original size from the saved hyperparameters and
     fails on the checkpoint's smaller shapes; this resizes the module to the checkpoint (and rewrites the transformers
@@ -72,7 +105,7 @@ def load_shrunk_checkpoint(cls: type[ModuleT], checkpoint_path: str | os.PathLik
     def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
-            fit_module_to_checkpoint(self, state)
+            fit_module_to_checkpoint(self, state, removed_blocks_of(checkpoint))
         cls.on_load_checkpoint(self, checkpoint)
 
     # A subclass only for loading: the instance gets its own class back before it is returned.

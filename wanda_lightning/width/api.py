@@ -15,8 +15,10 @@ from ..core.layers import find_pretrained, is_conv1d
 from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
 from ..core.reconstruction import Reconstruction
-from ..core.runner import choose_block_stack, prepare_calibration, with_forward
+from ..core.runner import BlockPlan, choose_block_stack, prepare_calibration, with_forward
 from ..core.target_layer import TargetLayer
+from ..depth.api import plan_depth, prune_depth
+from ..depth.scores import LayerScore
 from ..distributed.sharding import holds_shards
 from ..distributed.streaming import meta_tensor_names
 from .action import AdaptiveShrinkAction, ShrinkAction
@@ -43,12 +45,22 @@ def shrink(
     method: str | WidthMethod = "wanda-sp",
     update: str | Reconstruction | None = None,
     widths: str = "uniform",
+    layers: float = 0.0,
+    layer_score: LayerScore = "influence",
     calibration_options: CalibrationOptions | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
     **options: Unpack[CalibrationFields],
 ) -> ShrinkReport:
-    """Removes whole MLP hidden units and attention heads from ``model``, in place, ranked from calibration data.
+    """Removes whole decoder blocks, MLP hidden units and attention heads from ``model``, in place, ranked from
+    calibration data.
+
+    **Depth** (``layers``): every block is scored in one dense pass over the calibration data by how little it changes
+    its input (:mod:`~wanda_lightning.depth.scores`), the lowest-scoring ones are removed from the block stack, and
+    what a family numbers by layer is renumbered (each attention module's ``layer_idx``, the config's
+    ``num_hidden_layers`` and ``layer_types``), so the KV cache, ``generate`` and stock ``from_pretrained`` work and the
+    shorter model computes exactly what the original computes with those blocks skipped. With widths too, the blocks
+    go first, then the widths are calibrated on the shorter model.
 
     Each block's units are scored from the statistics of the layer that consumes them (``down_proj``'s inputs for the
     MLP hidden units, ``o_proj``'s for the heads), the lowest-scoring ones are removed from that layer's input columns
@@ -85,10 +97,17 @@ def shrink(
             deviation; every layer keeps at least one unit), calibrated in one pass over the unchanged model. For
             modules without a transformers config (one width per model cannot describe the result); with one it is
             refused.
+        layers: Fraction of the decoder blocks to remove, in ``[0, 1)``, rounded to the nearest whole block (``0.2``
+            of 30 blocks: 6); a non-zero fraction that rounds to none, or one that removes all, is refused.
+        layer_score: How blocks are ranked: ``"influence"`` (default; ShortGPT's block influence, one minus the
+            cosine similarity of a block's input and output hidden states over the calibration tokens, lowest
+            removed wherever they are) or ``"angular"`` (Gromov et al.'s angular distance between the input and the
+            output of a run of consecutive blocks; the closest run is removed).
         calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
             (default: its defaults); keywords in ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
-        sync_statistics: In-place all-reduce of statistic tensors (DDP: every process removes the same units).
+        sync_statistics: In-place all-reduce of statistic tensors (DDP: every process removes the same units and
+            blocks).
         **options: Any field of :class:`~wanda_lightning.core.options.CalibrationOptions` as a keyword
             (``num_samples``, ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``,
             ``forward_fn``), documented there; an unknown keyword raises ``TypeError``.
@@ -98,8 +117,9 @@ def shrink(
 
     Raises:
         ValueError, TypeError: For bad arguments, a layout that cannot lose units (fused QKV, a config that derives
-            the head size from the hidden size, unequal widths, a bias the config cannot hold) or sharded weights,
-            before any weight changes.
+            the head size from the hidden size, unequal widths, a bias the config cannot hold) or blocks (no block
+            stack, a config whose layer count is not the stack's, depth-dependent attention scaling, an unknown
+            per-layer config list, an encoder-decoder) or sharded weights, before any weight changes.
 
     Example::
 
@@ -116,7 +136,16 @@ def shrink(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     resolved = CalibrationOptions.resolve(calibration_options, **options)
-    config = ShrinkConfig.create(mlp=mlp, heads=heads, method=method, update=update, widths=widths, options=resolved)
+    config = ShrinkConfig.create(
+        mlp=mlp,
+        heads=heads,
+        method=method,
+        update=update,
+        widths=widths,
+        options=resolved,
+        layers=layers,
+        layer_score=layer_score,
+    )
     return shrink_with(model, calibration, config, progress=progress, sync_statistics=sync_statistics)
 
 
@@ -158,13 +187,7 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
     Raises:
         ValueError: See :func:`shrink`.
     """
-    if meta_tensor_names(model):
-        raise ValueError("parameters on the meta device cannot be shrunk: load or materialise the weights first")
-    if holds_shards(model):
-        raise ValueError(
-            "shrink() needs whole weights, and this model's are sharded across processes (FSDP): removing units "
-            "changes every shard's shape; shrink before sharding, or gather the model first"
-        )
+    _check_whole_weights(model)
     groups = find_unit_groups(model, stack, list(config.kinds))
     found_pretrained = find_pretrained(model)
     adaptive = config.widths == "adaptive"
@@ -260,51 +283,101 @@ def shrink_with(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     options = with_forward(config.options, forward_fn)
     total_start = time.perf_counter()
-    probe = find_unit_groups(model, None, list(config.kinds))
-    layers = [g.target() for g in probe if g.problem is None]
-    adaptive = config.widths == "adaptive"
-    # Adaptive widths rank every layer's units at once.
-    blocks = choose_block_stack(model, layers, options, sequential=options.sequential and not adaptive)
-    plan = plan_shrink(model, config, blocks.stack)
-    layers = [g.target() for g in plan.groups]
-    check_finite(_member_layers(plan.groups), "")
-    needs = config.method.describe() if config.method.needs_data else None
-    run = prepare_calibration(
-        model,
-        layers,
-        calibration,
-        options,
-        blocks,
-        needed_by=needs,
-        sync_statistics=sync_statistics,
-        progress=progress,
-        on_block_done=on_block_done,
-        reconstruction=config.reconstruction,
-    )
+    _check_whole_weights(model)
     report = ShrinkReport(
         method=config.describe_method(),
         mlp=config.mlp,
         heads=config.heads,
+        layers=config.layers,
         parameters_before=parameter_count(model),
         macs_before=linear_macs_per_token(model),
-        **run.record(needs is not None),
     )
-    groups = {g.consumer.name: g for g in plan.groups}
-    action: ShrinkAction = (
-        AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers), plan.biased)
-        if adaptive
-        else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
-    )
-    report.calibration_seconds = run.run(action)
-    run.record_reconstruction(report)
-    if plan.config_owner is not None:
-        for key, value in plan.config_updates.items():
-            setattr(plan.config_owner.config, key, value)
-    report.config_updates = dict(plan.config_updates)
+    # Everything is checked before the first change: the depth plan, then the widths on the model as it is.
+    depth = plan_depth(model, config.layers, options) if config.layers else None
+    width = _plan_widths(model, config, options) if config.kinds else None
+    if depth is not None:
+        run = prepare_calibration(
+            model,
+            depth.layers,
+            calibration,
+            options,
+            depth.blocks,
+            needed_by=f"`layers`={config.layers:g}",
+            sync_statistics=sync_statistics,
+            progress=progress,
+        )
+        result = prune_depth(run.pipeline, run.batches, depth, config.layer_score)
+        report.layer_score = config.layer_score
+        report.blocks_before = len(depth.stack.blocks)
+        report.removed_blocks = result.removed
+        report.removed_from = depth.stack.name
+        report.block_scores = result.scores
+        report.config_updates.update(result.config_updates)
+        report.calibration_seconds += run.pipeline.calibration_seconds
+        _fill_record(report, run.record(True))
+        # The widths are calibrated on the shorter model, on the same batches.
+        calibration, options = run.batches, options.with_batches_as_given()
+        width = _plan_widths(model, config, options) if config.kinds else None
+    if width is not None:
+        blocks, plan = width
+        needs = config.method.describe() if config.method.needs_data else None
+        run = prepare_calibration(
+            model,
+            [g.target() for g in plan.groups],
+            calibration,
+            options,
+            blocks,
+            needed_by=needs,
+            sync_statistics=sync_statistics,
+            progress=progress,
+            on_block_done=on_block_done,
+            reconstruction=config.reconstruction,
+        )
+        _fill_record(report, run.record(needs is not None))
+        groups = {g.consumer.name: g for g in plan.groups}
+        action: ShrinkAction = (
+            AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers), plan.biased)
+            if config.widths == "adaptive"
+            else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
+        )
+        report.calibration_seconds += run.run(action)
+        run.record_reconstruction(report)
+        if plan.config_owner is not None:
+            for key, value in plan.config_updates.items():
+                setattr(plan.config_owner.config, key, value)
+        report.config_updates.update(plan.config_updates)
     report.parameters_after = parameter_count(model)
     report.macs_after = linear_macs_per_token(model)
     report.total_seconds = time.perf_counter() - total_start
     return report
+
+
+def _plan_widths(model: nn.Module, config: ShrinkConfig, options: CalibrationOptions) -> tuple[BlockPlan, ShrinkPlan]:
+    """The block plan and the checked width plan for the model as it is now."""
+    probe = find_unit_groups(model, None, list(config.kinds))
+    layers = [g.target() for g in probe if g.problem is None]
+    # Adaptive widths rank every layer's units at once.
+    sequential = options.sequential and config.widths != "adaptive"
+    blocks = choose_block_stack(model, layers, options, sequential=sequential)
+    plan = plan_shrink(model, config, blocks.stack)
+    check_finite(_member_layers(plan.groups), "")
+    return blocks, plan
+
+
+def _fill_record(report: ShrinkReport, record: dict[str, Any]) -> None:
+    """Sets the calibration fields a run knows beforehand (the later run's, when depth and widths both run)."""
+    for key, value in record.items():
+        setattr(report, key, value)
+
+
+def _check_whole_weights(model: nn.Module) -> None:
+    if meta_tensor_names(model):
+        raise ValueError("parameters on the meta device cannot be shrunk: load or materialise the weights first")
+    if holds_shards(model):
+        raise ValueError(
+            "shrink() needs whole weights, and this model's are sharded across processes (FSDP): removing units "
+            "changes every shard's shape; shrink before sharding, or gather the model first"
+        )
 
 
 def _member_layers(groups: list[UnitGroup]) -> list[TargetLayer]:

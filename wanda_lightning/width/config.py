@@ -9,6 +9,8 @@ from typing import Any, Literal, get_args
 
 from ..core.options import CalibrationOptions, options_or_default
 from ..core.reconstruction import Reconstruction
+from ..core.validation import units_to_remove
+from ..depth.scores import LAYER_SCORES
 from .methods import WidthMethod, get_width_method
 from .updates import UPDATES
 
@@ -29,34 +31,10 @@ def _fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def units_to_remove(fraction: float, units: int, argument: str, where: str) -> int:
-    """``fraction * units`` rounded to the nearest whole unit (halves up), refusing a non-zero fraction that removes no
-    unit or every unit.
-
-    Example::
-
-        >>> units_to_remove(0.33, 3, "heads", "model.layers.0.self_attn.o_proj")
-        1
-        >>> units_to_remove(0.1, 3, "heads", "o_proj")
-        Traceback (most recent call last):
-        ...
-        ValueError: `heads`=0.1 of 3 units in o_proj rounds to none; use at least 0.166667 (one unit), or 0
-    """
-    count = math.floor(fraction * units + 0.5)
-    if fraction > 0 and count == 0:
-        raise ValueError(
-            f"`{argument}`={fraction:g} of {units} units in {where} rounds to none; use at least "
-            f"{0.5 / units:g} (one unit), or 0"
-        )
-    if count >= units:
-        raise ValueError(f"`{argument}`={fraction:g} of {units} units in {where} removes all of them; use less")
-    return count
-
-
 @dataclass(frozen=True)
 class ShrinkConfig:
-    """A validated width-pruning configuration (see :func:`~wanda_lightning.shrink` for the meaning of each field;
-    how calibration runs is ``options``, a :class:`~wanda_lightning.core.options.CalibrationOptions`).
+    """A validated shrinking configuration, widths and depth (see :func:`~wanda_lightning.shrink` for the meaning of
+    each field; how calibration runs is ``options``, a :class:`~wanda_lightning.core.options.CalibrationOptions`).
 
     Example::
 
@@ -71,6 +49,8 @@ class ShrinkConfig:
     widths: str = "uniform"
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
     reconstruction: Reconstruction | None = None
+    layers: float = 0.0
+    layer_score: str = "influence"
 
     @classmethod
     def create(
@@ -82,6 +62,8 @@ class ShrinkConfig:
         update: str | Reconstruction | None = None,
         widths: str = "uniform",
         options: CalibrationOptions | None = None,
+        layers: float = 0.0,
+        layer_score: str = "influence",
     ) -> ShrinkConfig:
         """Checks and resolves every argument; ``options`` defaults to ``CalibrationOptions()``.
         ``update="reconstruct"`` (or a :class:`~wanda_lightning.Reconstruction`) is the least-squares update followed
@@ -91,8 +73,16 @@ class ShrinkConfig:
             ValueError, TypeError: Naming the argument, the value and what is allowed.
         """
         mlp_fraction, heads_fraction = _fraction(mlp, "mlp"), _fraction(heads, "heads")
-        if mlp_fraction == 0 and heads_fraction == 0:
-            raise ValueError("`mlp` and `heads` are both 0: nothing to remove; set one of them in (0, 1)")
+        layers_fraction = _fraction(layers, "layers")
+        if mlp_fraction == 0 and heads_fraction == 0 and layers_fraction == 0:
+            raise ValueError("`mlp`, `heads` and `layers` are all 0: nothing to remove; set one of them in (0, 1)")
+        if layer_score not in LAYER_SCORES:
+            raise ValueError(f"`layer_score` must be one of {list(LAYER_SCORES)}, got {layer_score!r}")
+        if update is not None and mlp_fraction == 0 and heads_fraction == 0:
+            raise ValueError(
+                f"`update`={update!r} acts on the layers that lose units, and `mlp` and `heads` are 0 (only whole "
+                "blocks go): set `mlp` or `heads`, or leave `update` out"
+            )
         width_method = get_width_method(method)
         reconstruction = Reconstruction() if update == RECONSTRUCT else update
         if isinstance(reconstruction, Reconstruction):
@@ -119,6 +109,8 @@ class ShrinkConfig:
             widths=widths,
             options=calibration,
             reconstruction=reconstruction if isinstance(reconstruction, Reconstruction) else None,
+            layers=layers_fraction,
+            layer_score=layer_score,
         )
 
     def describe_method(self) -> str:
@@ -130,7 +122,12 @@ class ShrinkConfig:
             'flap (least-squares update) + block reconstruction (64 steps, lr 0.002)'
         """
         described = self.method.describe()
-        return described if self.reconstruction is None else f"{described} + {self.reconstruction.describe()}"
+        if self.reconstruction is not None:
+            described = f"{described} + {self.reconstruction.describe()}"
+        if not self.layers:
+            return described
+        depth = f"depth ({self.layer_score})"
+        return f"{depth} + {described}" if self.kinds else depth
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -157,6 +154,8 @@ class ShrinkConfig:
         return {
             "mlp": self.mlp,
             "heads": self.heads,
+            "layers": self.layers,
+            "layer_score": self.layer_score,
             "method": self.describe_method(),
             "widths": self.widths,
             **self.options.to_dict(),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.layers import describe_family
 from .groups import UnitGroup, find_unit_groups
 
 __all__ = ["MLP_WIDTH_KEYS", "check_expressible", "config_updates", "describe_family", "sync_config"]
@@ -21,11 +22,6 @@ __all__ = ["MLP_WIDTH_KEYS", "check_expressible", "config_updates", "describe_fa
 #: Config attributes that hold the MLP hidden width, by family (Llama & co., OPT, GPT-2).
 MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 _BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
-
-
-def describe_family(config: Any) -> str:
-    """``"llama"`` or the config class name, for messages."""
-    return str(getattr(config, "model_type", None) or type(config).__name__)
 
 
 def config_updates(

@@ -81,7 +81,14 @@ class ShrinkReport(CalibrationRecord):
         parameters_after: ... after.
         macs_before: Linear multiply-accumulates per token before (:func:`linear_macs_per_token`).
         macs_after: ... after.
-        config_updates: Config attributes rewritten (``intermediate_size``, ``num_attention_heads``, ...).
+        config_updates: Config attributes rewritten (``intermediate_size``, ``num_attention_heads``,
+            ``num_hidden_layers``, ``layer_types``, ...).
+        layers: Fraction of the blocks asked to be removed.
+        layer_score: How blocks were scored (``"influence"`` or ``"angular"``), or ``None`` without depth pruning.
+        blocks_before: Blocks in the stack before (0 without depth pruning).
+        removed_blocks: Indices of the removed blocks in the original stack.
+        block_scores: Every block's score (``"influence"``) or every run start's (``"angular"``); lower goes first.
+        removed_from: Name of the block stack the blocks were removed from, or ``None``.
         sequential: Whether calibration was block-sequential.
         block_stack: Name of the block stack walked, or ``None``.
         num_samples: Calibration sequences used.
@@ -106,6 +113,17 @@ class ShrinkReport(CalibrationRecord):
     macs_before: int = 0
     macs_after: int = 0
     config_updates: dict[str, Any] = field(default_factory=dict)
+    layers: float = 0.0
+    layer_score: str | None = None
+    blocks_before: int = 0
+    removed_blocks: list[int] = field(default_factory=list)
+    block_scores: list[float] = field(default_factory=list)
+    removed_from: str | None = None
+
+    @property
+    def blocks_after(self) -> int:
+        """Blocks left in the stack (``blocks_before`` without depth pruning)."""
+        return self.blocks_before - len(self.removed_blocks)
 
     @property
     def parameter_ratio(self) -> float:
@@ -144,6 +162,15 @@ class ShrinkReport(CalibrationRecord):
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = [("method", self.method)]
+        if self.removed_blocks:
+            removed = ", ".join(str(i) for i in self.removed_blocks)
+            lines.append(
+                (
+                    "blocks",
+                    f"{self.blocks_before} -> {self.blocks_after} (removed {removed}; layers={self.layers:g}, "
+                    f"{self.layer_score} score)",
+                )
+            )
         mlp = self.units("mlp")
         if mlp is not None:
             lines.append(("MLP hidden units per layer", f"{mlp[0]} -> {mlp[1]} (mlp={self.mlp:g})"))
