@@ -10,12 +10,15 @@ held-out perplexity from non-overlapping 256-token windows of the rest (as in ``
 - ``drop last K``: the last K blocks removed without looking at data (the naive baseline the scores must beat);
 - width rows (``--width``): ``shrink(mlp=..., method="flap", update="least-squares")`` for a width-only model to compare
   at a similar speed;
-- mixes (``--mix``): depth and width in one call.
+- mixes (``--mix``): depth and width in one call;
+- speed targets (``--speedup``): ``shrink(speedup=S)`` chooses the shape (its candidates timed on this machine, the
+  ones that reach S scored by their calibration loss), with flap + least-squares; ``--plot`` draws its candidates.
 
 Decode tokens/s (batch 1, KV cache, 128 new tokens) and prefill tokens/s (4 x 256) are measured taking turns, run after
 run, so that a disturbance on this shared machine hits every model alike; the best run of each is kept.
 
-    python benchmarks/bench_depth.py [--layers 0.2] [--width 0.5] [--mix 0.1:0.3] [--json benchmarks/results/depth.json]
+    python benchmarks/bench_depth.py [--layers 0.2] [--width 0.5] [--mix 0.1:0.3] [--speedup 1.5] \
+        [--plot benchmarks/results/speedup.png] [--json benchmarks/results/depth.json]
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from _common import machine, print_table, write_json
 
 from wanda_lightning import shrink
 from wanda_lightning.core.blocks import BlockStack
+from wanda_lightning.core.speed import measure_speed
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
-from wanda_lightning.data.speed import measure_speed
 from wanda_lightning.depth import remove_blocks
+from wanda_lightning.width.report import describe_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,7 +60,11 @@ def main() -> None:
     parser.add_argument("--layers", type=float, nargs="*", default=[0.2], help="depth fractions (default 0.2)")
     parser.add_argument("--width", type=float, nargs="*", default=[0.5], help="MLP fractions, width only (default 0.5)")
     parser.add_argument("--mix", nargs="*", default=[], help="LAYERS:MLP pairs shrunk in one call, e.g. 0.1:0.3")
+    parser.add_argument(
+        "--speedup", type=float, nargs="*", default=[], help="speed targets (decode) shrink() searches, e.g. 1.5"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model, in turns (default 5)")
+    parser.add_argument("--plot", default=None, help="PNG of the (last) speed target's candidates")
     parser.add_argument("--json", default=None, help="write the results to this JSON file (rewritten as rows come)")
     args = parser.parse_args()
 
@@ -115,6 +123,22 @@ def main() -> None:
             small,
             removed=report.removed_blocks,
             shrink_seconds=time.perf_counter() - start,
+        )
+
+    for speedup in args.speedup:
+        small = copy.deepcopy(model)
+        start = time.perf_counter()
+        report = shrink(small, batches, speedup=speedup, method="flap", update="least-squares", num_samples=None)
+        (chosen,) = [c for c in report.candidates if c["chosen"]]
+        print(report.candidates_table(), flush=True)
+        if args.plot:
+            report.plot(args.plot)
+        record(
+            f"speedup={speedup:g}: {describe_shape(chosen)}",
+            small,
+            removed=report.removed_blocks,
+            shrink_seconds=time.perf_counter() - start,
+            candidates=report.candidates,
         )
 
     print(f"\ntiming {list(models)} (taking turns, {args.repeats} runs each)", flush=True)

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader
 from wanda_lightning import WandaShrinkCallback, prune, shrink
 from wanda_lightning.cli.demo import WindowDataset
 from wanda_lightning.core.options import CalibrationOptions
+from wanda_lightning.core.speed import measure_speed
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
-from wanda_lightning.data.speed import measure_speed
 from wanda_lightning.lightning import CausalLMModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from _common import machine, print_table, write_json
 
 from wanda_lightning import prune, shrink, to_semi_structured
+from wanda_lightning.core.speed import measure_speed
 from wanda_lightning.data.corpus import split_tokens
 from wanda_lightning.data.smollm2 import load_smollm2
-from wanda_lightning.data.speed import measure_speed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

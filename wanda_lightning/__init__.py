@@ -6,7 +6,8 @@ The package is laid out by what each part does, each layer importing only the on
 - :mod:`~wanda_lightning.core`: the calibration engine (options, targets, blocks, batches, statistics, the pipeline);
 - :mod:`~wanda_lightning.methods`: mask methods, allocations and refinements, one module each;
 - :mod:`~wanda_lightning.pruning`: :func:`prune`, the mask action and its report;
-- :mod:`~wanda_lightning.width`: :func:`shrink`, width pruning (whole units and heads) and its report;
+- :mod:`~wanda_lightning.depth`: depth pruning, the blocks :func:`shrink` removes with ``layers=``;
+- :mod:`~wanda_lightning.width`: :func:`shrink`, width pruning (whole units and heads), the speed target and the report;
 - :mod:`~wanda_lightning.export`: the compact export format and the 2:4 runtime;
 - :mod:`~wanda_lightning.lightning`: the two callbacks on their common base, their parts and torchmetrics metrics;
 - :mod:`~wanda_lightning.data`: the bundled model, corpus and evaluation;
@@ -69,7 +70,7 @@ from .methods import (
     register_method,
 )
 from .pruning import LayerReport, PruneConfig, PruningReport, SkippedLayer, prune
-from .width import FLAP, MagnitudeSP, ShrinkConfig, ShrinkReport, WandaSP, WidthMethod, shrink
+from .width import FLAP, MagnitudeSP, ShrinkConfig, ShrinkReport, SpeedTarget, WandaSP, WidthMethod, shrink
 from .width.saving import save_plain_pretrained
 
 __version__ = "0.1.0"
@@ -112,6 +113,7 @@ __all__ = [
     "SparseGPT",
     "Sparsity",
     "SparsityStructure",
+    "SpeedTarget",
     "TargetLayer",
     "Trigger",
     "Wanda",

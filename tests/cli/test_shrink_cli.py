@@ -75,6 +75,28 @@ def test_shrink_removes_blocks_with_layers(dense_dir, tmp_path, capsys):
         assert torch.equal(loaded(input_ids=windows[:2]).logits, dense(input_ids=windows[:2]).logits)
 
 
+def test_shrink_to_a_speed_target_writes_the_chosen_model_and_the_plot(dense_dir, tmp_path, capsys, monkeypatch):
+    from wanda_lightning.core.speed import SpeedResult
+    from wanda_lightning.width import speedup as speedup_module
+
+    def timer(throwaway, **kwargs):  # deterministic: speed from the MLP width alone
+        cost = 1 + throwaway.config.intermediate_size / 128
+        return SpeedResult("x", 1, 0, 10.0 / cost, 10.0 / cost, None, "cpu", 1, 32, (4, 256))
+
+    monkeypatch.setattr(speedup_module, "measure_speed", timer)
+    out, plot = tmp_path / "fast", tmp_path / "candidates.png"
+    code, stdout, stderr = run_cli(
+        capsys, "shrink", dense_dir, "--out", out, "--speedup", "1.3", "--plot", plot, *PRUNE_FAST, "--json"
+    )
+    assert code == 0, stderr
+    report = json.loads(stdout)["report"]
+    (chosen,) = [c for c in report["candidates"] if c["chosen"]]
+    assert chosen["mlp"] == 0.5 and chosen["layers"] == 0.0  # the only shape that reaches 1.3x here
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.intermediate_size == 64
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -83,6 +105,8 @@ def test_shrink_removes_blocks_with_layers(dense_dir, tmp_path, capsys):
         (["--layers", "0.2"], "`layers`=0.2 of 2 blocks in the block stack `model.layers` rounds to none"),
         (["--heads", "0.1"], "rounds to none"),
         (["--mlp", "0.5", "--samples", "0"], "--samples must be a positive integer"),
+        (["--mlp", "0.5", "--plot", "x.png"], "--plot draws the --speedup candidates"),
+        (["--speedup", "0.9"], "`speedup` must be a number above 1"),
     ],
 )
 def test_shrink_refuses_bad_input_and_writes_nothing(dense_dir, tmp_path, capsys, flags, message):

@@ -105,6 +105,8 @@ def test_shrink_config_to_dict_and_batches_as_given():
         "heads": 0.0,
         "layers": 0.0,
         "layer_score": "influence",
+        "speedup": None,
+        "speed_on": None,
         "method": "flap",
         "widths": "uniform",
         **CalibrationOptions(num_samples=8, device="cpu").to_dict(),

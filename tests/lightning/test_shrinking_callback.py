@@ -432,3 +432,28 @@ def test_depth_pruning_mid_fit_distils_resumes_and_loads(tmp_path):
     assert loaded.state_dict().keys() == saved["state_dict"].keys()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved["state_dict"][name]), name
+
+
+def test_a_speed_target_in_the_callback_applies_the_chosen_shape(tmp_path, monkeypatch):
+    from wanda_lightning.core.speed import SpeedResult
+    from wanda_lightning.width import speedup as speedup_module
+    from wanda_lightning.width.speed_target import SpeedTarget
+
+    def timer(throwaway, **kwargs):  # deterministic: decode cost grows with blocks and MLP width
+        config = throwaway.config
+        cost = config.num_hidden_layers * (1 + config.intermediate_size / 128) + 2
+        return SpeedResult("x", 1, 0, 100.0 / cost, 100.0 / cost, None, "cpu", 1, 32, (4, 256))
+
+    monkeypatch.setattr(speedup_module, "measure_speed", timer)
+    torch.manual_seed(0)
+    module = CausalLMModule(config={**CONFIG, "num_hidden_layers": 4}, learning_rate=1e-2)
+    target = SpeedTarget(1.4, layers=(0.0, 0.25, 0.5), mlp=(0.0, 0.5), heads=(0.0,))
+    shrinking = WandaShrinkCallback(
+        speedup=target, prune_on="fit_start", evaluate=False, calibration_options=CalibrationOptions(num_samples=8)
+    )
+    make_trainer(tmp_path, max_steps=1, callbacks=[shrinking]).fit(module, loader(8, seed=1), loader(8, seed=2))
+    (chosen,) = [c for c in shrinking.report.candidates if c["chosen"]]
+    assert chosen["meets"] and chosen["decode_speedup"] >= 1.4
+    assert len(module.model.model.layers) == 4 - round(chosen["layers"] * 4)
+    assert module.model.config.intermediate_size == 128 - round(chosen["mlp"] * 128)
+    assert "speed target" in shrinking.summary()

@@ -170,10 +170,10 @@ def run_demo(
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
+    from ..core.speed import measure_speed, weight_bytes
     from ..data.corpus import pydoc_text, token_windows
     from ..data.evaluation import perplexity
     from ..data.smollm2 import load_smollm2
-    from ..data.speed import measure_speed, weight_bytes
     from ..lightning import CausalLMModule, Distillation, WandaPruningCallback, WandaShrinkCallback
 
     for value, name in (

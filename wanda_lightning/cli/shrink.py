@@ -20,6 +20,7 @@ from ..core.validation import as_device
 from ..depth.scores import LAYER_SCORES
 from ..width.config import RECONSTRUCT
 from ..width.methods import WIDTH_METHODS
+from ..width.speed_target import SPEED_ON
 from ..width.updates import UPDATES
 from .arguments import (
     add_calibration_arguments,
@@ -50,6 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how blocks are ranked: influence (1 - cosine of a block's input and output; default) or angular (the "
         "closest run of consecutive blocks)",
     )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        default=None,
+        help="instead of --layers/--mlp/--heads: the speed-up over dense to reach on --device (e.g. 1.5); candidate "
+        "shapes are timed here and the most accurate one that reaches it is written",
+    )
+    parser.add_argument(
+        "--speed-on", default="decode", choices=list(SPEED_ON), help="what --speedup measures (default decode)"
+    )
+    parser.add_argument("--plot", metavar="PNG", default=None, help="with --speedup: write the candidates' plot here")
     parser.add_argument(
         "--method",
         default="wanda-sp",
@@ -92,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
         options=CalibrationOptions(num_samples=None),
         layers=args.layers,
         layer_score=args.layer_score,
+        speedup=args.speedup,
+        speed_on=args.speed_on,
     )
+    if args.plot is not None and config.speed_target is None:
+        raise ValueError("--plot draws the --speedup candidates; give --speedup too")
     check_destination(args.out, args.overwrite, create_parent=False)  # fail before the slow part
     loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
     found = find_pretrained(loaded.model)
@@ -100,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"MODEL {args.model!r} is not a transformers model: `shrink` writes transformers folders")
     model = found[0]
     batches: list[Any] = []
-    if config.layers or config.method.needs_data:
+    if config.layers or config.speed_target is not None or config.method.needs_data:
         windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
         batches = [{"input_ids": w} for w in windows.split(args.batch_size)]
     if args.device is not None:
@@ -114,9 +130,13 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if args.plot is not None:
+        report.plot(args.plot)
     if args.json:
         print(json.dumps({"model": args.model, "out": str(target), "report": report.to_dict()}, indent=2))
     else:
         print(report)
+        if report.candidates:
+            print(f"\n{report.candidates_table()}")
         print(f"\nwrote {target} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0

@@ -65,7 +65,7 @@ def _sparsity_note(model: torch.nn.Module) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Prints each model's speed; returns the exit status."""
-    from ..data.speed import measure_speed
+    from ..core.speed import measure_speed
     from ..export.runtime import is_2_4_sparse, to_semi_structured
 
     check_positive_arguments(args, "batch_size", "new_tokens", "prefill_batch", "prefill_length", "repeats")

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
+from ..core.layers import find_pretrained
 from ..core.options import CalibrationOptions
 from ..core.reconstruction import Reconstruction
 from ..core.validation import check_directory
@@ -31,6 +32,7 @@ from ..width.groups import find_unit_groups
 from ..width.methods import Update, WidthMethodName
 from ..width.report import ShrinkReport
 from ..width.saving import save_plain_pretrained
+from ..width.speed_target import SpeedOn, SpeedTarget
 from .calibrated_callback import CalibratedCallback
 from .calibration import CalibrationSource
 from .distillation import TEACHER_KEY, Distillation, student_of
@@ -89,6 +91,11 @@ class WandaShrinkCallback(CalibratedCallback):
             blocks, so resuming and :func:`~wanda_lightning.load_shrunk_checkpoint` remove the same ones.
         layer_score: ``"influence"`` (block influence, default) or ``"angular"`` (the closest run of consecutive
             blocks); see :func:`~wanda_lightning.shrink`.
+        speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up over the dense model to reach on the
+            module's device (timed when the callback acts; the summary shows the candidates), or a
+            :class:`~wanda_lightning.width.speed_target.SpeedTarget`; see :func:`~wanda_lightning.shrink`. One
+            process only.
+        speed_on: ``"decode"`` (batch 1 with the KV cache; default) or ``"prefill"``.
         calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
             :class:`~wanda_lightning.WandaPruningCallback`.
         calibration_options: How calibration runs (:class:`~wanda_lightning.CalibrationOptions`: ``num_samples``
@@ -139,6 +146,8 @@ class WandaShrinkCallback(CalibratedCallback):
         widths: Widths = "uniform",
         layers: float = 0.0,
         layer_score: LayerScore = "influence",
+        speedup: float | SpeedTarget | None = None,
+        speed_on: SpeedOn = "decode",
         calibration: CalibrationSource | DataLoader = "val",
         calibration_options: CalibrationOptions | None = None,
         prune_on: ShrinkOn | Trigger = "fit_end",
@@ -159,12 +168,15 @@ class WandaShrinkCallback(CalibratedCallback):
                 options=CalibrationOptions.resolve(calibration_options),
                 layers=layers,
                 layer_score=layer_score,
+                speedup=speedup,
+                speed_on=speed_on,
             )
             check_directory(save_dir, "save_dir")
         super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
         self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
         self.update = update
         self.layers, self.layer_score = self._config.layers, layer_score
+        self.speedup, self.speed_on = speedup, speed_on
         self.save_dir = save_dir
         self.shrunk = False
         self._undo: list[Callable[[], None]] = []
@@ -177,7 +189,8 @@ class WandaShrinkCallback(CalibratedCallback):
 
     @property
     def needs_calibration(self) -> bool:
-        return self._config.method.needs_data
+        config = self._config
+        return config.method.needs_data or bool(config.layers) or config.speed_target is not None
 
     def check_trigger(self, trigger: Trigger) -> None:
         unsupported = {
@@ -193,6 +206,15 @@ class WandaShrinkCallback(CalibratedCallback):
 
     def check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The layout, the counts and the config, checked on the live model.
+        if self._config.speed_target is not None:
+            if trainer.world_size > 1:
+                raise ValueError(
+                    f"`speedup` times candidates on each process, and timings differ between the {trainer.world_size} "
+                    "processes, which would choose different shapes: find the shape with shrink(speedup=...) on one "
+                    "process, then pass its `layers`, `mlp` and `heads`"
+                )
+            if find_pretrained(pl_module) is None:
+                raise ValueError("`speedup` needs a transformers causal LM inside the module; none was found")
         if self._config.layers:
             plan_depth(pl_module, self._config.layers, self._config.options)
         if self._config.kinds:

@@ -1,6 +1,7 @@
-"""Width pruning: remove whole MLP hidden units and attention heads, so the model is a smaller dense model that runs
-faster everywhere. :func:`shrink` plans uniform widths the model's config can express (:mod:`.hf_config`), finds
-each block's unit groups (:mod:`.groups`), scores units (:mod:`.methods`) in the calibration pipeline
+"""Shrinking: remove whole MLP hidden units and attention heads (and, through :mod:`~wanda_lightning.depth`, whole
+blocks), so the model is a smaller dense model that runs faster everywhere; or reach a speed-up measured where the
+model runs (:mod:`.speedup`). :func:`shrink` plans uniform widths the model's config can express (:mod:`.hf_config`),
+finds each block's unit groups (:mod:`.groups`), scores units (:mod:`.methods`) in the calibration pipeline
 (:mod:`.action`), cuts the layers in place (:mod:`.surgery`) and reports (:mod:`.report`)."""
 
 from .api import ShrinkPlan, plan_shrink, shrink, shrink_with
@@ -17,25 +18,31 @@ from .methods import (
     register_width_method,
 )
 from .report import GroupReport, ShrinkReport
+from .speed_target import SpeedTarget
+from .speedup import Candidate, calibration_loss, search_speedup
 from .surgery import fit_to_state_dict
 
 __all__ = [
     "FLAP",
     "WIDTH_METHODS",
+    "Candidate",
     "GroupReport",
     "MagnitudeSP",
     "ShrinkConfig",
     "ShrinkPlan",
     "ShrinkReport",
+    "SpeedTarget",
     "UnitGroup",
     "WandaSP",
     "WidthMethod",
     "available_width_methods",
+    "calibration_loss",
     "find_unit_groups",
     "fit_to_state_dict",
     "get_width_method",
     "plan_shrink",
     "register_width_method",
+    "search_speedup",
     "shrink",
     "shrink_with",
 ]

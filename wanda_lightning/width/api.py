@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
+import torch
 from torch import nn
 
-from ..core.batches import ForwardFn
+from ..core.batches import ForwardFn, prepare_batches
 from ..core.layers import find_pretrained, is_conv1d
 from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
@@ -27,6 +29,8 @@ from .groups import UnitGroup, find_unit_groups
 from .hf_config import check_expressible
 from .methods import WidthMethod
 from .report import ShrinkReport, linear_macs_per_token, parameter_count
+from .speed_target import SpeedOn, SpeedTarget
+from .speedup import search_speedup
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -47,6 +51,8 @@ def shrink(
     widths: str = "uniform",
     layers: float = 0.0,
     layer_score: LayerScore = "influence",
+    speedup: float | SpeedTarget | None = None,
+    speed_on: SpeedOn = "decode",
     calibration_options: CalibrationOptions | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
@@ -103,6 +109,15 @@ def shrink(
             cosine similarity of a block's input and output hidden states over the calibration tokens, lowest
             removed wherever they are) or ``"angular"`` (Gromov et al.'s angular distance between the input and the
             output of a run of consecutive blocks; the closest run is removed).
+        speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up over the dense model to reach where the
+            model runs (``1.5``: 50 % faster), or a :class:`~wanda_lightning.width.speed_target.SpeedTarget` with its
+            grid. Candidate shapes are timed on the compute device (``device``, else where the model is) as models
+            built from the planned configs with throw-away weights, the ones that reach the target are shrunk one-shot
+            on a copy and scored by their calibration loss, and the best is applied; the report lists every candidate
+            (:meth:`~wanda_lightning.width.report.ShrinkReport.candidates_table`, ``plot``). A transformers causal LM
+            only; not with ``sync_statistics`` (timings differ between processes). See
+            :mod:`~wanda_lightning.width.speedup`.
+        speed_on: What ``speedup`` measures: ``"decode"`` (batch 1 with the KV cache; default) or ``"prefill"``.
         calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
             (default: its defaults); keywords in ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
@@ -145,6 +160,8 @@ def shrink(
         options=resolved,
         layers=layers,
         layer_score=layer_score,
+        speedup=speedup,
+        speed_on=speed_on,
     )
     return shrink_with(model, calibration, config, progress=progress, sync_statistics=sync_statistics)
 
@@ -284,6 +301,8 @@ def shrink_with(
     options = with_forward(config.options, forward_fn)
     total_start = time.perf_counter()
     _check_whole_weights(model)
+    if config.speed_target is not None:
+        return _shrink_to_speed(model, calibration, replace(config, options=options), sync_statistics, on_block_done)
     report = ShrinkReport(
         method=config.describe_method(),
         mlp=config.mlp,
@@ -349,6 +368,61 @@ def shrink_with(
     report.parameters_after = parameter_count(model)
     report.macs_after = linear_macs_per_token(model)
     report.total_seconds = time.perf_counter() - total_start
+    return report
+
+
+def _shrink_to_speed(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    config: ShrinkConfig,
+    sync_statistics: StatisticsSync | None,
+    on_block_done: BlockCallback | None,
+) -> ShrinkReport:
+    """:func:`shrink_with` for a speed target: search the shape (:func:`~wanda_lightning.width.speedup.search_speedup`),
+    then shrink with it."""
+    start = time.perf_counter()
+    target = config.speed_target
+    assert target is not None
+    if sync_statistics is not None:
+        raise ValueError(
+            "`speedup` times candidates on each process, and timings differ between processes, which would choose "
+            "different shapes: search on one process, then pass the chosen `layers`, `mlp` and `heads`"
+        )
+    if calibration is None:
+        raise ValueError("`speedup` needs `calibration` batches to estimate each candidate's quality, got None")
+    options = config.options
+    batches = prepare_batches(calibration, options.num_samples, options.batch_size)
+    base = replace(config, speed_target=None, options=options.with_batches_as_given())
+    depth_fractions = tuple(f for f in target.layers if f)
+    if depth_fractions:
+        try:
+            plan_depth(model, min(depth_fractions), base.options)
+        except ValueError:
+            target = replace(target, layers=(0.0,))  # blocks cannot go here: widths only
+    found = find_pretrained(model)
+    num_blocks = int(getattr(found[0].config, "num_hidden_layers", 0) or 0) if found is not None else 0
+
+    def shrinker(trial: nn.Module, trial_config: ShrinkConfig) -> None:
+        shrink_with(trial, batches, trial_config)
+
+    candidates = search_speedup(
+        model,
+        batches,
+        base,
+        target,
+        shrinker,
+        device=cast("torch.device | None", options.device),
+        plan_widths=lambda widths: plan_shrink(model, widths).config_updates,
+        num_blocks=num_blocks,
+    )
+    chosen = next(c for c in candidates if c.chosen)
+    final = replace(base, layers=chosen.layers, mlp=chosen.mlp, heads=chosen.heads)
+    report = shrink_with(model, batches, final, on_block_done=on_block_done)
+    device = options.device if options.device is not None else next(model.parameters()).device
+    report.method = f"speed target {target.speedup:g}x ({target.on}) -> {report.method}"
+    report.speed_target = {"speedup": target.speedup, "on": target.on, "device": str(device)}
+    report.candidates = [c.to_dict() for c in candidates]
+    report.total_seconds = time.perf_counter() - start
     return report
 
 

@@ -12,6 +12,7 @@ from ..core.reconstruction import Reconstruction
 from ..core.validation import units_to_remove
 from ..depth.scores import LAYER_SCORES
 from .methods import WidthMethod, get_width_method
+from .speed_target import SpeedTarget
 from .updates import UPDATES
 
 __all__ = ["RECONSTRUCT", "WIDTHS", "ShrinkConfig", "Widths", "units_to_remove"]
@@ -51,6 +52,7 @@ class ShrinkConfig:
     reconstruction: Reconstruction | None = None
     layers: float = 0.0
     layer_score: str = "influence"
+    speed_target: SpeedTarget | None = None
 
     @classmethod
     def create(
@@ -64,6 +66,8 @@ class ShrinkConfig:
         options: CalibrationOptions | None = None,
         layers: float = 0.0,
         layer_score: str = "influence",
+        speedup: float | SpeedTarget | None = None,
+        speed_on: str = "decode",
     ) -> ShrinkConfig:
         """Checks and resolves every argument; ``options`` defaults to ``CalibrationOptions()``.
         ``update="reconstruct"`` (or a :class:`~wanda_lightning.Reconstruction`) is the least-squares update followed
@@ -74,11 +78,19 @@ class ShrinkConfig:
         """
         mlp_fraction, heads_fraction = _fraction(mlp, "mlp"), _fraction(heads, "heads")
         layers_fraction = _fraction(layers, "layers")
-        if mlp_fraction == 0 and heads_fraction == 0 and layers_fraction == 0:
+        target = speedup if isinstance(speedup, SpeedTarget) or speedup is None else SpeedTarget(speedup, speed_on)
+        asked = {"mlp": mlp_fraction, "heads": heads_fraction, "layers": layers_fraction}
+        if target is not None:
+            given = ", ".join(f"`{name}`={value:g}" for name, value in asked.items() if value)
+            if given:
+                raise ValueError(f"`speedup` chooses `layers`, `mlp` and `heads` itself: leave them at 0, got {given}")
+            if widths != "uniform":
+                raise ValueError(f"`speedup` times uniform shapes the config describes; got `widths`={widths!r}")
+        elif not any(asked.values()):
             raise ValueError("`mlp`, `heads` and `layers` are all 0: nothing to remove; set one of them in (0, 1)")
         if layer_score not in LAYER_SCORES:
             raise ValueError(f"`layer_score` must be one of {list(LAYER_SCORES)}, got {layer_score!r}")
-        if update is not None and mlp_fraction == 0 and heads_fraction == 0:
+        if update is not None and target is None and mlp_fraction == 0 and heads_fraction == 0:
             raise ValueError(
                 f"`update`={update!r} acts on the layers that lose units, and `mlp` and `heads` are 0 (only whole "
                 "blocks go): set `mlp` or `heads`, or leave `update` out"
@@ -111,6 +123,7 @@ class ShrinkConfig:
             reconstruction=reconstruction if isinstance(reconstruction, Reconstruction) else None,
             layers=layers_fraction,
             layer_score=layer_score,
+            speed_target=target,
         )
 
     def describe_method(self) -> str:
@@ -124,6 +137,8 @@ class ShrinkConfig:
         described = self.method.describe()
         if self.reconstruction is not None:
             described = f"{described} + {self.reconstruction.describe()}"
+        if self.speed_target is not None:
+            return f"speed target {self.speed_target.speedup:g}x ({self.speed_target.on}) + {described}"
         if not self.layers:
             return described
         depth = f"depth ({self.layer_score})"
@@ -156,6 +171,8 @@ class ShrinkConfig:
             "heads": self.heads,
             "layers": self.layers,
             "layer_score": self.layer_score,
+            "speedup": self.speed_target.speedup if self.speed_target is not None else None,
+            "speed_on": self.speed_target.on if self.speed_target is not None else None,
             "method": self.describe_method(),
             "widths": self.widths,
             **self.options.to_dict(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, cast
 
@@ -11,7 +12,7 @@ from ..core.calibration_record import CalibrationRecord
 from ..core.layers import is_linear_layer
 from ..core.tables import format_pairs, format_table
 
-__all__ = ["GroupReport", "ShrinkReport", "linear_macs_per_token", "parameter_count"]
+__all__ = ["GroupReport", "ShrinkReport", "describe_shape", "linear_macs_per_token", "parameter_count"]
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -89,6 +90,10 @@ class ShrinkReport(CalibrationRecord):
         removed_blocks: Indices of the removed blocks in the original stack.
         block_scores: Every block's score (``"influence"``) or every run start's (``"angular"``); lower goes first.
         removed_from: Name of the block stack the blocks were removed from, or ``None``.
+        speed_target: With ``speedup``: ``{"speedup", "on", "device"}``, else ``None``.
+        candidates: With ``speedup``: every shape timed (``layers``, ``mlp``, ``heads``, ``parameters``,
+            ``decode_speedup``, ``prefill_speedup``, ``meets``, ``quality``: the calibration loss where estimated,
+            ``chosen``), in the order timed.
         sequential: Whether calibration was block-sequential.
         block_stack: Name of the block stack walked, or ``None``.
         num_samples: Calibration sequences used.
@@ -119,6 +124,8 @@ class ShrinkReport(CalibrationRecord):
     removed_blocks: list[int] = field(default_factory=list)
     block_scores: list[float] = field(default_factory=list)
     removed_from: str | None = None
+    speed_target: dict[str, Any] | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def blocks_after(self) -> int:
@@ -162,6 +169,18 @@ class ShrinkReport(CalibrationRecord):
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = [("method", self.method)]
+        chosen = next((c for c in self.candidates if c.get("chosen")), None)
+        if self.speed_target is not None and chosen is not None:
+            on = self.speed_target["on"]
+            scored = sum(c.get("quality") is not None for c in self.candidates)
+            lines.append(
+                (
+                    "speed target",
+                    f"{self.speed_target['speedup']:g}x {on} on {self.speed_target['device']}: chose "
+                    f"{describe_shape(chosen)}, measured {chosen[f'{on}_speedup']:.2f}x; "
+                    f"{len(self.candidates)} candidates timed, {scored} scored (see candidates_table())",
+                )
+            )
         if self.removed_blocks:
             removed = ", ".join(str(i) for i in self.removed_blocks)
             lines.append(
@@ -211,5 +230,72 @@ class ShrinkReport(CalibrationRecord):
         ]
         return "\n".join(format_table(("layer", "kind", "units", "width"), rows))
 
+    def candidates_table(self) -> str:
+        """The speed target's candidates: shape, parameters, measured speed-ups, quality estimate, chosen."""
+        rows = [
+            (
+                describe_shape(c),
+                f"{c['parameters'] / 1e6:.1f}M",
+                f"{c['decode_speedup']:.2f}x",
+                f"{c['prefill_speedup']:.2f}x",
+                "yes" if c["meets"] else "no",
+                f"{c['quality']:.4f}" if c.get("quality") is not None else "-",
+                "<-" if c.get("chosen") else "",
+            )
+            for c in self.candidates
+        ]
+        header = ("shape", "params", "decode", "prefill", "meets", "calibration loss", "chosen")
+        return "\n".join(format_table(header, rows))
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Writes a PNG of the speed target's candidates: measured speed-up against the quality estimate where there
+        is one (the others along the bottom), the target as a line, the chosen one marked. Needs matplotlib
+        (``pip install "wanda-lightning[plot]"``).
+
+        Raises:
+            ValueError: Without candidates (``shrink`` was not given ``speedup``).
+            ImportError: Without matplotlib.
+        """
+        if not self.candidates or self.speed_target is None:
+            raise ValueError("no speed-target candidates to plot: shrink(..., speedup=...) makes them")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as error:  # pragma: no cover - the extra is installed in tests
+            raise ImportError('report.plot() needs matplotlib: pip install "wanda-lightning[plot]"') from error
+        on = self.speed_target["on"]
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        scored = [c for c in self.candidates if c.get("quality") is not None]
+        floor = min((c["quality"] for c in scored), default=0.0)
+        for candidate in self.candidates:
+            quality = candidate.get("quality")
+            marker = "*" if candidate.get("chosen") else ("o" if quality is not None else "x")
+            y = quality if quality is not None else floor
+            axes.scatter(candidate[f"{on}_speedup"], y, marker=marker, s=160 if candidate.get("chosen") else 40)
+            axes.annotate(describe_shape(candidate), (candidate[f"{on}_speedup"], y), fontsize=7, xytext=(4, 4),
+                          textcoords="offset points")  # fmt: skip
+        axes.axvline(self.speed_target["speedup"], linestyle="--", color="grey", label="target")
+        axes.set_xlabel(f"measured {on} speed-up over dense ({self.speed_target['device']})")
+        axes.set_ylabel("calibration loss of the one-shot shrunk model (x: not scored)")
+        axes.set_title(f"speed target {self.speed_target['speedup']:g}x: candidates")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(os.fspath(path), dpi=120)
+        plt.close(figure)
+
     def __str__(self) -> str:
         return "\n".join(format_pairs(self._summary_lines()))
+
+
+def describe_shape(candidate: dict[str, Any]) -> str:
+    """``"layers=0.2 mlp=0.25"``: a speed-target candidate's fractions that are not 0.
+
+    Example::
+
+        >>> describe_shape({"layers": 0.2, "mlp": 0.0, "heads": 0.0})
+        'layers=0.2'
+    """
+    values = (("layers", candidate["layers"]), ("mlp", candidate["mlp"]), ("heads", candidate["heads"]))
+    return " ".join(f"{name}={value:.3g}" for name, value in values if value) or "dense"

@@ -1,0 +1,155 @@
+"""``shrink(speedup=...)``: the search checked with a deterministic stand-in for the timer (speed from the planned
+shape, so nothing here depends on this machine's load), the quality estimate against a slow loss written here, the
+applied shape against a plain ``shrink()`` with the chosen fractions, the report and its plot, and the refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_batches, tiny_llama
+
+from wanda_lightning import shrink
+from wanda_lightning.core.speed import SpeedResult
+from wanda_lightning.width import speedup as speedup_module
+from wanda_lightning.width.report import ShrinkReport
+from wanda_lightning.width.speed_target import SpeedTarget
+from wanda_lightning.width.speedup import calibration_loss
+
+transformers = pytest.importorskip("transformers")
+
+
+def model() -> torch.nn.Module:
+    return tiny_llama(num_hidden_layers=5)
+
+
+def shape_timer(seen: list[tuple[int, int, int]]):
+    """A stand-in for ``measure_speed``: decode cost = blocks x (1 + MLP width / 128) + 2, prefill cost = linear
+    weights; records each timed model's (blocks, MLP width, query heads)."""
+
+    def timer(throwaway, **kwargs):
+        config = throwaway.config
+        seen.append((config.num_hidden_layers, config.intermediate_size, config.num_attention_heads))
+        parameters = sum(p.numel() for p in throwaway.parameters())
+        decode_cost = config.num_hidden_layers * (1 + config.intermediate_size / 128) + 2
+        return SpeedResult("x", parameters, 0, 100.0 / decode_cost, 1e6 / parameters, None, "cpu", 1, 32, (4, 256))
+
+    return timer
+
+
+def slow_loss(lm: torch.nn.Module, batches: list[dict]) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+            for b in range(logits.shape[0]):
+                for t in range(logits.shape[1] - 1):
+                    if batch["attention_mask"][b, t + 1]:
+                        log_probs = torch.log_softmax(logits[b, t], dim=-1)
+                        total -= float(log_probs[batch["input_ids"][b, t + 1]])
+                        count += 1
+    return total / count
+
+
+def test_calibration_loss_matches_a_slow_reference_and_skips_padding():
+    lm = model()
+    batches = make_batches()
+    batches[0]["attention_mask"][2, 9:] = 0
+    assert calibration_loss(lm, batches) == pytest.approx(slow_loss(lm, batches), rel=1e-5)
+
+
+def test_the_most_accurate_candidate_that_meets_the_target_is_applied(monkeypatch):
+    seen: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer(seen))
+    lm, batches = model(), make_batches()
+    dense = copy.deepcopy(lm)
+    report = shrink(lm, batches, speedup=SpeedTarget(1.5, layers=(0.0, 0.2, 0.4, 0.6), mlp=(0.0, 0.5), heads=(0.0,)))
+
+    # The dense config, then per MLP fraction the depths in order until one meets 1.5x, then the dense again.
+    assert seen == [(5, 128, 4), (4, 128, 4), (3, 128, 4), (5, 64, 4), (4, 64, 4), (5, 128, 4)]
+    shapes = [(c["layers"], c["mlp"], c["meets"]) for c in report.candidates]
+    assert shapes == [(0.2, 0.0, False), (0.4, 0.0, True), (0.0, 0.5, False), (0.2, 0.5, True)]
+    for candidate in report.candidates:
+        blocks = 5 - round(candidate["layers"] * 5)
+        width = 128 - round(candidate["mlp"] * 128)
+        assert candidate["decode_speedup"] == pytest.approx(12.0 / (blocks * (1 + width / 128) + 2))
+
+    # Both that meet it are scored, each by the loss of a plain one-shot shrink with its fractions.
+    scored = [c for c in report.candidates if c["quality"] is not None]
+    assert [(c["layers"], c["mlp"]) for c in scored] == [(0.4, 0.0), (0.2, 0.5)]
+    for candidate in scored:
+        trial = copy.deepcopy(dense)
+        shrink(trial, batches, layers=candidate["layers"], mlp=candidate["mlp"])
+        assert candidate["quality"] == pytest.approx(slow_loss(trial, batches), rel=1e-5)
+    (chosen,) = [c for c in report.candidates if c["chosen"]]
+    assert chosen["quality"] == min(c["quality"] for c in scored)
+
+    # The model is what shrink() makes with the chosen fractions.
+    expected = copy.deepcopy(dense)
+    shrink(expected, batches, layers=chosen["layers"], mlp=chosen["mlp"])
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=0)
+    assert report.speed_target == {"speedup": 1.5, "on": "decode", "device": "cpu"}
+    assert report.method.startswith("speed target 1.5x (decode) -> ")
+    assert "speed target" in str(report) and "<-" in report.candidates_table()
+    assert ShrinkReport.from_dict(report.to_dict()) == report
+
+
+def test_candidates_dominated_by_a_lighter_one_that_meets_are_not_scored(monkeypatch):
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer([]))
+    report = shrink(model(), make_batches(), speedup=SpeedTarget(1.2, layers=(0.0, 0.2), mlp=(0.0, 0.5, 0.75)))
+    meets = [(c["layers"], c["mlp"], c["heads"]) for c in report.candidates if c["meets"]]
+    scored = [(c["layers"], c["mlp"], c["heads"]) for c in report.candidates if c["quality"] is not None]
+    assert (0.0, 0.5, 0.0) in scored and (0.0, 0.75, 0.0) not in scored  # mlp=0.5 meets it with less removed
+    assert all(any(s[0] <= m[0] and s[1] <= m[1] and s[2] <= m[2] for s in scored) for m in meets)
+    assert any(c["heads"] == 0.5 for c in report.candidates)  # one of two key/value groups, by default
+
+
+def test_the_plot_is_a_png(monkeypatch, tmp_path):
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer([]))
+    report = shrink(model(), make_batches(), speedup=SpeedTarget(1.3, mlp=(0.0, 0.5), heads=(0.0,)))
+    report.plot(tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no speed-target candidates"):
+        shrink(model(), make_batches(), mlp=0.5).plot(tmp_path / "none.png")
+
+
+def test_an_unreachable_target_is_refused_with_the_fastest_measured_and_nothing_changes(monkeypatch):
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer([]))
+    lm = model()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`speedup`=9 \(decode\): no candidate reaches it on cpu; the fastest, .* "):
+        shrink(lm, make_batches(), speedup=SpeedTarget(9.0, layers=(0.0, 0.2), mlp=(0.0, 0.5), heads=(0.0,)))
+    assert len(lm.model.layers) == 5
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragments"),
+    [
+        (dict(speedup=1.0), ValueError, ["`speedup` must be a number above 1", "1.0"]),
+        (dict(speedup=math.inf), ValueError, ["`speedup`", "inf"]),
+        (dict(speedup="1.5"), ValueError, ["`speedup`", "'1.5'"]),
+        (dict(speedup=1.5, speed_on="latency"), ValueError, ["`speed_on`", "'latency'", "decode", "prefill"]),
+        (dict(speedup=1.5, mlp=0.5), ValueError, ["`speedup` chooses", "`mlp`=0.5"]),
+        (dict(speedup=1.5, widths="adaptive"), ValueError, ["`speedup`", "'adaptive'"]),
+        (dict(speedup=1.5, sync_statistics=lambda tensors: None), ValueError, ["timings differ between processes"]),
+    ],
+)
+def test_bad_speed_targets_are_refused_before_anything_changes(kwargs, error, fragments, monkeypatch):
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer([]))
+    lm = model()
+    with pytest.raises(error) as caught:
+        shrink(lm, make_batches(), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert len(lm.model.layers) == 5 and lm.model.layers[0].mlp.down_proj.in_features == 128
+
+
+def test_a_module_without_a_transformers_config_is_refused():
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="holds none"):
+        shrink(mlp, [torch.randn(2, 4)], speedup=1.5)

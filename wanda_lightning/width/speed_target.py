@@ -1,0 +1,59 @@
+"""What ``shrink(speedup=...)`` is asked to reach, validated: :class:`SpeedTarget` (the search is
+:mod:`~wanda_lightning.width.speedup`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+__all__ = ["SPEED_ON", "SpeedOn", "SpeedTarget"]
+
+SpeedOn = Literal["decode", "prefill"]
+SPEED_ON: tuple[str, ...] = get_args(SpeedOn)
+
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    """What the speed target searches.
+
+    Attributes:
+        speedup: The speed-up over the dense model to reach (> 1).
+        on: ``"decode"`` (batch 1, KV cache; default) or ``"prefill"``.
+        layers: Depth fractions tried.
+        mlp: MLP fractions tried.
+        heads: Head fractions tried (``None``: none, and one key/value group where the config can lose heads).
+        new_tokens: Tokens decoded per timing run (after a 16-token prompt).
+        prefill_batch: Sequences in the timed prefill pass.
+        prefill_length: Tokens per sequence in the timed prefill pass.
+        repeats: Timed runs per candidate (the best is kept).
+
+    Example::
+
+        >>> SpeedTarget(1.5).layers
+        (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    """
+
+    speedup: float
+    on: str = "decode"
+    layers: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    mlp: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    heads: tuple[float, ...] | None = None
+    new_tokens: int = 32
+    prefill_batch: int = 1
+    prefill_length: int = 128
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        value = self.speedup
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 1:
+            raise ValueError(f"`speedup` must be a number above 1 (1.5: 50 % faster than dense), got {value!r}")
+        if self.on not in SPEED_ON:
+            raise ValueError(f"`speed_on` must be one of {list(SPEED_ON)}, got {self.on!r}")
+        for name in ("new_tokens", "prefill_batch", "prefill_length", "repeats"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {count!r}")
+        for name in ("layers", "mlp"):
+            if any(not 0 <= f < 1 for f in getattr(self, name)):
+                raise ValueError(f"`{name}` fractions must lie in [0, 1), got {getattr(self, name)!r}")

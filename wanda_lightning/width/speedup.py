@@ -1,0 +1,251 @@
+"""The speed target: ``shrink(model, calibration, speedup=1.5)`` finds the shape (blocks, MLP width, heads) that runs
+that much faster where the user runs it, at the least loss, instead of asking for fractions.
+
+1. **Timing.** Candidate shapes are timed on the compute device: each is a model of the same class built from the
+   planned config with throw-away weights (nothing is shrunk to time it), decode at batch 1 with the KV cache and one
+   prefill pass (:func:`~wanda_lightning.core.speed.measure_speed`), against the dense config built the same way.
+   For every MLP and head fraction of the grid, depth fractions are tried in increasing order until one meets the
+   target (speed grows with each fraction, so the deeper ones would meet it too and lose more).
+2. **Quality.** Among the candidates that meet the target, those not pruned at least as much as another that meets
+   it in every dimension are shrunk one at a time, one-shot, on a copy of the model, and scored by their mean
+   next-token loss on the calibration batches (lower is better: the estimate costs one ``shrink()`` and one forward
+   pass per candidate, and ranks candidates as their perplexity would before recovery).
+3. The best is applied to the model with the caller's method and update, and every candidate goes into the report
+   (:meth:`~wanda_lightning.width.report.ShrinkReport.candidates_table`, :meth:`~.ShrinkReport.plot`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.layers import find_pretrained
+from ..core.speed import measure_speed
+from ..core.validation import units_to_remove
+from .config import ShrinkConfig
+from .report import describe_shape
+from .speed_target import SpeedTarget
+
+__all__ = ["Candidate", "calibration_loss", "search_speedup"]
+
+
+@dataclass
+class Candidate:
+    """One shape the speed target timed.
+
+    Attributes:
+        layers: Depth fraction.
+        mlp: MLP fraction.
+        heads: Head fraction.
+        parameters: Parameters of the shape.
+        decode_speedup: Measured decode speed over the dense model's.
+        prefill_speedup: Measured prefill speed over the dense model's.
+        meets: Whether it reaches the target.
+        quality: Mean next-token loss on the calibration batches of the one-shot shrunk model, or ``None`` where it
+            was not estimated.
+        chosen: Whether it was applied.
+    """
+
+    layers: float
+    mlp: float
+    heads: float
+    parameters: int
+    decode_speedup: float
+    prefill_speedup: float
+    meets: bool = False
+    quality: float | None = None
+    chosen: bool = False
+
+    @property
+    def shape(self) -> str:
+        """``"layers=0.2 mlp=0.25"`` (the fractions that are not 0)."""
+        return describe_shape(self.to_dict())
+
+    def at_most(self, other: Candidate) -> bool:
+        """Whether this shape removes no more than ``other`` in every dimension."""
+        return self.layers <= other.layers and self.mlp <= other.mlp and self.heads <= other.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+
+def calibration_loss(model: nn.Module, batches: Iterable[Any]) -> float:
+    """Mean next-token cross-entropy of a causal LM over ``batches`` (mappings with ``input_ids`` and an optional
+    ``attention_mask``, or ``input_ids`` tensors), the tokens whose mask is 0 left out; float32.
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2))
+        >>> calibration_loss(lm, [torch.randint(0, 16, (2, 5))]) > 0
+        True
+    """
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids, mask = _tokens(batch)
+                ids = ids.to(device)
+                mask = mask.to(device) if mask is not None else None
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+                counted = (mask[:, 1:] if mask is not None else torch.ones_like(ids[:, 1:])).flatten().bool()
+                total += float(losses[counted].sum())
+                count += int(counted.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _tokens(batch: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), Tensor):
+        mask = batch.get("attention_mask")
+        return batch["input_ids"], mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    raise ValueError(
+        "`speedup` estimates each candidate's quality from its loss on the calibration batches, which must hold "
+        f"`input_ids` (a mapping or a tensor); got {type(batch).__name__}"
+    )
+
+
+Shrinker = Callable[[nn.Module, ShrinkConfig], None]
+"""Shrinks a model in place with a configuration (how :func:`search_speedup` makes each candidate it scores)."""
+
+
+def search_speedup(
+    model: nn.Module,
+    batches: list[Any],
+    config: ShrinkConfig,
+    target: SpeedTarget,
+    shrinker: Shrinker,
+    *,
+    device: torch.device | None = None,
+    plan_widths: Callable[[ShrinkConfig], dict[str, Any]],
+    num_blocks: int,
+) -> list[Candidate]:
+    """Times the candidate shapes, estimates the quality of the best ones and marks the chosen one.
+
+    Args:
+        model: The model (a transformers causal LM, or a module holding one).
+        batches: Prepared calibration batches.
+        config: The caller's configuration (method, update, options); its fractions are replaced per candidate.
+        target: What to reach and the grid.
+        shrinker: Shrinks a model in place with a configuration.
+        device: Where to time; ``None``: where the model is.
+        plan_widths: The config updates a width configuration makes (raises ``ValueError`` where it cannot).
+        num_blocks: Blocks in the model's stack.
+
+    Returns:
+        Every timed candidate, in the order timed; exactly one has ``chosen``.
+
+    Raises:
+        ValueError: When no candidate reaches the target (naming the fastest one's measured speed-up), or the model
+            is not a transformers causal LM.
+    """
+    found = find_pretrained(model)
+    if found is None:
+        raise ValueError(
+            f"`speedup` times candidate models built from a transformers config, and {type(model).__name__} holds "
+            "none; pass `layers`, `mlp` and `heads` instead"
+        )
+    pretrained = found[0]
+    parameter = next(pretrained.parameters())
+    where = device if device is not None else parameter.device
+
+    def timed(updates: dict[str, Any]) -> tuple[float, float, int]:
+        shaped = copy.deepcopy(pretrained.config)
+        for name, value in updates.items():
+            setattr(shaped, name, value)
+        throwaway = type(pretrained)(shaped).to(device=where, dtype=parameter.dtype).eval()
+        result = measure_speed(
+            throwaway,
+            new_tokens=target.new_tokens,
+            prefill_batch=target.prefill_batch,
+            prefill_length=target.prefill_length,
+            repeats=target.repeats,
+        )
+        return result.decode_tokens_per_second, result.prefill_tokens_per_second, result.parameters
+
+    dense = timed({})
+    reference = dense[0] if target.on == "decode" else dense[1]
+    heads_grid = target.heads if target.heads is not None else _default_heads(pretrained.config)
+    candidates: list[Candidate] = []
+    speeds: list[tuple[float, float]] = []
+    for heads in heads_grid:
+        for mlp in target.mlp:
+            try:
+                widths = plan_widths(replace(config, mlp=mlp, heads=heads)) if mlp or heads else {}
+            except ValueError:
+                continue  # a shape the config cannot hold is no candidate
+            for layers in target.layers:
+                if not (layers or mlp or heads):
+                    continue
+                try:
+                    depth = _depth_updates(pretrained.config, layers, num_blocks)
+                except ValueError:
+                    continue
+                decode, prefill, parameters = timed({**widths, **depth})
+                candidates.append(Candidate(layers, mlp, heads, parameters, 0.0, 0.0))
+                speeds.append((decode, prefill))
+                if (decode if target.on == "decode" else prefill) / reference >= target.speedup:
+                    break
+    # The dense model timed again: the better of its two runs is the reference, so a disturbance during the first
+    # one does not flatter every candidate.
+    again = timed({})
+    dense_decode, dense_prefill = max(dense[0], again[0]), max(dense[1], again[1])
+    for candidate, (decode, prefill) in zip(candidates, speeds, strict=True):
+        candidate.decode_speedup, candidate.prefill_speedup = decode / dense_decode, prefill / dense_prefill
+        candidate.meets = _speedup_of(candidate, target) >= target.speedup
+    meeting = [c for c in candidates if c.meets]
+    if not meeting:
+        fastest = max(candidates, key=lambda c: _speedup_of(c, target), default=None)
+        what = f"the fastest, {fastest.shape}, measured {_speedup_of(fastest, target):.2f}x" if fastest else "none fit"
+        raise ValueError(
+            f"`speedup`={target.speedup:g} ({target.on}): no candidate reaches it on {where}; {what}; ask for less, "
+            "or widen the grid with a SpeedTarget"
+        )
+    lightest = [c for c in meeting if not any(o is not c and o.at_most(c) for o in meeting)]
+    for candidate in lightest:
+        trial = copy.deepcopy(model)
+        shrinker(trial, replace(config, layers=candidate.layers, mlp=candidate.mlp, heads=candidate.heads))
+        found_trial = find_pretrained(trial)
+        assert found_trial is not None
+        candidate.quality = calibration_loss(found_trial[0], batches)
+        del trial
+    best = min(lightest, key=lambda c: (c.quality, -_speedup_of(c, target)))
+    best.chosen = True
+    return candidates
+
+
+def _speedup_of(candidate: Candidate, target: SpeedTarget) -> float:
+    return candidate.decode_speedup if target.on == "decode" else candidate.prefill_speedup
+
+
+def _default_heads(config: Any) -> tuple[float, ...]:
+    """No head removed, and one key/value group (or head) removed where there are several."""
+    groups = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0) or 0)
+    return (0.0, 1.0 / groups) if groups > 1 else (0.0,)
+
+
+def _depth_updates(config: Any, fraction: float, num_blocks: int) -> dict[str, Any]:
+    """The config entries of a model ``fraction`` of whose blocks are gone (which ones does not change the timing)."""
+    if not fraction:
+        return {}
+    kept = num_blocks - units_to_remove(fraction, num_blocks, "layers", "the block stack", "block")
+    updates: dict[str, Any] = {"num_hidden_layers": kept}
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)):
+        updates["layer_types"] = list(types)[:kept]
+    return updates
