@@ -129,28 +129,31 @@ def test_distillation_loss_matches_a_slow_reference():
     assert (Distillation().weight, Distillation().temperature) == (1.0, 1.0)
 
 
-def _resumable(root: Path, max_steps: int, ckpt_path: str | None = None) -> CausalLMModule:
-    module = make_module()
-    shrinking = WandaShrinkCallback(
-        mlp=0.5,
-        heads=0.5,
+def _resumable(
+    root: Path, max_steps: int, ckpt_path: str | None = None, blocks: int = 2, **shrinking: float
+) -> tuple[CausalLMModule, WandaShrinkCallback]:
+    """A fit that shrinks at step 2 (``mlp=0.5, heads=0.5`` unless ``shrinking`` says otherwise) and saves every 4."""
+    torch.manual_seed(0)
+    module = CausalLMModule(config={**CONFIG, "num_hidden_layers": blocks}, learning_rate=1e-2)
+    callback = WandaShrinkCallback(
+        **(shrinking or {"mlp": 0.5, "heads": 0.5}),
         prune_on="train_step",
         step=2,
         evaluate=False,
         calibration_options=CalibrationOptions(num_samples=8),
     )
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=4)
-    trainer = make_trainer(root, max_steps=max_steps, callbacks=[shrinking, checkpoints], enable_checkpointing=True)
+    trainer = make_trainer(root, max_steps=max_steps, callbacks=[callback, checkpoints], enable_checkpointing=True)
     trainer.fit(module, loader(16, seed=1), loader(8, seed=2), ckpt_path=ckpt_path)
-    return module
+    return module, callback
 
 
 def test_a_run_resumed_mid_recovery_matches_the_uninterrupted_one(tmp_path):
-    uninterrupted = _resumable(tmp_path / "a", max_steps=6)
+    uninterrupted, _ = _resumable(tmp_path / "a", max_steps=6)
     _resumable(tmp_path / "b", max_steps=4)  # shrinks at step 2, saves at step 4 with the teacher
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
     assert "wanda_teacher_state_dict" in torch.load(last, weights_only=False)
-    resumed = _resumable(tmp_path / "c", max_steps=6, ckpt_path=str(last))
+    resumed, _ = _resumable(tmp_path / "c", max_steps=6, ckpt_path=str(last))
     assert _widths(resumed) == (64, 32, 16)
     expected = uninterrupted.state_dict()
     for name, tensor in resumed.state_dict().items():
@@ -392,36 +395,20 @@ def test_reconstruction_in_the_callback_matches_shrink(tmp_path):
     assert "block reconstruction (4 steps" in shrinking.summary()
 
 
-def _deep_run(root: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[CausalLMModule, WandaShrinkCallback]:
-    torch.manual_seed(0)
-    module = CausalLMModule(config={**CONFIG, "num_hidden_layers": 4}, learning_rate=1e-2)
-    shrinking = WandaShrinkCallback(
-        mlp=0.5,
-        layers=0.5,
-        prune_on="train_step",
-        step=2,
-        evaluate=False,
-        calibration_options=CalibrationOptions(num_samples=8),
-    )
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=4)
-    trainer = make_trainer(root, max_steps=max_steps, callbacks=[shrinking, checkpoints], enable_checkpointing=True)
-    trainer.fit(module, loader(16, seed=1), loader(8, seed=2), ckpt_path=ckpt_path)
-    return module, shrinking
-
-
 def test_depth_pruning_mid_fit_distils_resumes_and_loads(tmp_path):
-    uninterrupted, shrinking = _deep_run(tmp_path / "a", max_steps=6)
+    deep = dict(blocks=4, mlp=0.5, layers=0.5)
+    uninterrupted, shrinking = _resumable(tmp_path / "a", max_steps=6, **deep)
     report = shrinking.report
     assert report.blocks_before == 4 and len(report.removed_blocks) == 2
     assert len(uninterrupted.model.model.layers) == 2 and uninterrupted.model.config.num_hidden_layers == 2
     assert _widths(uninterrupted)[0] == 64
     assert "4 -> 2" in shrinking.summary()
 
-    _deep_run(tmp_path / "b", max_steps=4)  # shrinks at step 2, saves at step 4 with the teacher
+    _resumable(tmp_path / "b", max_steps=4, **deep)  # shrinks at step 2, saves at step 4 with the teacher
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert saved["wanda_removed_blocks"] == {"model.model.layers": report.removed_blocks}
-    resumed, _ = _deep_run(tmp_path / "c", max_steps=6, ckpt_path=str(last))
+    resumed, _ = _resumable(tmp_path / "c", max_steps=6, ckpt_path=str(last), **deep)
     expected = uninterrupted.state_dict()
     assert resumed.state_dict().keys() == expected.keys()
     for name, tensor in resumed.state_dict().items():

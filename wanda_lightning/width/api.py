@@ -393,12 +393,11 @@ def _shrink_to_speed(
     options = config.options
     batches = prepare_batches(calibration, options.num_samples, options.batch_size)
     base = replace(config, speed_target=None, options=options.with_batches_as_given())
-    depth_fractions = tuple(f for f in target.layers if f)
-    if depth_fractions:
-        try:
-            plan_depth(model, min(depth_fractions), base.options)
+    if any(target.layers):
+        try:  # whether blocks can go at all (the fractions themselves are checked per candidate)
+            plan_depth(model, 0.5, base.options)
         except ValueError:
-            target = replace(target, layers=(0.0,))  # blocks cannot go here: widths only
+            target = replace(target, layers=(0.0,))  # widths only
     found = find_pretrained(model)
     num_blocks = int(getattr(found[0].config, "num_hidden_layers", 0) or 0) if found is not None else 0
 

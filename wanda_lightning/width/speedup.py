@@ -17,7 +17,7 @@ that much faster where the user runs it, at the least loss, instead of asking fo
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -111,7 +111,7 @@ def calibration_loss(model: nn.Module, batches: Iterable[Any]) -> float:
 def _tokens(batch: Any) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, Tensor):
         return batch, None
-    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), Tensor):
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
         mask = batch.get("attention_mask")
         return batch["input_ids"], mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
     raise ValueError(
