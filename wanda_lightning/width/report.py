@@ -248,8 +248,9 @@ class ShrinkReport(CalibrationRecord):
         return "\n".join(format_table(header, rows))
 
     def plot(self, path: str | os.PathLike[str]) -> None:
-        """Writes a PNG of the speed target's candidates: measured speed-up against the quality estimate where there
-        is one (the others along the bottom), the target as a line, the chosen one marked. Needs matplotlib
+        """Writes a PNG of the speed target's candidates: every shape timed (parameters against measured speed-up,
+        those that reach the target in colour) and the scored ones (calibration loss against measured speed-up), the
+        target as a dashed line, the chosen one starred. Needs matplotlib
         (``pip install "wanda-lightning[plot]"``).
 
         Raises:
@@ -266,21 +267,28 @@ class ShrinkReport(CalibrationRecord):
         except ImportError as error:  # pragma: no cover - the extra is installed in tests
             raise ImportError('report.plot() needs matplotlib: pip install "wanda-lightning[plot]"') from error
         on = self.speed_target["on"]
-        figure, axes = plt.subplots(figsize=(7, 4.5))
+        figure, (sizes, losses) = plt.subplots(1, 2, figsize=(11, 4.5))
         scored = [c for c in self.candidates if c.get("quality") is not None]
-        floor = min((c["quality"] for c in scored), default=0.0)
-        for candidate in self.candidates:
-            quality = candidate.get("quality")
-            marker = "*" if candidate.get("chosen") else ("o" if quality is not None else "x")
-            y = quality if quality is not None else floor
-            axes.scatter(candidate[f"{on}_speedup"], y, marker=marker, s=160 if candidate.get("chosen") else 40)
-            axes.annotate(describe_shape(candidate), (candidate[f"{on}_speedup"], y), fontsize=7, xytext=(4, 4),
-                          textcoords="offset points")  # fmt: skip
-        axes.axvline(self.speed_target["speedup"], linestyle="--", color="grey", label="target")
-        axes.set_xlabel(f"measured {on} speed-up over dense ({self.speed_target['device']})")
-        axes.set_ylabel("calibration loss of the one-shot shrunk model (x: not scored)")
-        axes.set_title(f"speed target {self.speed_target['speedup']:g}x: candidates")
-        axes.legend()
+        for meets, colour in ((False, "lightgrey"), (True, "tab:blue")):
+            chosen = [c for c in self.candidates if bool(c["meets"]) is meets]
+            sizes.scatter([c[f"{on}_speedup"] for c in chosen], [c["parameters"] / 1e6 for c in chosen], color=colour,
+                          label="reaches the target" if meets else "does not")  # fmt: skip
+        for axes, values in ((sizes, lambda c: c["parameters"] / 1e6), (losses, lambda c: c["quality"])):
+            for candidate in self.candidates if axes is sizes else scored:
+                if axes is losses or candidate.get("chosen"):
+                    point = (candidate[f"{on}_speedup"], values(candidate))
+                    axes.annotate(describe_shape(candidate), point, fontsize=7, xytext=(4, 4),
+                                  textcoords="offset points")  # fmt: skip
+                if candidate.get("chosen"):
+                    axes.scatter(*point, marker="*", s=220, color="tab:red", label="chosen")
+            axes.axvline(self.speed_target["speedup"], linestyle="--", color="grey")
+            axes.set_xlabel(f"measured {on} speed-up over dense ({self.speed_target['device']})")
+        losses.scatter([c[f"{on}_speedup"] for c in scored], [c["quality"] for c in scored], color="tab:blue")
+        sizes.set_ylabel("parameters (M)")
+        sizes.set_title("every candidate timed")
+        sizes.legend(fontsize=8)
+        losses.set_ylabel("calibration loss, one-shot (lower is better)")
+        losses.set_title(f"scored candidates (target {self.speed_target['speedup']:g}x, dashed)")
         figure.tight_layout()
         figure.savefig(os.fspath(path), dpi=120)
         plt.close(figure)

@@ -5,7 +5,9 @@ that much faster where the user runs it, at the least loss, instead of asking fo
    planned config with throw-away weights (nothing is shrunk to time it), decode at batch 1 with the KV cache and one
    prefill pass (:func:`~wanda_lightning.core.speed.measure_speed`), against the dense config built the same way.
    For every MLP and head fraction of the grid, depth fractions are tried in increasing order until one meets the
-   target (speed grows with each fraction, so the deeper ones would meet it too and lose more).
+   target (speed grows with each fraction, so the deeper ones would meet it too and lose more). The shapes that met
+   it (less those that remove at least as much as another that did) are timed again in turns with the dense config;
+   each keeps its better run and the dense config its best, so one disturbed run decides nothing.
 2. **Quality.** Among the candidates that meet the target, those not pruned at least as much as another that meets
    it in every dimension are shrunk one at a time, one-shot, on a copy of the model, and scored by their mean
    next-token loss on the calibration batches (lower is better: the estimate costs one ``shrink()`` and one forward
@@ -179,10 +181,11 @@ def search_speedup(
         return result.decode_tokens_per_second, result.prefill_tokens_per_second, result.parameters
 
     dense = timed({})
-    reference = dense[0] if target.on == "decode" else dense[1]
+    reference = dense[0] if target.on == "decode" else dense[1]  # for the scan; the final one is the best dense run
     heads_grid = target.heads if target.heads is not None else _default_heads(pretrained.config)
     candidates: list[Candidate] = []
     speeds: list[tuple[float, float]] = []
+    shapes: list[dict[str, Any]] = []  # the config updates each candidate was timed with
     for heads in heads_grid:
         for mlp in target.mlp:
             try:
@@ -199,12 +202,23 @@ def search_speedup(
                 decode, prefill, parameters = timed({**widths, **depth})
                 candidates.append(Candidate(layers, mlp, heads, parameters, 0.0, 0.0))
                 speeds.append((decode, prefill))
+                shapes.append({**widths, **depth})
                 if (decode if target.on == "decode" else prefill) / reference >= target.speedup:
                     break
-    # The dense model timed again: the better of its two runs is the reference, so a disturbance during the first
-    # one does not flatter every candidate.
-    again = timed({})
-    dense_decode, dense_prefill = max(dense[0], again[0]), max(dense[1], again[1])
+    # The shapes that reached the target without another lighter one that did are timed again, in turns with the
+    # dense model: each keeps its better run and the dense model its best, so that one disturbed run neither makes a
+    # shape look fast enough nor flatters every shape.
+    on = 0 if target.on == "decode" else 1
+    first = [c for c, speed in zip(candidates, speeds, strict=True) if speed[on] >= reference * target.speedup]
+    lightest = [c for c in first if not any(o is not c and o.at_most(c) for o in first)]
+    dense_runs = [dense]
+    for index, candidate in enumerate(candidates):
+        if any(candidate is c for c in lightest):
+            dense_runs.append(timed({}))
+            decode, prefill, _ = timed(shapes[index])
+            speeds[index] = (max(speeds[index][0], decode), max(speeds[index][1], prefill))
+    dense_runs.append(timed({}))
+    dense_decode, dense_prefill = max(r[0] for r in dense_runs), max(r[1] for r in dense_runs)
     for candidate, (decode, prefill) in zip(candidates, speeds, strict=True):
         candidate.decode_speedup, candidate.prefill_speedup = decode / dense_decode, prefill / dense_prefill
         candidate.meets = _speedup_of(candidate, target) >= target.speedup
