@@ -285,9 +285,8 @@ def test_layers_fed_the_same_input_share_one_inverse_and_nothing_outlives_a_bloc
 
 def test_registry_names_and_options():
     assert isinstance(get_method("admm"), ADMM)
-    assert (
-        get_method("admm", iterations=20, ramp_iterations=15).describe() == "admm (iterations=20, ramp_iterations=15)"
-    )
+    assert get_method("admm", iterations=8, ramp_iterations=6).describe() == "admm (iterations=8, ramp_iterations=6)"
+    assert ADMM(iterations=20, ramp_iterations=15, rho=1.0, relaxation=1.0).describe() == "admm"  # the defaults
     assert isinstance(get_refinement("admm-update"), ADMMUpdate)
     assert ADMMUpdate(iterations=4).describe() == "admm-update (iterations=4)"
     assert ADMM().shard_local(parse_structure("2:4")) is False
