@@ -302,7 +302,8 @@ def shrink_with(
     total_start = time.perf_counter()
     _check_whole_weights(model)
     if config.speed_target is not None:
-        return _shrink_to_speed(model, calibration, replace(config, options=options), sync_statistics, on_block_done)
+        speed_config = replace(config, options=options)
+        return _shrink_to_speed(model, calibration, speed_config, sync_statistics, on_block_done, progress)
     report = ShrinkReport(
         method=config.describe_method(),
         mlp=config.mlp,
@@ -377,6 +378,7 @@ def _shrink_to_speed(
     config: ShrinkConfig,
     sync_statistics: StatisticsSync | None,
     on_block_done: BlockCallback | None,
+    progress: bool,
 ) -> ShrinkReport:
     """:func:`shrink_with` for a speed target: search the shape (:func:`~wanda_lightning.width.speedup.search_speedup`),
     then shrink with it."""
@@ -416,7 +418,7 @@ def _shrink_to_speed(
     )
     chosen = next(c for c in candidates if c.chosen)
     final = replace(base, layers=chosen.layers, mlp=chosen.mlp, heads=chosen.heads)
-    report = shrink_with(model, batches, final, on_block_done=on_block_done)
+    report = shrink_with(model, batches, final, on_block_done=on_block_done, progress=progress)
     device = options.device if options.device is not None else next(model.parameters()).device
     report.method = f"speed target {target.speedup:g}x ({target.on}) -> {report.method}"
     report.speed_target = {"speedup": target.speedup, "on": target.on, "device": str(device)}
