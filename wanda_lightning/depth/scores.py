@@ -16,7 +16,7 @@ Example::
     >>> scorer.observe(0, [x], [x], [None])        # block 0 leaves its input as it is
     >>> scorer.observe(1, [x], [-x], [None])       # block 1 flips it
     >>> scorer.observe(2, [-x], [x + 1], [None])
-    >>> scorer.scores()[:2].tolist()
+    >>> [round(score, 4) for score in scorer.scores()[:2].tolist()]
     [0.0, 2.0]
     >>> choose_blocks(scorer.scores(), 1, "influence")
     [0]
@@ -51,8 +51,8 @@ def token_cosines(first: Tensor, second: Tensor, token_mask: Tensor | None = Non
 
     Example::
 
-        >>> token_cosines(torch.ones(1, 2, 3), torch.ones(1, 2, 3)).tolist()
-        [1.0, 1.0]
+        >>> token_cosines(torch.ones(1, 2, 3), -torch.ones(1, 2, 3)).round().tolist()
+        [-1.0, -1.0]
     """
     if first.shape != second.shape:
         raise ValueError(f"hidden states of different shapes: {tuple(first.shape)} and {tuple(second.shape)}")

@@ -42,8 +42,13 @@ def check_removable(model: nn.Module, stack: BlockStack, config: Any | None) -> 
     Example::
 
         >>> from wanda_lightning.core.blocks import BlockStack
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-        >>> check_removable(net, BlockStack("", list(net)), None)
+        >>> net = nn.Module()
+        >>> net.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+        >>> check_removable(net, BlockStack("layers", list(net.layers)), None)  # nothing to refuse
+        >>> check_removable(net.layers, BlockStack("", list(net.layers)), None)
+        Traceback (most recent call last):
+        ...
+        ValueError: the block stack is the model itself; depth pruning needs a model that holds its blocks
     """
     _container(model, stack)
     if stack.name == "":
