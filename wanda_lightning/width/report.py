@@ -270,20 +270,20 @@ class ShrinkReport(CalibrationRecord):
         figure, (sizes, losses) = plt.subplots(1, 2, figsize=(11, 4.5))
         scored = [c for c in self.candidates if c.get("quality") is not None]
         for meets, colour in ((False, "lightgrey"), (True, "tab:blue")):
-            chosen = [c for c in self.candidates if bool(c["meets"]) is meets]
-            sizes.scatter([c[f"{on}_speedup"] for c in chosen], [c["parameters"] / 1e6 for c in chosen], color=colour,
+            group = [c for c in self.candidates if bool(c["meets"]) is meets]
+            sizes.scatter([c[f"{on}_speedup"] for c in group], [c["parameters"] / 1e6 for c in group], color=colour,
                           label="reaches the target" if meets else "does not")  # fmt: skip
-        for axes, values in ((sizes, lambda c: c["parameters"] / 1e6), (losses, lambda c: c["quality"])):
-            for candidate in self.candidates if axes is sizes else scored:
-                if axes is losses or candidate.get("chosen"):
-                    point = (candidate[f"{on}_speedup"], values(candidate))
-                    axes.annotate(describe_shape(candidate), point, fontsize=7, xytext=(4, 4),
-                                  textcoords="offset points")  # fmt: skip
-                if candidate.get("chosen"):
-                    axes.scatter(*point, marker="*", s=220, color="tab:red", label="chosen")
+        losses.scatter([c[f"{on}_speedup"] for c in scored], [c["quality"] for c in scored], color="tab:blue")
+        chosen = next(c for c in self.candidates if c.get("chosen"))
+        labelled = [(sizes, chosen, chosen["parameters"] / 1e6)] + [(losses, c, c["quality"]) for c in scored]
+        for axes, candidate, value in labelled:
+            point = (candidate[f"{on}_speedup"], value)
+            axes.annotate(describe_shape(candidate), point, fontsize=7, xytext=(4, 4), textcoords="offset points")
+            if candidate is chosen:
+                axes.scatter(*point, marker="*", s=220, color="tab:red", label="chosen")
+        for axes in (sizes, losses):
             axes.axvline(self.speed_target["speedup"], linestyle="--", color="grey")
             axes.set_xlabel(f"measured {on} speed-up over dense ({self.speed_target['device']})")
-        losses.scatter([c[f"{on}_speedup"] for c in scored], [c["quality"] for c in scored], color="tab:blue")
         sizes.set_ylabel("parameters (M)")
         sizes.set_title("every candidate timed")
         sizes.legend(fontsize=8)
