@@ -14,7 +14,13 @@ Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one
   distillation (logits-only forward KL at T = 1 from the teacher);
 - ``shrink-rc-ce`` / ``shrink-rc-kd``: the same with ``update="reconstruct"`` (least-squares, then each block trained
   to the dense block's outputs on the calibration activations) before recovery;
-- ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero).
+- ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero);
+- ``speed-kd`` / ``width-speed-kd`` (the speed target of the depth issue, after the same recovery): the shape that
+  ``shrink(speedup=1.5)`` chose on this machine in ``bench_depth.py`` (``layers=0.3, mlp=0.5, heads=1/3``) against
+  the fastest width-only shape of that grid (``mlp=0.75``, 1.50x decode there), both ``flap`` + least-squares.
+
+Shrunk arms end with decode and prefill speed of the recovered model and of the teacher, timed in turns
+(``--repeats`` runs each, best kept), so each arm's speed-up is measured side by side in its own run.
 
 The recovery learning rate is the library's: ``distill=Distillation(learning_rate=--lr, warmup_steps=--warmup)``
 (``weight=0`` for plain CE) puts the optimizer on it when the callback acts.
@@ -40,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from wanda_lightning import CalibrationOptions, Distillation, WandaPruningCallback, WandaShrinkCallback
 from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.core.speed import measure_speed
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -53,7 +60,7 @@ BATCH = 4
 def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) -> pl.Callback:
     """The callback of an arm, acting when the fit starts, calibrated on the same 16 x 256 windows, recovering at the
     recovery learning rate (the library's ``Distillation(learning_rate=...)``; ``weight=0`` for plain CE)."""
-    kind, update, loss = ARMS[arm]
+    kind, update, loss, shape = ARMS[arm]
     recovery = Distillation(weight=1.0 if loss == "kd" else 0.0, learning_rate=args.lr, warmup_steps=args.warmup)
     common: dict[str, Any] = dict(
         calibration=calibration,
@@ -64,19 +71,46 @@ def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) ->
         verbose=False,
     )
     if kind == "shrink":
-        return WandaShrinkCallback(mlp=0.5, method="flap", update=update, **common)
+        return WandaShrinkCallback(method="flap", update=update, **shape, **common)
     return WandaPruningCallback(0.5, kind, "admm", **common)
 
 
-#: arm -> (what: "shrink" or a mask structure, shrink update, recovery loss)
-ARMS: dict[str, tuple[str, str | None, str]] = {
-    "shrink-ce": ("shrink", "least-squares", "ce"),
-    "shrink-kd": ("shrink", "least-squares", "kd"),
-    "shrink-rc-ce": ("shrink", "reconstruct", "ce"),
-    "shrink-rc-kd": ("shrink", "reconstruct", "kd"),
-    "2:4-kd": ("2:4", None, "kd"),
-    "50%-kd": ("unstructured", None, "kd"),
+MLP_HALF: dict[str, float] = {"mlp": 0.5}
+#: ``speedup=1.5``'s choice in ``bench_depth.py`` (benchmarks/results/depth.json): 9 of 30 blocks, half the MLP, one
+#: of the three key/value groups
+SPEED_SHAPE: dict[str, float] = {"layers": 0.3, "mlp": 0.5, "heads": 1 / 3}
+#: the fastest width-only shape of the same grid (1.50x decode there)
+WIDTH_SPEED_SHAPE: dict[str, float] = {"mlp": 0.75}
+
+#: arm -> (what: "shrink" or a mask structure, shrink update, recovery loss, shrink shape)
+ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
+    "shrink-ce": ("shrink", "least-squares", "ce", MLP_HALF),
+    "shrink-kd": ("shrink", "least-squares", "kd", MLP_HALF),
+    "shrink-rc-ce": ("shrink", "reconstruct", "ce", MLP_HALF),
+    "shrink-rc-kd": ("shrink", "reconstruct", "kd", MLP_HALF),
+    "2:4-kd": ("2:4", None, "kd", {}),
+    "50%-kd": ("unstructured", None, "kd", {}),
+    "speed-kd": ("shrink", "least-squares", "kd", SPEED_SHAPE),
+    "width-speed-kd": ("shrink", "least-squares", "kd", WIDTH_SPEED_SHAPE),
 }
+
+
+def speedups(teacher: torch.nn.Module, student: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Decode and prefill speed-ups of ``student`` over ``teacher``, timed in turns (best of ``repeats`` each)."""
+    best: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
+    for _ in range(repeats):
+        for name, model in (("teacher", teacher), ("student", student)):
+            result = measure_speed(model, name=name, repeats=1)
+            for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
+                best[name][key] = max(best[name].get(key, 0.0), getattr(result, key))
+    return {
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        **{f"teacher_{key}": value for key, value in best["teacher"].items()},
+        **{key: value for key, value in best["student"].items()},
+        "decode_speedup": best["student"]["decode_tokens_per_second"] / best["teacher"]["decode_tokens_per_second"],
+        "prefill_speedup": best["student"]["prefill_tokens_per_second"] / best["teacher"]["prefill_tokens_per_second"],
+    }
 
 
 class EvalEvery(pl.Callback):
@@ -118,6 +152,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50, help="steps between perplexities (default 50)")
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows (default 32)")
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of shrunk arms and teacher (default 5)")
     parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where the teacher's weights are cached")
     parser.add_argument("--json", default=None, help="JSON file the arms accumulate into")
     args = parser.parse_args()
@@ -175,6 +210,14 @@ def main() -> None:
                 "seconds": callback.report.reconstruction_seconds,
                 "dense_forward_seconds": callback.report.dense_forward_seconds,
             }
+            save()
+        if ARMS[arm][0] == "shrink":
+            results[arm]["speed"] = speedups(model, module.model, args.repeats)
+            print(
+                f"{arm}: decode {results[arm]['speed']['decode_speedup']:.2f}x, "
+                f"prefill {results[arm]['speed']['prefill_speedup']:.2f}x the teacher",
+                flush=True,
+            )
             save()
     print(f"\nteacher (dense fine-tuned {args.teacher_steps} steps): held-out perplexity {teacher_ppl:.2f}")
     table = []

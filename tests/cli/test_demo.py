@@ -15,13 +15,14 @@ pytestmark = [
 ]
 
 
-def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capfd):
+def test_demo_shows_masks_and_a_shrunk_model_side_by_side(tmp_path, capfd):
     import transformers
 
     from wanda_lightning import load_pruned
     from wanda_lightning.cli import main
 
     args = ["--steps", "1", "--recover-steps", "1", "--batch-size", "1", "--seqlen", "64", "--val-windows", "2"]
+    args += ["--mlp", "0.25"]  # with the default depth: both in the one shrunk model
     assert main(["demo", "--out", str(tmp_path), *args, "--samples", "4", "--new-tokens", "2"]) == 0
     out, err = capfd.readouterr()  # file descriptors: Lightning's log handler writes to the real stderr
     for fragment in ("held-out perplexity", "compact export", "plain folder", "decode tok/s", "from_pretrained"):
@@ -30,7 +31,7 @@ def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capfd):
     # What a new user sees is progress and the table: no accelerator banners, tips or deprecation notices.
     for noise in ("GPU available", "Tip:", "deprecated", "`Trainer.fit` stopped"):
         assert noise not in out and noise not in err, noise
-    assert "model.layers.29" not in out  # per-layer rows only with --layers
+    assert "model.layers.29" not in out  # per-layer rows only with --per-layer
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     logged = {
@@ -44,7 +45,9 @@ def test_demo_shows_masks_and_width_pruning_side_by_side(tmp_path, capfd):
     weight = masked.model.layers[0].mlp.up_proj.weight
     assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all()
     small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small")
-    assert small.config.intermediate_size == 768 and small.model.layers[0].mlp.down_proj.in_features == 768
+    # The default depth (a fifth of the blocks: 6 of 30) and a quarter of every MLP's units.
+    assert small.config.num_hidden_layers == len(small.model.layers) == 24
+    assert small.config.intermediate_size == 1152 and small.model.layers[0].mlp.down_proj.in_features == 1152
     assert not (tmp_path / "pruned.ckpt").exists()  # no dense-size checkpoint any more
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""SmolLM2-135M made cheaper two ways, side by side: Wanda masks and width pruning recovered in Lightning
+"""SmolLM2-135M made cheaper two ways, side by side: Wanda masks, and a shrunk model recovered in Lightning
 
 Fine-tunes the offline SmolLM2-135M-Instruct for a few steps on CPython's pydoc text with a Lightning Trainer; prunes a
 copy to 50 % with WandaPruningCallback (perplexity, compact export); shrinks another copy with WandaShrinkCallback and
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.options import CalibrationOptions
 from ..core.reconstruction import Reconstruction
 from ..core.validation import check_choice, check_positive
+from ..depth.scores import LAYER_SCORES
 
 __all__ = ["DemoResult", "WindowDataset", "add_arguments", "run", "run_demo"]
 
@@ -88,13 +89,27 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _width_update(update: str) -> Reconstruction | Literal["least-squares"]:
+    """The shrink update the ``--update`` choice names (``check_choice`` has allowed only these two)."""
+    return DEMO_RECONSTRUCTION if update == "reconstruct" else "least-squares"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``wanda-lightning demo``."""
     parser.add_argument("--out", type=Path, default=Path("wanda-demo"), help="output folder (default ./wanda-demo)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="masks: fraction zeroed per row (default 0.5)")
     parser.add_argument("--structure", default="unstructured", help="masks: 'unstructured' or N:M such as 2:4")
-    parser.add_argument("--mlp", type=float, default=0.5, help="width: MLP hidden units removed (default 0.5)")
+    parser.add_argument("--mlp", type=float, default=0.0, help="width: MLP hidden units removed (default 0)")
     parser.add_argument("--heads", type=float, default=0.0, help="width: key/value groups removed (default 0)")
+    parser.add_argument(
+        "--layers", type=float, default=0.2, help="depth: share of the decoder blocks removed (default 0.2)"
+    )
+    parser.add_argument(
+        "--layer-score",
+        default="angular",
+        choices=list(LAYER_SCORES),
+        help="depth: how blocks are ranked (default angular: the closest run of consecutive blocks goes)",
+    )
     parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps (default 8)")
     parser.add_argument("--recover-steps", type=int, default=24, help="recovery steps after shrinking (default 24)")
     parser.add_argument(
@@ -108,8 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--update",
         default="reconstruct",
         choices=["least-squares", "reconstruct"],
-        help="what the shrunk layers' kept weights get before recovery: a least-squares refit, or that and each block "
-        f"trained to the dense block's outputs for {DEMO_RECONSTRUCTION.steps} steps (default reconstruct)",
+        help="with --mlp or --heads, what the shrunk layers' kept weights get before recovery: a least-squares refit, "
+        f"or that and each block trained to the dense block's outputs for {DEMO_RECONSTRUCTION.steps} steps (default "
+        "reconstruct)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per training step (default 4)")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
@@ -118,7 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--layers", action="store_true", help="also print the per-layer rows of both reports")
+    parser.add_argument(
+        "--per-layer", dest="per_layer", action="store_true", help="also print the per-layer rows of both reports"
+    )
 
 
 def run_demo(
@@ -126,8 +144,10 @@ def run_demo(
     *,
     sparsity: float = 0.5,
     structure: str = "unstructured",
-    mlp: float = 0.5,
+    mlp: float = 0.0,
     heads: float = 0.0,
+    layers: float = 0.2,
+    layer_score: str = "angular",
     steps: int = 8,
     recover_steps: int = 24,
     recover_lr: float = 5e-4,
@@ -146,11 +166,13 @@ def run_demo(
     1. Fine-tune SmolLM2-135M for a few steps with Lightning on CPython's pydoc text.
     2. Masks: :class:`~wanda_lightning.WandaPruningCallback` prunes a copy to 50 % (``trainer.validate``), reports
        dense vs pruned perplexity and writes the compact export.
-    3. Width: :class:`~wanda_lightning.WandaShrinkCallback` removes half of every MLP's hidden units from another copy
-       (FLAP scores, least-squares refit of the layers that lost inputs, then each block trained to the dense block's
-       outputs: ``update="reconstruct"``) at the start of a short fit that recovers it by distilling from the
-       fine-tuned model at the recovery learning rate (``recover_lr``), and writes a folder that stock
-       ``from_pretrained`` loads.
+    3. Shrink: :class:`~wanda_lightning.WandaShrinkCallback` removes from another copy a fifth of the decoder blocks
+       (``layers``; the run of consecutive blocks whose output is closest to its input, ``layer_score="angular"``)
+       and, with ``mlp`` / ``heads``, MLP hidden units and key/value groups (FLAP scores, least-squares refit of the
+       layers that lost inputs, then each block trained to the dense block's outputs: ``update="reconstruct"``), at
+       the start of a short fit that recovers it by distilling from the fine-tuned model at the recovery learning
+       rate (``recover_lr``), and writes a folder that stock ``from_pretrained`` loads. Whole blocks are the default
+       because they recover best in the demo's budget (README: the demo's shapes).
     4. Speed: decode and prefill tokens per second of the three models, on this machine.
 
     Returns what it measured. The pydoc text is tokenised once and cut at 70 %: calibration windows, then training
@@ -257,15 +279,17 @@ def run_demo(
     )
     seconds["masks"] = time.perf_counter() - phase
 
-    # 3. Width: another copy shrunk when a short fit starts, which recovers it by distilling from the dense model.
+    # 3. Shrink: another copy shrunk when a short fit starts, which recovers it by distilling from the dense model.
     phase = time.perf_counter()
     small = copy_of(dense)
     folder = out / "small"
     shrinking = WandaShrinkCallback(
         mlp=mlp,
         heads=heads,
+        layers=layers,
+        layer_score=layer_score,  # type: ignore[arg-type]  # checked by the callback
         method="flap",
-        update=DEMO_RECONSTRUCTION if update == "reconstruct" else "least-squares",
+        update=_width_update(update) if mlp or heads else None,  # whole blocks alone: no layer loses units
         prune_on="fit_start",
         distill=recovery_options,
         save_dir=str(folder),
@@ -385,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     keywords = [name for name in inspect.signature(run_demo).parameters if name not in ("out", "progress")]
     with quiet_libraries():
         result = run_demo(args.out, **{name: getattr(args, name) for name in keywords})
-    if args.layers:
+    if args.per_layer:
         print(result.pruning_summary)
         print()
         print(result.shrink_summary)
