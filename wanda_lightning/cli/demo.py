@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.options import CalibrationOptions
 from ..core.reconstruction import Reconstruction
 from ..core.validation import check_choice, check_positive
-from ..depth.scores import LAYER_SCORES
+from ..depth.scores import LAYER_SCORES, LayerScore
 
 __all__ = ["DemoResult", "WindowDataset", "add_arguments", "run", "run_demo"]
 
@@ -147,7 +147,7 @@ def run_demo(
     mlp: float = 0.0,
     heads: float = 0.0,
     layers: float = 0.2,
-    layer_score: str = "angular",
+    layer_score: LayerScore = "angular",
     steps: int = 8,
     recover_steps: int = 24,
     recover_lr: float = 5e-4,
@@ -172,7 +172,7 @@ def run_demo(
        layers that lost inputs, then each block trained to the dense block's outputs: ``update="reconstruct"``), at
        the start of a short fit that recovers it by distilling from the fine-tuned model at the recovery learning
        rate (``recover_lr``), and writes a folder that stock ``from_pretrained`` loads. Whole blocks are the default
-       because they recover best in the demo's budget (README: the demo's shapes).
+       because they recover best in the demo's budget (README, Quick start).
     4. Speed: decode and prefill tokens per second of the three models, on this machine.
 
     Returns what it measured. The pydoc text is tokenised once and cut at 70 %: calibration windows, then training
@@ -287,7 +287,7 @@ def run_demo(
         mlp=mlp,
         heads=heads,
         layers=layers,
-        layer_score=layer_score,  # type: ignore[arg-type]  # checked by the callback
+        layer_score=layer_score,
         method="flap",
         update=_width_update(update) if mlp or heads else None,  # whole blocks alone: no layer loses units
         prune_on="fit_start",

@@ -81,8 +81,9 @@ class Candidate:
 
 
 #: A shape whose first timing reached this share of the target is timed again before it is judged: single CPU timings
-#: of the same shape vary by 5-10 % on a loaded machine, and on SmolLM2 one disturbed run (1.497x against 1.5x) kept
-#: the width-only shape that recovers best out of the scored set.
+#: of the same shape vary by 5-20 % on a 2-core machine, and on SmolLM2 one disturbed run (1.497x against 1.5x) kept
+#: the width-only shape that recovers best out of the scored set. A wider band re-times more shapes (each costs a
+#: dense and a candidate timing) and still cannot catch every disturbed run.
 NEAR_MISS = 0.95
 
 
