@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..core.validation import check_positive
+from ..depth.scores import LAYER_SCORES
 from ..methods.registry import ALLOCATIONS, REFINEMENTS
 from .loading import MODEL_HELP
 
@@ -123,6 +124,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "save_to_disk that has a 'text' column",
     )
     parser.add_argument("--split", default=None, help="split of a saved DatasetDict (default: see each command)")
+
+
+def add_depth_arguments(parser: argparse.ArgumentParser, *, layers: float, layer_score: str) -> None:
+    """``--layers`` and ``--layer-score``, with the command's defaults."""
+    parser.add_argument(
+        "--layers", type=float, default=layers, help=f"fraction of decoder blocks removed (default {layers:g})"
+    )
+    parser.add_argument(
+        "--layer-score",
+        default=layer_score,
+        choices=list(LAYER_SCORES),
+        help="how blocks are ranked: influence (1 - cosine of a block's input and output) or angular (the closest run "
+        f"of consecutive blocks; default {layer_score})",
+    )
 
 
 def add_pruning_arguments(parser: argparse.ArgumentParser, *, refine_help: str) -> None:

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.options import CalibrationOptions
 from ..core.reconstruction import Reconstruction
 from ..core.validation import check_choice, check_positive
-from ..depth.scores import LAYER_SCORES, LayerScore
+from ..depth.scores import LayerScore
+from .arguments import add_depth_arguments
 
 __all__ = ["DemoResult", "WindowDataset", "add_arguments", "run", "run_demo"]
 
@@ -101,15 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structure", default="unstructured", help="masks: 'unstructured' or N:M such as 2:4")
     parser.add_argument("--mlp", type=float, default=0.0, help="width: MLP hidden units removed (default 0)")
     parser.add_argument("--heads", type=float, default=0.0, help="width: key/value groups removed (default 0)")
-    parser.add_argument(
-        "--layers", type=float, default=0.2, help="depth: share of the decoder blocks removed (default 0.2)"
-    )
-    parser.add_argument(
-        "--layer-score",
-        default="angular",
-        choices=list(LAYER_SCORES),
-        help="depth: how blocks are ranked (default angular: the closest run of consecutive blocks goes)",
-    )
+    add_depth_arguments(parser, layers=0.2, layer_score="angular")
     parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps (default 8)")
     parser.add_argument("--recover-steps", type=int, default=24, help="recovery steps after shrinking (default 24)")
     parser.add_argument(

@@ -17,7 +17,6 @@ from typing import Any
 
 from ..core.options import CalibrationOptions
 from ..core.validation import as_device
-from ..depth.scores import LAYER_SCORES
 from ..width.config import RECONSTRUCT
 from ..width.methods import WIDTH_METHODS
 from ..width.speed_target import SPEED_ON
@@ -25,6 +24,7 @@ from ..width.updates import UPDATES
 from .arguments import (
     add_calibration_arguments,
     add_data_arguments,
+    add_depth_arguments,
     add_model_arguments,
     check_positive_arguments,
 )
@@ -41,16 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heads", type=float, default=0.0, help="fraction of attention heads / key-value groups removed (default 0)"
     )
-    parser.add_argument(
-        "--layers", type=float, default=0.0, help="fraction of decoder blocks removed, whole blocks (default 0)"
-    )
-    parser.add_argument(
-        "--layer-score",
-        default="influence",
-        choices=list(LAYER_SCORES),
-        help="how blocks are ranked: influence (1 - cosine of a block's input and output; default) or angular (the "
-        "closest run of consecutive blocks)",
-    )
+    add_depth_arguments(parser, layers=0.0, layer_score="influence")
     parser.add_argument(
         "--speedup",
         type=float,
