@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.core.speed import measure_speed
 
 
 def reset_peak_rss() -> None:
@@ -85,3 +86,15 @@ def fit_windows(module: pl.LightningModule, windows: torch.Tensor, steps: int, c
     start = time.perf_counter()
     trainer.fit(module, DataLoader(WindowDataset(windows), batch_size=4, shuffle=False))
     return time.perf_counter() - start
+
+
+def speeds_in_turns(models: dict[str, torch.nn.Module], repeats: int) -> dict[str, dict[str, float]]:
+    """Best decode and prefill tokens per second of each model, the models timed in turns ``repeats`` times, so that
+    a slow spell of the machine falls on all of them rather than on one."""
+    best: dict[str, dict[str, float]] = {name: {} for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            result = measure_speed(model, name=name, repeats=1)
+            for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
+                best[name][key] = max(best[name].get(key, 0.0), getattr(result, key))
+    return best

@@ -30,11 +30,10 @@ import time
 from typing import Any
 
 import torch
-from _common import machine, print_table, write_json
+from _common import machine, print_table, speeds_in_turns, write_json
 
 from wanda_lightning import shrink
 from wanda_lightning.core.blocks import BlockStack
-from wanda_lightning.core.speed import measure_speed
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -142,12 +141,7 @@ def main() -> None:
         )
 
     print(f"\ntiming {list(models)} (taking turns, {args.repeats} runs each)", flush=True)
-    speeds: dict[str, dict[str, float]] = {name: {} for name in models}
-    for _ in range(args.repeats):
-        for name, small in models.items():
-            result = measure_speed(small, name=name, repeats=1)
-            for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
-                speeds[name][key] = max(speeds[name].get(key, 0.0), getattr(result, key))
+    speeds = speeds_in_turns(models, args.repeats)
     dense = rows[0]
     dense.update(speeds["dense"])
     for row in rows:

@@ -8,6 +8,14 @@ SmolLM2's 3e-3 pretraining peak, as Model-Optimizer's pruning guide advises for 
 linear warm-up steps and a cosine decay to 10 % of it. Held-out perplexity (non-overlapping 256-token windows of the
 last 30 % of pydoc) every ``--eval-every`` steps, as a ratio to the teacher's.
 
+The recovery text: pydoc holds 133 such windows after the teacher's, so 200 steps see each six times. With
+``--text docstrings`` they are shuffled among the standard library's docstrings
+(:func:`~wanda_lightning.data.corpus.docstring_text`, about 1,100 more windows that share almost nothing with pydoc),
+so that no window is seen twice: distillation takes its targets from the teacher, and any text serves.
+
+Calibration: the first ``--calibration`` windows of pydoc's training part (16 by default, as in the demo); the
+least-squares update alone gains much from more (see the README).
+
 Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one at a time, across sessions):
 
 - ``shrink-ce`` / ``shrink-kd``: MLP -50 % (``flap`` + least-squares) recovered by plain CE / by the default
@@ -15,9 +23,11 @@ Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one
 - ``shrink-rc-ce`` / ``shrink-rc-kd``: the same with ``update="reconstruct"`` (least-squares, then each block trained
   to the dense block's outputs on the calibration activations) before recovery;
 - ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero);
-- ``speed-kd`` / ``width-speed-kd`` (the speed target of the depth issue, after the same recovery): the shape that
-  ``shrink(speedup=1.5)`` chose on this machine in ``bench_depth.py`` (``layers=0.3, mlp=0.5, heads=1/3``) against
-  the fastest width-only shape of that grid (``mlp=0.75``, 1.50x decode there), both ``flap`` + least-squares.
+- ``speed-kd`` / ``depth-speed-kd`` / ``width-speed-kd`` (the speed target of the depth issue, after the same
+  recovery), all ``flap`` + least-squares: the shape that ``shrink(speedup=1.5)`` chooses on this machine in
+  ``bench_depth.py`` (benchmarks/results/depth_speedup.json: ``mlp=0.75, heads=1/3``), the one it chose before near
+  misses were timed again (``layers=0.3, mlp=0.5, heads=1/3``: depth and width), and the fastest shape of that grid
+  that keeps every head (``mlp=0.75``, 1.47x decode there).
 
 Shrunk arms end with decode and prefill speed of the recovered model and of the teacher, timed in turns
 (``--repeats`` runs each, best kept), so each arm's speed-up is measured side by side in its own run.
@@ -41,13 +51,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import fit_windows, machine, print_table, write_json
+from _common import fit_windows, machine, print_table, speeds_in_turns, write_json
 from torch.utils.data import DataLoader
 
 from wanda_lightning import CalibrationOptions, Distillation, WandaPruningCallback, WandaShrinkCallback
 from wanda_lightning.cli.demo import WindowDataset
-from wanda_lightning.core.speed import measure_speed
-from wanda_lightning.data.corpus import pydoc_text, token_windows
+from wanda_lightning.data.corpus import docstring_text, pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
 from wanda_lightning.lightning import CausalLMModule
@@ -55,11 +64,13 @@ from wanda_lightning.lightning import CausalLMModule
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BATCH = 4
+#: about a fifth of SmolLM2's 3e-3 pretraining peak (Model-Optimizer's advice for ~50 % structured pruning)
+DEFAULT_LR = 5e-4
 
 
 def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) -> pl.Callback:
-    """The callback of an arm, acting when the fit starts, calibrated on the same 16 x 256 windows, recovering at the
-    recovery learning rate (the library's ``Distillation(learning_rate=...)``; ``weight=0`` for plain CE)."""
+    """The callback of an arm, acting when the fit starts, calibrated on the ``--calibration`` windows, recovering at
+    the recovery learning rate (the library's ``Distillation(learning_rate=...)``; ``weight=0`` for plain CE)."""
     kind, update, loss, shape = ARMS[arm]
     recovery = Distillation(weight=1.0 if loss == "kd" else 0.0, learning_rate=args.lr, warmup_steps=args.warmup)
     common: dict[str, Any] = dict(
@@ -76,10 +87,13 @@ def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) ->
 
 
 MLP_HALF: dict[str, float] = {"mlp": 0.5}
-#: ``speedup=1.5``'s choice in ``bench_depth.py`` (benchmarks/results/depth.json): 9 of 30 blocks, half the MLP, one
+#: ``speedup=1.5``'s choice in ``bench_depth.py`` (benchmarks/results/depth_speedup.json): three quarters of the MLP
+#: and one of the three key/value groups
+SPEED_SHAPE: dict[str, float] = {"mlp": 0.75, "heads": 1 / 3}
+#: its choice before near misses were timed again (benchmarks/results/depth.json): 9 of 30 blocks, half the MLP, one
 #: of the three key/value groups
-SPEED_SHAPE: dict[str, float] = {"layers": 0.3, "mlp": 0.5, "heads": 1 / 3}
-#: the fastest width-only shape of the same grid (1.50x decode there)
+DEPTH_SPEED_SHAPE: dict[str, float] = {"layers": 0.3, "mlp": 0.5, "heads": 1 / 3}
+#: the fastest shape of the same grid that keeps every head (1.47x decode there)
 WIDTH_SPEED_SHAPE: dict[str, float] = {"mlp": 0.75}
 
 #: arm -> (what: "shrink" or a mask structure, shrink update, recovery loss, shrink shape)
@@ -91,18 +105,14 @@ ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
     "2:4-kd": ("2:4", None, "kd", {}),
     "50%-kd": ("unstructured", None, "kd", {}),
     "speed-kd": ("shrink", "least-squares", "kd", SPEED_SHAPE),
+    "depth-speed-kd": ("shrink", "least-squares", "kd", DEPTH_SPEED_SHAPE),
     "width-speed-kd": ("shrink", "least-squares", "kd", WIDTH_SPEED_SHAPE),
 }
 
 
 def speedups(teacher: torch.nn.Module, student: torch.nn.Module, repeats: int) -> dict[str, float]:
     """Decode and prefill speed-ups of ``student`` over ``teacher``, timed in turns (best of ``repeats`` each)."""
-    best: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
-    for _ in range(repeats):
-        for name, model in (("teacher", teacher), ("student", student)):
-            result = measure_speed(model, name=name, repeats=1)
-            for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
-                best[name][key] = max(best[name].get(key, 0.0), getattr(result, key))
+    best = speeds_in_turns({"teacher": teacher, "student": student}, repeats)
     return {
         "parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
@@ -147,11 +157,30 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", required=True, choices=list(ARMS))
     parser.add_argument("--steps", type=int, default=200, help="recovery steps of 4 x seqlen tokens (default 200)")
     parser.add_argument("--teacher-steps", type=int, default=40, help="fine-tuning steps of the teacher (default 40)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="recovery peak learning rate (default 5e-4)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULT_LR,
+        help="recovery peak learning rate (default 5e-4; other values are kept in the JSON as '<arm> lr=<value>')",
+    )
+    parser.add_argument(
+        "--text",
+        choices=["pydoc", "docstrings"],
+        default="pydoc",
+        help="recovery text: the pydoc windows after the teacher's (133, cycled), or those shuffled among the standard "
+        "library's docstrings (distinct windows; kept in the JSON as '<arm> +docstrings')",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between perplexities (default 50)")
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows (default 32)")
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument(
+        "--calibration",
+        type=int,
+        default=16,
+        help="calibration windows, the first of pydoc's training part (default 16; others are kept in the JSON as "
+        "'<arm> cal=<n>')",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of shrunk arms and teacher (default 5)")
     parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where the teacher's weights are cached")
     parser.add_argument("--json", default=None, help="JSON file the arms accumulate into")
@@ -161,14 +190,20 @@ def main() -> None:
     tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
     cut = int(tokens.numel() * 0.7)
     windows = token_windows(tokens[:cut], args.seqlen)
-    calibration, train = windows[:16], windows[16:]
+    calibration, train = windows[: args.calibration], windows[16:]  # the teacher's windows stay the same
     heldout = token_windows(tokens[cut:], args.seqlen, args.eval_windows)
     state = teacher_state(args, model, train)
     model.load_state_dict(state)
     teacher_ppl = perplexity(model, heldout)
     recovery = train[args.teacher_steps * BATCH :]
     needed = args.steps * BATCH
+    if args.text == "docstrings":  # the pydoc windows among distinct ones, in a fixed shuffled order
+        extra = token_windows(tokenizer(docstring_text(), return_tensors="pt").input_ids[0], args.seqlen)
+        recovery = torch.cat([recovery, extra])
+        recovery = recovery[torch.randperm(recovery.shape[0], generator=torch.Generator().manual_seed(0))]
     recovery = recovery.repeat(math.ceil(needed / recovery.shape[0]), 1)[:needed]  # cycle the windows if too few
+    distinct = min(recovery.shape[0], len({tuple(window.tolist()) for window in recovery}))
+    print(f"recovery: {needed} windows of {args.seqlen} tokens, {distinct} distinct", flush=True)
 
     results: dict[str, Any] = {}
     if args.json and Path(args.json).exists():
@@ -184,9 +219,21 @@ def main() -> None:
                     results[name] = result
         write_json(args.json, payload)
 
-    for arm in args.arms:
+    for kind in args.arms:
+        # an arm run at another learning rate is kept beside the default one, not written over it
+        arm = (
+            kind
+            + ("" if args.lr == DEFAULT_LR else f" lr={args.lr:g}")
+            + ("" if args.text == "pydoc" else " +docstrings")
+            + ("" if args.calibration == 16 else f" cal={args.calibration}")
+        )
         rows: list[dict[str, Any]] = []
-        results[arm] = {"args": {k: v for k, v in vars(args).items() if k != "arms"}, "rows": rows}
+        what, update, loss, shape = ARMS[kind]
+        results[arm] = {
+            "args": {k: v for k, v in vars(args).items() if k != "arms"},
+            "arm": {"what": what, "update": update, "loss": loss, "shape": shape},
+            "rows": rows,
+        }
         mine.add(arm)
         start = time.perf_counter()
 
@@ -201,7 +248,7 @@ def main() -> None:
 
         module = CausalLMModule(copy.deepcopy(model), learning_rate=args.lr)
         calibrate = DataLoader(WindowDataset(calibration), batch_size=4)
-        callback = arm_callback(arm, calibrate, args)
+        callback = arm_callback(kind, calibrate, args)
         fit_windows(module, recovery, args.steps, [callback, EvalEvery(heldout, args.eval_every, report)])
         reconstructed = callback.report.reconstruction_error if callback.report is not None else None
         if reconstructed is not None:
@@ -211,7 +258,7 @@ def main() -> None:
                 "dense_forward_seconds": callback.report.dense_forward_seconds,
             }
             save()
-        if ARMS[arm][0] == "shrink":
+        if what == "shrink":
             results[arm]["speed"] = speedups(model, module.model, args.repeats)
             print(
                 f"{arm}: decode {results[arm]['speed']['decode_speedup']:.2f}x, "

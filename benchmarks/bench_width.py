@@ -26,13 +26,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import fit_windows, machine, print_table, write_json
+from _common import fit_windows, machine, print_table, speeds_in_turns, write_json
 from torch.utils.data import DataLoader
 
 from wanda_lightning import WandaShrinkCallback, prune, shrink
 from wanda_lightning.cli.demo import WindowDataset
 from wanda_lightning.core.options import CalibrationOptions
-from wanda_lightning.core.speed import measure_speed
 from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -166,12 +165,7 @@ def main() -> None:
     # them alike; the best run of each is kept and reported for every model of its shape.
     timed = ["dense", "wanda 50% (masked)", *(entry[3] for entry in best.values())]
     print(f"\ntiming {timed} (taking turns)", flush=True)
-    speeds: dict[str, dict[str, float]] = {name: {} for name in timed}
-    for _ in range(0 if args.no_speed else args.repeats):
-        for name in timed:
-            result = measure_speed(models[name], name=name, repeats=1)
-            for key in ("decode_tokens_per_second", "prefill_tokens_per_second"):
-                speeds[name][key] = max(speeds[name].get(key, 0.0), getattr(result, key))
+    speeds = speeds_in_turns({name: models[name] for name in timed}, 0 if args.no_speed else args.repeats)
     for row in rows:
         source = row["name"] if row["name"] in speeds else best[row["setting"]][3]
         row.update({"decode_tokens_per_second": float("nan"), "prefill_tokens_per_second": float("nan")})

@@ -1,13 +1,24 @@
-"""The built-in offline corpus: CPython's ``pydoc_data.topics`` text, cut into token windows."""
+"""The built-in offline corpora, cut into token windows: CPython's ``pydoc_data.topics`` text (calibration and
+held-out perplexity), and the standard library's own docstrings (more distinct text to distil on)."""
 
 from __future__ import annotations
 
+import ast
+import os
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["TokenSplits", "pydoc_text", "split_tokens", "token_windows"]
+__all__ = ["TokenSplits", "docstring_text", "pydoc_text", "split_tokens", "token_windows"]
+
+#: Standard-library folders whose docstrings :func:`docstring_text` leaves out: ``pydoc_data`` (that is
+#: :func:`pydoc_text`, the held-out text), tests, and bundled third-party or demo code.
+_SKIPPED = frozenset(
+    {"pydoc_data", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages"}
+)
 
 
 def pydoc_text() -> str:
@@ -21,6 +32,45 @@ def pydoc_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def docstring_text(min_chars: int = 200) -> str:
+    """The docstrings of CPython's standard library (about 1.2M characters on 3.11), present on every install.
+
+    Read with :mod:`ast` from the source files, nothing is imported. It shares almost no text with
+    :func:`pydoc_text` (0.2 % of its 12-word runs occur there), so it can feed a distillation that is evaluated on
+    pydoc without recycling the same windows: the teacher provides the targets, any text serves.
+
+    Args:
+        min_chars: Shorter docstrings (one-line summaries) are left out.
+
+    Example::
+
+        >>> text = docstring_text()
+        >>> len(text) > 500_000
+        True
+    """
+    parts: list[str] = []
+    for path in _stdlib_sources():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a file of another Python version or encoding
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc is not None and len(doc) >= min_chars:
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def _stdlib_sources() -> list[Path]:
+    """The standard library's ``.py`` files, sorted, without the :data:`_SKIPPED` folders (not even walked)."""
+    sources: list[Path] = []
+    for folder, children, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        children[:] = sorted(child for child in children if child not in _SKIPPED and child != "__pycache__")
+        sources.extend(Path(folder, name) for name in sorted(files) if name.endswith(".py"))
+    return sources
 
 
 def token_windows(ids: Tensor, seqlen: int, count: int | None = None) -> Tensor:

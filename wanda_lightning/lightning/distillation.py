@@ -194,6 +194,8 @@ class Distillation:
     ``learning_rate`` puts every optimizer on the recovery learning rate from the action on (see
     :mod:`~wanda_lightning.lightning.recovery_lr`): recovery needs far more than fine-tuning, about a fifth of the
     pretraining peak for ~50 % pruning (Model-Optimizer's pruning guide; 5e-4 for SmolLM2-135M, whose peak is 3e-3).
+    That advice is for structured pruning; masks, which change the model far less, recovered better at a lower rate
+    (50 % masks on SmolLM2-135M: 1e-4 fell faster than 5e-4 and ended lower, ``benchmarks/bench_recovery.py``).
     It warms up linearly over ``warmup_steps`` and decays along a cosine to 10 % at the fit's last step, replacing the
     module's schedulers for the rest of the fit; ``None`` (default) leaves the module's optimizers and schedulers as
     they are.

@@ -1,0 +1,98 @@
+"""Benchmark: how much calibration data the shrink updates want, one-shot, on the recovery benchmark's teacher.
+
+The model is ``bench_recovery.py``'s teacher (dense SmolLM2-135M fine-tuned 40 steps on pydoc, taken from its cache or
+made the same way), shrunk by ``shrink(mlp=0.5, method="flap", update=...)`` with the first N windows of 256 tokens
+of pydoc's training part as calibration, for each N of ``--windows`` and each update of ``--updates``. Held-out
+perplexity on the same 32 windows as ``bench_recovery.py``, as a ratio to the teacher's; seconds of each shrink.
+
+    python benchmarks/bench_calibration.py [--windows 16 64] [--updates least-squares reconstruct] \
+        [--json benchmarks/results/calibration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from typing import Any
+
+from _common import machine, print_table, write_json
+from bench_recovery import teacher_state
+from torch.utils.data import DataLoader
+
+from wanda_lightning import CalibrationOptions, shrink
+from wanda_lightning.cli.demo import WindowDataset
+from wanda_lightning.data.corpus import pydoc_text, token_windows
+from wanda_lightning.data.evaluation import perplexity
+from wanda_lightning.data.smollm2 import load_smollm2
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, nargs="+", default=[16, 64], help="calibration windows (16 64)")
+    parser.add_argument(
+        "--updates",
+        nargs="+",
+        default=["least-squares", "reconstruct"],
+        choices=["none", "least-squares", "reconstruct"],
+        help="shrink updates to compare (least-squares reconstruct)",
+    )
+    parser.add_argument("--mlp", type=float, default=0.5, help="fraction of MLP units removed (default 0.5)")
+    parser.add_argument("--teacher-steps", type=int, default=40)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where bench_recovery.py caches the teacher")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    model, tokenizer = load_smollm2()
+    tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
+    cut = int(tokens.numel() * 0.7)
+    windows = token_windows(tokens[:cut], args.seqlen)
+    heldout = token_windows(tokens[cut:], args.seqlen, args.eval_windows)
+    model.load_state_dict(teacher_state(args, model, windows[16:]))
+    teacher = perplexity(model, heldout)
+    rows: list[dict[str, Any]] = []
+    payload = {"benchmark": "calibration", "args": vars(args), "machine": machine(), "teacher_perplexity": teacher}
+    payload["rows"] = rows
+    for count in args.windows:
+        for update in args.updates:
+            small = copy.deepcopy(model)
+            start = time.perf_counter()
+            shrink(
+                small,
+                DataLoader(WindowDataset(windows[:count]), batch_size=4),
+                mlp=args.mlp,
+                method="flap",
+                update=None if update == "none" else update,
+                calibration_options=CalibrationOptions(num_samples=None),
+            )
+            seconds = time.perf_counter() - start
+            ppl = perplexity(small, heldout)
+            rows.append({"windows": count, "update": update, "perplexity": ppl, "seconds": seconds})
+            print(
+                f"{count} windows, {update}: {ppl:.2f} ({ppl / teacher:.2f}x the teacher), {seconds:.0f} s", flush=True
+            )
+            write_json(args.json, payload)
+            del small
+    print(f"\nteacher: {teacher:.2f}")
+    print_table(
+        ("windows", "update", "perplexity", "x teacher", "seconds"),
+        [
+            (
+                str(r["windows"]),
+                r["update"],
+                f"{r['perplexity']:.2f}",
+                f"{r['perplexity'] / teacher:.2f}x",
+                f"{r['seconds']:.0f}",
+            )
+            for r in rows
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
