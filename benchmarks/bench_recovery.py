@@ -10,8 +10,9 @@ last 30 % of pydoc) every ``--eval-every`` steps, as a ratio to the teacher's.
 
 The recovery text: pydoc holds 133 such windows after the teacher's, so 200 steps see each six times. With
 ``--text docstrings`` they are shuffled among the standard library's docstrings
-(:func:`~wanda_lightning.data.corpus.docstring_text`, about 1,100 more windows that share almost nothing with pydoc),
-so that no window is seen twice: distillation takes its targets from the teacher, and any text serves.
+(:func:`~wanda_lightning.data.corpus.docstring_text`, 1,229 more windows of 256 SmolLM2 tokens that share almost
+nothing with pydoc), so that no window is seen twice: distillation takes its targets from the teacher, and any text
+serves.
 
 Calibration: the first ``--calibration`` windows of pydoc's training part (16 by default, as in the demo); the
 least-squares update alone gains much from more (see the README).
