@@ -18,12 +18,11 @@ import time
 from typing import Any
 
 from _common import machine, print_table, write_json
-from bench_recovery import teacher_state
+from bench_recovery import pydoc_windows, teacher_state
 from torch.utils.data import DataLoader
 
 from wanda_lightning import CalibrationOptions, shrink
 from wanda_lightning.cli.demo import WindowDataset
-from wanda_lightning.data.corpus import pydoc_text, token_windows
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
 
@@ -49,10 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
-    tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
-    cut = int(tokens.numel() * 0.7)
-    windows = token_windows(tokens[:cut], args.seqlen)
-    heldout = token_windows(tokens[cut:], args.seqlen, args.eval_windows)
+    windows, heldout = pydoc_windows(tokenizer, args)
     model.load_state_dict(teacher_state(args, model, windows[16:]))
     teacher = perplexity(model, heldout)
     rows: list[dict[str, Any]] = []

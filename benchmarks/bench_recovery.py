@@ -140,6 +140,14 @@ class EvalEvery(pl.Callback):
             self.report(step, perplexity(pl_module.model, self.windows))
 
 
+def pydoc_windows(tokenizer: Any, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(training windows, held-out windows)``: pydoc tokenised once and cut at 70 %, ``args.seqlen`` tokens a
+    window, ``args.eval_windows`` held-out ones."""
+    tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
+    cut = int(tokens.numel() * 0.7)
+    return token_windows(tokens[:cut], args.seqlen), token_windows(tokens[cut:], args.seqlen, args.eval_windows)
+
+
 def teacher_state(args: argparse.Namespace, model: torch.nn.Module, train: torch.Tensor) -> dict[str, torch.Tensor]:
     """The fine-tuned dense weights, from the cache when an earlier run made them with the same settings."""
     path = Path(args.cache) / f"teacher-{args.teacher_steps}steps-{args.seqlen}.pt"
@@ -188,11 +196,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
-    tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
-    cut = int(tokens.numel() * 0.7)
-    windows = token_windows(tokens[:cut], args.seqlen)
+    windows, heldout = pydoc_windows(tokenizer, args)
     calibration, train = windows[: args.calibration], windows[16:]  # the teacher's windows stay the same
-    heldout = token_windows(tokens[cut:], args.seqlen, args.eval_windows)
     state = teacher_state(args, model, train)
     model.load_state_dict(state)
     teacher_ppl = perplexity(model, heldout)

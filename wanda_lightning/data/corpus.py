@@ -4,6 +4,7 @@ held-out perplexity), and the standard library's own docstrings (more distinct t
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -50,8 +51,14 @@ def docstring_text(min_chars: int = 200) -> str:
         >>> len(text) > 500_000
         True
     """
+    return _docstrings(sysconfig.get_paths()["stdlib"], min_chars)
+
+
+@functools.lru_cache(maxsize=4)
+def _docstrings(stdlib: str, min_chars: int) -> str:
+    """:func:`docstring_text` of the standard library at ``stdlib``, parsed once per process."""
     parts: list[str] = []
-    for path in _stdlib_sources():
+    for path in _stdlib_sources(stdlib):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -64,10 +71,10 @@ def docstring_text(min_chars: int = 200) -> str:
     return "\n\n".join(parts)
 
 
-def _stdlib_sources() -> list[Path]:
-    """The standard library's ``.py`` files, sorted, without the :data:`_SKIPPED` folders (not even walked)."""
+def _stdlib_sources(stdlib: str) -> list[Path]:
+    """The ``.py`` files under ``stdlib``, sorted, without the :data:`_SKIPPED` folders (not even walked)."""
     sources: list[Path] = []
-    for folder, children, files in os.walk(sysconfig.get_paths()["stdlib"]):
+    for folder, children, files in os.walk(stdlib):
         children[:] = sorted(child for child in children if child not in _SKIPPED and child != "__pycache__")
         sources.extend(Path(folder, name) for name in sorted(files) if name.endswith(".py"))
     return sources
