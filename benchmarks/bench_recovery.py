@@ -24,11 +24,13 @@ Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one
 - ``shrink-rc-ce`` / ``shrink-rc-kd``: the same with ``update="reconstruct"`` (least-squares, then each block trained
   to the dense block's outputs on the calibration activations) before recovery;
 - ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero);
-- ``speed-kd`` / ``depth-speed-kd`` / ``width-speed-kd`` (the speed target of the depth issue, after the same
-  recovery), all ``flap`` + least-squares: the shape that ``shrink(speedup=1.5)`` chooses on this machine in
-  ``bench_depth.py`` (benchmarks/results/depth_speedup.json: ``mlp=0.75, heads=1/3``), the one it chose before near
-  misses were timed again (``layers=0.3, mlp=0.5, heads=1/3``: depth and width), and the fastest shape of that grid
-  that keeps every head (``mlp=0.75``, 1.47x decode there).
+- ``speed-kd`` / ``depth-speed-kd`` / ``width-speed-kd`` / ``width80-speed-kd`` (the speed target of the depth
+  issue, after the same recovery), all ``flap`` + least-squares: the shape that ``shrink(speedup=1.5)`` chose on this
+  machine in ``bench_depth.py`` with the previous MLP grid (0, 0.25, 0.5, 0.75): ``mlp=0.75, heads=1/3``; the one it
+  chose before near misses were timed again (``layers=0.3, mlp=0.5, heads=1/3``: depth and width); the fastest shape
+  of that grid that keeps every head (``mlp=0.75``, 1.47x decode there); and the next width-only step of the finer
+  grid (``mlp=0.8``, 1.52x decode in turns in benchmarks/results/depth_speedup.json). ``fine-speed-kd``: the choice
+  with the finer grid (``mlp=0.7, heads=1/3``, 1.45x decode in the same turns).
 
 Shrunk arms end with decode and prefill speed of the recovered model and of the teacher, timed in turns
 (``--repeats`` runs each, best kept), so each arm's speed-up is measured side by side in its own run.
@@ -88,14 +90,19 @@ def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) ->
 
 
 MLP_HALF: dict[str, float] = {"mlp": 0.5}
-#: ``speedup=1.5``'s choice in ``bench_depth.py`` (benchmarks/results/depth_speedup.json): three quarters of the MLP
-#: and one of the three key/value groups
+#: ``speedup=1.5``'s choice in ``bench_depth.py`` with the previous MLP grid (0, 0.25, 0.5, 0.75): three quarters of
+#: the MLP and one of the three key/value groups
 SPEED_SHAPE: dict[str, float] = {"mlp": 0.75, "heads": 1 / 3}
 #: its choice before near misses were timed again (benchmarks/results/depth.json): 9 of 30 blocks, half the MLP, one
 #: of the three key/value groups
 DEPTH_SPEED_SHAPE: dict[str, float] = {"layers": 0.3, "mlp": 0.5, "heads": 1 / 3}
 #: the fastest shape of the same grid that keeps every head (1.47x decode there)
 WIDTH_SPEED_SHAPE: dict[str, float] = {"mlp": 0.75}
+#: ``speedup=1.5``'s choice with the finer MLP grid (0, 0.25, 0.5, 0.6, 0.7, 0.8): 70 % of the MLP and one of the three
+#: key/value groups (1.45x decode in turns in benchmarks/results/depth_speedup.json)
+FINE_SPEED_SHAPE: dict[str, float] = {"mlp": 0.7, "heads": 1 / 3}
+#: the next width-only step of the finer grid (1.52x decode in turns in benchmarks/results/depth_speedup.json)
+WIDTH80_SPEED_SHAPE: dict[str, float] = {"mlp": 0.8}
 
 #: arm -> (what: "shrink" or a mask structure, shrink update, recovery loss, shrink shape)
 ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
@@ -108,6 +115,8 @@ ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
     "speed-kd": ("shrink", "least-squares", "kd", SPEED_SHAPE),
     "depth-speed-kd": ("shrink", "least-squares", "kd", DEPTH_SPEED_SHAPE),
     "width-speed-kd": ("shrink", "least-squares", "kd", WIDTH_SPEED_SHAPE),
+    "width80-speed-kd": ("shrink", "least-squares", "kd", WIDTH80_SPEED_SHAPE),
+    "fine-speed-kd": ("shrink", "least-squares", "kd", FINE_SPEED_SHAPE),
 }
 
 
