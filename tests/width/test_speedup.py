@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -130,6 +131,51 @@ def test_a_near_miss_is_timed_again_so_one_disturbed_run_does_not_rule_it_out(mo
     assert NEAR_MISS * 1.5 <= 1.455  # the disturbed run is inside the band that is timed again
 
 
+def test_a_shape_whose_first_run_is_far_off_is_timed_again_because_the_cost_model_predicts_it(monkeypatch):
+    seen: list[tuple[int, int, int]] = []
+    steady = shape_timer(seen)
+    disturbed: set[tuple[int, int]] = set()
+
+    def timer(throwaway, **kwargs):
+        # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 20 %: 1.2x, far outside NEAR_MISS.
+        result = steady(throwaway, **kwargs)
+        shape = (throwaway.config.num_hidden_layers, throwaway.config.intermediate_size)
+        if shape == (4, 64) and shape not in disturbed:
+            disturbed.add(shape)
+            result.decode_tokens_per_second *= 0.8
+        return result
+
+    monkeypatch.setattr(speedup_module, "measure_speed", timer)
+    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
+    report = shrink(model(), make_batches(), speedup=target)
+
+    assert NEAR_MISS * 1.5 > 1.2  # its own first run would not have it timed again
+    # The stand-in's cost is linear in blocks and parameters, so the fit to the other five runs predicts 1.5x for it:
+    # it is timed again with the lightest shape that met the target, and 3 blocks with half the MLP is not.
+    assert seen[6:] == [(5, 128, 4), (3, 128, 4), (5, 128, 4), (4, 64, 4), (5, 128, 4)]
+    near = next(c for c in report.candidates if (c["layers"], c["mlp"]) == (0.2, 0.5))
+    assert near["meets"] and near["decode_speedup"] == pytest.approx(1.5)
+    scored = [(c["layers"], c["mlp"]) for c in report.candidates if c["quality"] is not None]
+    assert scored == [(0.4, 0.0), (0.2, 0.5)]
+
+
+def test_a_heavier_shape_is_timed_again_after_the_lighter_near_miss_fails_in_turns(monkeypatch):
+    seen: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer(seen))
+    target = SpeedTarget(1.3, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
+    report = shrink(model(), make_batches(), speedup=target)
+
+    # Scan: dense, 4 blocks (1.2x), 3 blocks (1.5x), half the MLP (1.26x, a near miss), then with 4 blocks (1.5x).
+    assert seen[:5] == [(5, 128, 4), (4, 128, 4), (3, 128, 4), (5, 64, 4), (4, 64, 4)]
+    # The lightest worth a second run go first: 3 blocks and the near miss, each after a dense run. The near miss
+    # fails again, so 4 blocks with half the MLP, which removes more than it, gets its turn; then the closing dense run.
+    assert seen[5:] == [
+        (5, 128, 4), (3, 128, 4), (5, 128, 4), (5, 64, 4), (5, 128, 4), (4, 64, 4), (5, 128, 4),
+    ]  # fmt: skip
+    meets = [(c["layers"], c["mlp"]) for c in report.candidates if c["meets"]]
+    assert meets == [(0.4, 0.0), (0.2, 0.5)]
+
+
 def test_candidates_dominated_by_a_lighter_one_that_meets_are_not_scored(monkeypatch):
     monkeypatch.setattr(speedup_module, "measure_speed", shape_timer([]))
     report = shrink(model(), make_batches(), speedup=SpeedTarget(1.2, layers=(0.0, 0.2), mlp=(0.0, 0.5, 0.75)))
@@ -137,7 +183,9 @@ def test_candidates_dominated_by_a_lighter_one_that_meets_are_not_scored(monkeyp
     scored = [(c["layers"], c["mlp"], c["heads"]) for c in report.candidates if c["quality"] is not None]
     assert (0.0, 0.5, 0.0) in scored and (0.0, 0.75, 0.0) not in scored  # mlp=0.5 meets it with less removed
     assert all(any(s[0] <= m[0] and s[1] <= m[1] and s[2] <= m[2] for s in scored) for m in meets)
-    assert any(c["heads"] == 0.5 for c in report.candidates)  # one of two key/value groups, by default
+    assert all(c["heads"] == 0.0 for c in report.candidates)  # every head kept, by default
+    searched = shrink(model(), make_batches(), speedup=SpeedTarget(1.2, layers=(0.0, 0.2), heads=(0.0, 0.5)))
+    assert any(c["heads"] == 0.5 for c in searched.candidates)  # one of two key/value groups, when asked
 
 
 def test_the_plot_is_a_png(monkeypatch, tmp_path):
@@ -185,3 +233,19 @@ def test_a_module_without_a_transformers_config_is_refused():
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     with pytest.raises(ValueError, match="holds none"):
         shrink(mlp, [torch.randn(2, 4)], speedup=1.5)
+
+
+def test_a_grid_fraction_outside_zero_to_one_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"`heads` fractions must lie in \[0, 1\), got \(0.0, 1.5\)"):
+        SpeedTarget(1.5, heads=(0.0, 1.5))
+
+
+def test_a_chosen_shape_far_worse_than_dense_one_shot_is_applied_with_a_warning(monkeypatch):
+    monkeypatch.setattr(speedup_module, "measure_speed", shape_timer([]))
+    monkeypatch.setattr(speedup_module, "BROKEN", 1e-9)  # every shape counts as broken
+    with pytest.warns(UserWarning, match=r"`speedup`=1.5: the most accurate shape that reaches it, layers=0.4, has"):
+        shrink(model(), make_batches(), speedup=SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0,)))
+    monkeypatch.setattr(speedup_module, "BROKEN", 1e9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        shrink(model(), make_batches(), speedup=SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0,)))

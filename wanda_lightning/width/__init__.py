@@ -1,11 +1,13 @@
 """Shrinking: remove whole MLP hidden units and attention heads (and, through :mod:`~wanda_lightning.depth`, whole
 blocks), so the model is a smaller dense model that runs faster everywhere; or reach a speed-up measured where the
-model runs (:mod:`.speedup`). :func:`shrink` plans uniform widths the model's config can express (:mod:`.hf_config`),
-finds each block's unit groups (:mod:`.groups`), scores units (:mod:`.methods`) in the calibration pipeline
-(:mod:`.action`), cuts the layers in place (:mod:`.surgery`) and reports (:mod:`.report`)."""
+model runs (:mod:`.speedup`, its timings smoothed by :mod:`.cost_model`). :func:`shrink` plans uniform widths the
+model's config can express (:mod:`.hf_config`), finds each block's unit groups (:mod:`.groups`), scores units
+(:mod:`.methods`) in the calibration pipeline (:mod:`.action`), cuts the layers in place (:mod:`.surgery`) and reports
+(:mod:`.report`)."""
 
 from .api import ShrinkPlan, plan_shrink, shrink, shrink_with
 from .config import ShrinkConfig
+from .cost_model import fit_token_cost
 from .groups import UnitGroup, find_unit_groups
 from .methods import (
     FLAP,
@@ -39,6 +41,7 @@ __all__ = [
     "calibration_loss",
     "find_unit_groups",
     "fit_to_state_dict",
+    "fit_token_cost",
     "get_width_method",
     "plan_shrink",
     "register_width_method",
