@@ -40,6 +40,23 @@ def shape_timer(seen: list[tuple[int, int, int]]):
     return timer
 
 
+def first_run_slowed(seen: list[tuple[int, int, int]], shape: tuple[int, int], factor: float):
+    """``shape_timer`` whose first run of (blocks, MLP width) ``shape`` decodes ``factor`` times as fast: one disturbed
+    run."""
+    steady = shape_timer(seen)
+    disturbed = False
+
+    def timer(throwaway, **kwargs):
+        nonlocal disturbed
+        result = steady(throwaway, **kwargs)
+        if (throwaway.config.num_hidden_layers, throwaway.config.intermediate_size) == shape and not disturbed:
+            disturbed = True
+            result.decode_tokens_per_second *= factor
+        return result
+
+    return timer
+
+
 def slow_loss(lm: torch.nn.Module, batches: list[dict]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -103,19 +120,8 @@ def test_the_most_accurate_candidate_that_meets_the_target_is_applied(monkeypatc
 
 def test_a_near_miss_is_timed_again_so_one_disturbed_run_does_not_rule_it_out(monkeypatch):
     seen: list[tuple[int, int, int]] = []
-    steady = shape_timer(seen)
-    disturbed: set[tuple[int, int]] = set()
-
-    def timer(throwaway, **kwargs):
-        # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 3 %: 1.455x, a near miss.
-        result = steady(throwaway, **kwargs)
-        shape = (throwaway.config.num_hidden_layers, throwaway.config.intermediate_size)
-        if shape == (4, 64) and shape not in disturbed:
-            disturbed.add(shape)
-            result.decode_tokens_per_second *= 0.97
-        return result
-
-    monkeypatch.setattr(speedup_module, "measure_speed", timer)
+    # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 3 %: 1.455x, a near miss.
+    monkeypatch.setattr(speedup_module, "measure_speed", first_run_slowed(seen, (4, 64), 0.97))
     target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
     report = shrink(model(), make_batches(), speedup=target)
 
@@ -133,19 +139,8 @@ def test_a_near_miss_is_timed_again_so_one_disturbed_run_does_not_rule_it_out(mo
 
 def test_a_shape_whose_first_run_is_far_off_is_timed_again_because_the_cost_model_predicts_it(monkeypatch):
     seen: list[tuple[int, int, int]] = []
-    steady = shape_timer(seen)
-    disturbed: set[tuple[int, int]] = set()
-
-    def timer(throwaway, **kwargs):
-        # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 20 %: 1.2x, far outside NEAR_MISS.
-        result = steady(throwaway, **kwargs)
-        shape = (throwaway.config.num_hidden_layers, throwaway.config.intermediate_size)
-        if shape == (4, 64) and shape not in disturbed:
-            disturbed.add(shape)
-            result.decode_tokens_per_second *= 0.8
-        return result
-
-    monkeypatch.setattr(speedup_module, "measure_speed", timer)
+    # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 20 %: 1.2x, far outside NEAR_MISS.
+    monkeypatch.setattr(speedup_module, "measure_speed", first_run_slowed(seen, (4, 64), 0.8))
     target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
     report = shrink(model(), make_batches(), speedup=target)
 
