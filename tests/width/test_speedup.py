@@ -152,6 +152,15 @@ def test_a_shape_whose_first_run_is_far_off_is_timed_again_because_the_cost_mode
     assert near["meets"] and near["decode_speedup"] == pytest.approx(1.5)
     scored = [(c["layers"], c["mlp"]) for c in report.candidates if c["quality"] is not None]
     assert scored == [(0.4, 0.0), (0.2, 0.5)]
+    # The report says what the fit predicted for every shape and which were timed twice.
+    runs = {(c["layers"], c["mlp"]): c["runs"] for c in report.candidates}
+    assert runs == {(0.2, 0.0): 1, (0.4, 0.0): 2, (0.0, 0.5): 1, (0.2, 0.5): 2, (0.4, 0.5): 1}
+    assert near["fitted_speedup"] == pytest.approx(1.5, rel=0.02)
+    for candidate in report.candidates:  # the five undisturbed runs lie on the fit
+        blocks, width = 5 - round(candidate["layers"] * 5), 128 - round(candidate["mlp"] * 128)
+        assert candidate["fitted_speedup"] == pytest.approx(12.0 / (blocks * (1 + width / 128) + 2), rel=0.02)
+    table = report.candidates_table()
+    assert "fit" in table.splitlines()[0] and "1.50x" in table
 
 
 def test_a_heavier_shape_is_timed_again_after_the_lighter_near_miss_fails_in_turns(monkeypatch):

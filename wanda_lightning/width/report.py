@@ -231,20 +231,23 @@ class ShrinkReport(CalibrationRecord):
         return "\n".join(format_table(("layer", "kind", "units", "width"), rows))
 
     def candidates_table(self) -> str:
-        """The speed target's candidates: shape, parameters, measured speed-ups, quality estimate, chosen."""
+        """The speed target's candidates: shape, parameters, measured speed-ups, the cost model's speed-up and how
+        many times the shape was timed, quality estimate, chosen."""
         rows = [
             (
                 describe_shape(c),
                 f"{c['parameters'] / 1e6:.1f}M",
                 f"{c['decode_speedup']:.2f}x",
                 f"{c['prefill_speedup']:.2f}x",
+                f"{c['fitted_speedup']:.2f}x" if c.get("fitted_speedup") is not None else "-",
+                str(c.get("runs", 1)),
                 "yes" if c["meets"] else "no",
                 f"{c['quality']:.4f}" if c.get("quality") is not None else "-",
                 "<-" if c.get("chosen") else "",
             )
             for c in self.candidates
         ]
-        header = ("shape", "params", "decode", "prefill", "meets", "calibration loss", "chosen")
+        header = ("shape", "params", "decode", "prefill", "fit", "runs", "meets", "calibration loss", "chosen")
         return "\n".join(format_table(header, rows))
 
     def plot(self, path: str | os.PathLike[str]) -> None:

@@ -59,6 +59,10 @@ class Candidate:
         quality: Mean next-token loss on the calibration batches of the one-shot shrunk model, or ``None`` where it
             was not estimated.
         chosen: Whether it was applied.
+        fitted_speedup: The target's speed-up (decode or prefill) the cost model fitted to every first run puts this
+            shape at, or ``None`` where too few shapes were timed to fit it. It only decides which shapes are timed
+            again; ``meets`` comes from the measured runs.
+        runs: How many times the shape was timed (2: timed again in turns with the dense model, as a near miss).
     """
 
     layers: float
@@ -70,6 +74,8 @@ class Candidate:
     meets: bool = False
     quality: float | None = None
     chosen: bool = False
+    fitted_speedup: float | None = None
+    runs: int = 1
 
     @property
     def shape(self) -> str:
@@ -232,6 +238,9 @@ def search_speedup(
     on = 0 if target.on == "decode" else 1
     blocks = [num_blocks - _removed_blocks(c.layers, num_blocks) for c in candidates]
     fitted = _fitted_speedups(blocks, candidates, speeds, num_blocks, dense, on)
+    if fitted is not None:
+        for candidate, speedup in zip(candidates, fitted, strict=True):
+            candidate.fitted_speedup = speedup
     worth = [
         i
         for i, speed in enumerate(speeds)
@@ -254,6 +263,7 @@ def search_speedup(
             dense_runs.append(timed({}))
             decode, prefill, _ = timed(shapes[index])
             speeds[index] = (max(speeds[index][0], decode), max(speeds[index][1], prefill))
+            candidates[index].runs += 1
             timed_again.add(index)
     dense_runs.append(timed({}))
     dense_decode, dense_prefill = max(r[0] for r in dense_runs), max(r[1] for r in dense_runs)
