@@ -1,12 +1,16 @@
-"""Benchmark: how much calibration data the shrink updates want, one-shot, on the recovery benchmark's teacher.
+"""Benchmark: how much calibration data the shrink updates (and the masks' refinements) want, one-shot, on the
+recovery benchmark's teacher.
 
 The model is ``bench_recovery.py``'s teacher (dense SmolLM2-135M fine-tuned 40 steps on pydoc, taken from its cache or
 made the same way), shrunk by ``shrink(mlp=0.5, method="flap", update=...)`` with the first N windows of 256 tokens
-of pydoc's training part as calibration, for each N of ``--windows`` and each update of ``--updates``. Held-out
-perplexity on the same 32 windows as ``bench_recovery.py``, as a ratio to the teacher's; seconds of each shrink.
+of pydoc's training part as calibration, for each N of ``--windows`` and each update of ``--updates``. With
+``--masks 50% 2:4`` it is pruned instead by ``prune(method="admm", structure=..., refine=...)``: ``none`` (ADMM
+alone) or ``reconstruct`` (then each block's kept weights trained to the dense block's outputs, the pruned ones held
+at zero); ``least-squares`` is a shrink update only. Held-out perplexity on the same 32 windows as
+``bench_recovery.py``, as a ratio to the teacher's; seconds of each call.
 
     python benchmarks/bench_calibration.py [--windows 16 64] [--updates least-squares reconstruct] \
-        [--json benchmarks/results/calibration.json]
+        [--masks 50% 2:4] [--json benchmarks/results/calibration.json]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from _common import machine, print_table, write_json
 from bench_recovery import pydoc_windows, teacher_state
 from torch.utils.data import DataLoader
 
-from wanda_lightning import CalibrationOptions, shrink
+from wanda_lightning import CalibrationOptions, prune, shrink
 from wanda_lightning.cli.demo import WindowDataset
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -40,12 +44,21 @@ def main() -> None:
         help="shrink updates to compare (least-squares reconstruct)",
     )
     parser.add_argument("--mlp", type=float, default=0.5, help="fraction of MLP units removed (default 0.5)")
+    parser.add_argument(
+        "--masks",
+        nargs="+",
+        default=None,
+        choices=["50%", "2:4"],
+        help="prune ADMM masks of these structures instead of shrinking (updates: none, reconstruct)",
+    )
     parser.add_argument("--teacher-steps", type=int, default=40)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where bench_recovery.py caches the teacher")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.masks and "least-squares" in args.updates:
+        parser.error("--masks refines with `none` or `reconstruct`; least-squares is a shrink update")
 
     model, tokenizer = load_smollm2()
     windows, heldout = pydoc_windows(tokenizer, args)
@@ -54,31 +67,49 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     payload = {"benchmark": "calibration", "args": vars(args), "machine": machine(), "teacher_perplexity": teacher}
     payload["rows"] = rows
-    for count in args.windows:
-        for update in args.updates:
-            small = copy.deepcopy(model)
-            start = time.perf_counter()
-            shrink(
-                small,
-                DataLoader(WindowDataset(windows[:count]), batch_size=4),
-                mlp=args.mlp,
-                method="flap",
-                update=None if update == "none" else update,
-                calibration_options=CalibrationOptions(num_samples=None),
-            )
-            seconds = time.perf_counter() - start
-            ppl = perplexity(small, heldout)
-            rows.append({"windows": count, "update": update, "perplexity": ppl, "seconds": seconds})
-            print(
-                f"{count} windows, {update}: {ppl:.2f} ({ppl / teacher:.2f}x the teacher), {seconds:.0f} s", flush=True
-            )
+    options = CalibrationOptions(num_samples=None)
+    for what in args.masks or [f"mlp={args.mlp:g}"]:
+        for count in args.windows:
+            calibration = DataLoader(WindowDataset(windows[:count]), batch_size=4)
+            for update in args.updates:
+                small = copy.deepcopy(model)
+                start = time.perf_counter()
+                if args.masks:
+                    structure = "2:4" if what == "2:4" else "unstructured"
+                    prune(
+                        small,
+                        calibration,
+                        sparsity=0.5,
+                        structure=structure,
+                        method="admm",
+                        refine=update,
+                        calibration_options=options,
+                    )
+                else:
+                    update_or_none = None if update == "none" else update
+                    shrink(
+                        small,
+                        calibration,
+                        mlp=args.mlp,
+                        method="flap",
+                        update=update_or_none,
+                        calibration_options=options,
+                    )
+                seconds = time.perf_counter() - start
+                ppl = perplexity(small, heldout)
+                rows.append({"what": what, "windows": count, "update": update, "perplexity": ppl, "seconds": seconds})
+                print(
+                    f"{what}, {count} windows, {update}: {ppl:.2f} ({ppl / teacher:.2f}x the teacher), {seconds:.0f} s",
+                    flush=True,
+                )
             write_json(args.json, payload)
             del small
     print(f"\nteacher: {teacher:.2f}")
     print_table(
-        ("windows", "update", "perplexity", "x teacher", "seconds"),
+        ("model", "windows", "update", "perplexity", "x teacher", "seconds"),
         [
             (
+                r["what"],
                 str(r["windows"]),
                 r["update"],
                 f"{r['perplexity']:.2f}",

@@ -24,13 +24,16 @@ Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one
 - ``shrink-rc-ce`` / ``shrink-rc-kd``: the same with ``update="reconstruct"`` (least-squares, then each block trained
   to the dense block's outputs on the calibration activations) before recovery;
 - ``2:4-kd`` / ``50%-kd``: ADMM masks, recovered by the default distillation (masks held at zero);
+  ``2:4-rc-kd`` / ``50%-rc-kd``: the same masks with ``refine="reconstruct"`` (each block's kept weights trained to
+  the dense block's outputs on the calibration activations, the pruned ones held at zero) before recovery;
 - ``speed-kd`` / ``depth-speed-kd`` / ``width-speed-kd`` / ``width80-speed-kd`` (the speed target of the depth
   issue, after the same recovery), all ``flap`` + least-squares: the shape that ``shrink(speedup=1.5)`` chose on this
   machine in ``bench_depth.py`` with the previous MLP grid (0, 0.25, 0.5, 0.75): ``mlp=0.75, heads=1/3``; the one it
   chose before near misses were timed again (``layers=0.3, mlp=0.5, heads=1/3``: depth and width); the fastest shape
   of that grid that keeps every head (``mlp=0.75``, 1.47x decode there); and the next width-only step of the finer
   grid (``mlp=0.8``, 1.52x decode in turns in benchmarks/results/depth_speedup.json). ``fine-speed-kd``: the choice
-  with the finer grid (``mlp=0.7, heads=1/3``, 1.45x decode in the same turns).
+  with the finer grid (``mlp=0.7, heads=1/3``, 1.45x decode in the same turns). ``mix-speed-kd``: the choice with
+  every head kept, the default grid since (``layers=0.2, mlp=0.7``: depth and width).
 
 Shrunk arms end with decode and prefill speed of the recovered model and of the teacher, timed in turns
 (``--repeats`` runs each, best kept), so each arm's speed-up is measured side by side in its own run.
@@ -86,7 +89,7 @@ def arm_callback(arm: str, calibration: DataLoader, args: argparse.Namespace) ->
     )
     if kind == "shrink":
         return WandaShrinkCallback(method="flap", update=update, **shape, **common)
-    return WandaPruningCallback(0.5, kind, "admm", **common)
+    return WandaPruningCallback(0.5, kind, "admm", refine=update or "none", **common)
 
 
 MLP_HALF: dict[str, float] = {"mlp": 0.5}
@@ -103,8 +106,11 @@ WIDTH_SPEED_SHAPE: dict[str, float] = {"mlp": 0.75}
 FINE_SPEED_SHAPE: dict[str, float] = {"mlp": 0.7, "heads": 1 / 3}
 #: the next width-only step of the finer grid (1.52x decode in turns in benchmarks/results/depth_speedup.json)
 WIDTH80_SPEED_SHAPE: dict[str, float] = {"mlp": 0.8}
+#: ``speedup=1.5``'s choice with every head kept (the default grid since 2026-12-04): 6 of 30 blocks and 70 % of the
+#: MLP (benchmarks/results/depth_speedup_default.json)
+MIX_SPEED_SHAPE: dict[str, float] = {"layers": 0.2, "mlp": 0.7}
 
-#: arm -> (what: "shrink" or a mask structure, shrink update, recovery loss, shrink shape)
+#: arm -> (what: "shrink" or a mask structure, shrink update or the masks' ``refine``, recovery loss, shrink shape)
 ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
     "shrink-ce": ("shrink", "least-squares", "ce", MLP_HALF),
     "shrink-kd": ("shrink", "least-squares", "kd", MLP_HALF),
@@ -112,11 +118,14 @@ ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
     "shrink-rc-kd": ("shrink", "reconstruct", "kd", MLP_HALF),
     "2:4-kd": ("2:4", None, "kd", {}),
     "50%-kd": ("unstructured", None, "kd", {}),
+    "2:4-rc-kd": ("2:4", "reconstruct", "kd", {}),
+    "50%-rc-kd": ("unstructured", "reconstruct", "kd", {}),
     "speed-kd": ("shrink", "least-squares", "kd", SPEED_SHAPE),
     "depth-speed-kd": ("shrink", "least-squares", "kd", DEPTH_SPEED_SHAPE),
     "width-speed-kd": ("shrink", "least-squares", "kd", WIDTH_SPEED_SHAPE),
     "width80-speed-kd": ("shrink", "least-squares", "kd", WIDTH80_SPEED_SHAPE),
     "fine-speed-kd": ("shrink", "least-squares", "kd", FINE_SPEED_SHAPE),
+    "mix-speed-kd": ("shrink", "least-squares", "kd", MIX_SPEED_SHAPE),
 }
 
 

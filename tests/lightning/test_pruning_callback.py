@@ -33,7 +33,7 @@ from trainer_helpers import (
 )
 
 import wanda_lightning.lightning.pruning_callback as callback_module
-from wanda_lightning import CalibrationOptions, Schedule, prune
+from wanda_lightning import CalibrationOptions, Reconstruction, Schedule, prune
 from wanda_lightning.lightning.checkpointing import DENSE_WEIGHTS_KEY
 from wanda_lightning.lightning.masks import pack_mask as _pack
 from wanda_lightning.lightning.masks import unpack_mask as _unpack
@@ -703,3 +703,34 @@ def test_states_of_version_1_and_2_still_load():
         )
         assert pruning.pruned and torch.equal(pruning.masks[name], keep), version
         assert pruning.metrics == metrics and pruning.global_sparsity == 0.5
+
+
+def test_block_reconstruction_after_masks_is_the_cores_and_distillation_keeps_its_masks(tmp_path):
+    # The recovery benchmark's `2:4-rc-kd` path: ADMM masks, each block's kept weights trained to the dense block's
+    # outputs, then distillation, all inside one fit.
+    module, val = make_module(), loader(8, seed=2)
+    options = dict(method="admm", structure="2:4", refine=Reconstruction(steps=4, learning_rate=1e-3))
+    expected = copy.deepcopy(module.model)
+    prune(expected, list(val), num_samples=8, **options)
+    pruning = WandaPruningCallback(
+        prune_on="validate", evaluate=False, calibration_options=CalibrationOptions(num_samples=8), **options
+    )
+    make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
+    assert pruning.report is not None and pruning.report.reconstruction is not None
+    for (name, weight), (_, reference) in zip(
+        module.model.state_dict().items(), expected.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(weight, reference, rtol=1e-5, atol=1e-6, msg=name)
+    assert_exactly_sparse(module, pruning.masks)
+
+    recovered, dense = make_module(), copy.deepcopy(make_module().model)
+    distilling = WandaPruningCallback(
+        prune_on="fit_start",
+        distill=True,
+        evaluate=False,
+        calibration_options=CalibrationOptions(num_samples=8),
+        **options,
+    )
+    make_trainer(tmp_path / "fit", max_steps=3, callbacks=[distilling]).fit(recovered, loader(16, seed=1), val)
+    assert_exactly_sparse(recovered, distilling.masks)
+    assert any(not torch.equal(a, b) for a, b in zip(recovered.model.parameters(), dense.parameters(), strict=True))
