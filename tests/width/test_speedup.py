@@ -161,6 +161,7 @@ def test_a_shape_whose_first_run_is_far_off_is_timed_again_because_the_cost_mode
         assert candidate["fitted_speedup"] == pytest.approx(12.0 / (blocks * (1 + width / 128) + 2), rel=0.02)
     table = report.candidates_table()
     assert "fit" in table.splitlines()[0] and "1.50x" in table
+    assert "5 candidates timed (2 again in turns), 2 scored" in str(report)
 
 
 def test_each_shape_is_measured_against_the_dense_runs_of_its_own_turns(monkeypatch):

@@ -173,12 +173,14 @@ class ShrinkReport(CalibrationRecord):
         if self.speed_target is not None and chosen is not None:
             on = self.speed_target["on"]
             scored = sum(c.get("quality") is not None for c in self.candidates)
+            again = sum(c.get("runs", 1) > 1 for c in self.candidates)
             lines.append(
                 (
                     "speed target",
                     f"{self.speed_target['speedup']:g}x {on} on {self.speed_target['device']}: chose "
                     f"{describe_shape(chosen)}, measured {chosen[f'{on}_speedup']:.2f}x; "
-                    f"{len(self.candidates)} candidates timed, {scored} scored (see candidates_table())",
+                    f"{len(self.candidates)} candidates timed ({again} again in turns), {scored} scored (see "
+                    "candidates_table())",
                 )
             )
         if self.removed_blocks:
