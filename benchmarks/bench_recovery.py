@@ -33,7 +33,8 @@ Arms (``--arms``; each writes its rows into the JSON as it goes, so arms run one
   of that grid that keeps every head (``mlp=0.75``, 1.47x decode there); and the next width-only step of the finer
   grid (``mlp=0.8``, 1.52x decode in turns in benchmarks/results/depth_speedup.json). ``fine-speed-kd``: the choice
   with the finer grid (``mlp=0.7, heads=1/3``, 1.45x decode in the same turns). ``mix-speed-kd``: the choice with
-  every head kept, the default grid since (``layers=0.2, mlp=0.7``: depth and width).
+  every head kept, the default grid since (``layers=0.2, mlp=0.7``: depth and width); ``mix50-speed-kd``: its
+  choice once each shape is measured against the dense runs of its own turns (``layers=0.2, mlp=0.5``).
 
 Shrunk arms end with decode and prefill speed of the recovered model and of the teacher, timed in turns
 (``--repeats`` runs each, best kept), so each arm's speed-up is measured side by side in its own run.
@@ -109,6 +110,9 @@ WIDTH80_SPEED_SHAPE: dict[str, float] = {"mlp": 0.8}
 #: ``speedup=1.5``'s choice with every head kept (the default grid since 2026-12-04): 6 of 30 blocks and 70 % of the
 #: MLP (benchmarks/results/depth_speedup_default.json)
 MIX_SPEED_SHAPE: dict[str, float] = {"layers": 0.2, "mlp": 0.7}
+#: its choice once each shape is measured against the dense runs of its own turns: 6 of 30 blocks and half the MLP
+#: (benchmarks/results/depth_speedup_paired.json)
+MIX50_SPEED_SHAPE: dict[str, float] = {"layers": 0.2, "mlp": 0.5}
 
 #: arm -> (what: "shrink" or a mask structure, shrink update or the masks' ``refine``, recovery loss, shrink shape)
 ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
@@ -126,6 +130,7 @@ ARMS: dict[str, tuple[str, str | None, str, dict[str, float]]] = {
     "width80-speed-kd": ("shrink", "least-squares", "kd", WIDTH80_SPEED_SHAPE),
     "fine-speed-kd": ("shrink", "least-squares", "kd", FINE_SPEED_SHAPE),
     "mix-speed-kd": ("shrink", "least-squares", "kd", MIX_SPEED_SHAPE),
+    "mix50-speed-kd": ("shrink", "least-squares", "kd", MIX50_SPEED_SHAPE),
 }
 
 
