@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import time
 from typing import Any
 
+import torch
 from _common import machine, print_table, write_json
 from bench_recovery import pydoc_windows, teacher_state
 from torch.utils.data import DataLoader
@@ -31,6 +33,31 @@ from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def compress(model: torch.nn.Module, calibration: DataLoader, what: str, update: str, mlp: float) -> None:
+    """One-shot, in place: ADMM masks (``what`` "50%" or "2:4", ``update`` the ``refine``) or ``shrink(mlp=...)``."""
+    options = CalibrationOptions(num_samples=None)
+    if what in ("50%", "2:4"):
+        structure = "2:4" if what == "2:4" else "unstructured"
+        prune(
+            model,
+            calibration,
+            sparsity=0.5,
+            structure=structure,
+            method="admm",
+            refine=update,
+            calibration_options=options,
+        )
+    else:
+        shrink(
+            model,
+            calibration,
+            mlp=mlp,
+            method="flap",
+            update=None if update == "none" else update,
+            calibration_options=options,
+        )
 
 
 def main() -> None:
@@ -67,43 +94,19 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     payload = {"benchmark": "calibration", "args": vars(args), "machine": machine(), "teacher_perplexity": teacher}
     payload["rows"] = rows
-    options = CalibrationOptions(num_samples=None)
-    for what in args.masks or [f"mlp={args.mlp:g}"]:
-        for count in args.windows:
-            calibration = DataLoader(WindowDataset(windows[:count]), batch_size=4)
-            for update in args.updates:
-                small = copy.deepcopy(model)
-                start = time.perf_counter()
-                if args.masks:
-                    structure = "2:4" if what == "2:4" else "unstructured"
-                    prune(
-                        small,
-                        calibration,
-                        sparsity=0.5,
-                        structure=structure,
-                        method="admm",
-                        refine=update,
-                        calibration_options=options,
-                    )
-                else:
-                    update_or_none = None if update == "none" else update
-                    shrink(
-                        small,
-                        calibration,
-                        mlp=args.mlp,
-                        method="flap",
-                        update=update_or_none,
-                        calibration_options=options,
-                    )
-                seconds = time.perf_counter() - start
-                ppl = perplexity(small, heldout)
-                rows.append({"what": what, "windows": count, "update": update, "perplexity": ppl, "seconds": seconds})
-                print(
-                    f"{what}, {count} windows, {update}: {ppl:.2f} ({ppl / teacher:.2f}x the teacher), {seconds:.0f} s",
-                    flush=True,
-                )
-            write_json(args.json, payload)
-            del small
+    for what, count, update in itertools.product(args.masks or [f"mlp={args.mlp:g}"], args.windows, args.updates):
+        small = copy.deepcopy(model)
+        start = time.perf_counter()
+        compress(small, DataLoader(WindowDataset(windows[:count]), batch_size=4), what, update, args.mlp)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(small, heldout)
+        rows.append({"what": what, "windows": count, "update": update, "perplexity": ppl, "seconds": seconds})
+        print(
+            f"{what}, {count} windows, {update}: {ppl:.2f} ({ppl / teacher:.2f}x the teacher), {seconds:.0f} s",
+            flush=True,
+        )
+        write_json(args.json, payload)
+        del small
     print(f"\nteacher: {teacher:.2f}")
     print_table(
         ("model", "windows", "update", "perplexity", "x teacher", "seconds"),

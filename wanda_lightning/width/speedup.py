@@ -209,7 +209,7 @@ def search_speedup(
         return result.decode_tokens_per_second, result.prefill_tokens_per_second, result.parameters
 
     dense = timed({})
-    reference = dense[0] if target.on == "decode" else dense[1]  # for the scan
+    on = 0 if target.on == "decode" else 1  # index of the target's speed in a timing
     candidates: list[Candidate] = []
     speeds: list[tuple[float, float]] = []
     shapes: list[dict[str, Any]] = []  # the config updates each candidate was timed with
@@ -230,13 +230,12 @@ def search_speedup(
                 candidates.append(Candidate(layers, mlp, heads, parameters, 0.0, 0.0))
                 speeds.append((decode, prefill))
                 shapes.append({**widths, **depth})
-                if (decode if target.on == "decode" else prefill) / reference >= target.speedup:
+                if (decode, prefill)[on] / dense[on] >= target.speedup:
                     break
     # Shapes are timed again, in turns with the dense model, where either their first run or the cost model fitted to
     # every run says they meet the target or miss it by less than the noise: each keeps its better run, against the
     # better of its two dense runs, so that one disturbed run neither makes a shape look fast enough nor too slow.
     # The lightest such shapes go first; a heavier one is timed again only where no lighter one timed again met it.
-    on = 0 if target.on == "decode" else 1
     blocks = [num_blocks - _removed_blocks(c.layers, num_blocks) for c in candidates]
     fitted = _fitted_speedups(blocks, candidates, speeds, num_blocks, dense, on)
     if fitted is not None:
@@ -245,7 +244,7 @@ def search_speedup(
     worth = [
         i
         for i, speed in enumerate(speeds)
-        if max(speed[on] / reference, fitted[i] if fitted is not None else 0.0) >= target.speedup * NEAR_MISS
+        if max(speed[on] / dense[on], fitted[i] if fitted is not None else 0.0) >= target.speedup * NEAR_MISS
     ]
     paired_dense = [dense[:2] for _ in candidates]  # per shape, the best of the dense runs it was paired with
     timed_again: set[int] = set()
