@@ -7,10 +7,12 @@ of pydoc's training part as calibration, for each N of ``--windows`` and each up
 ``--masks 50% 2:4`` it is pruned instead by ``prune(method="admm", structure=..., refine=...)``: ``none`` (ADMM
 alone) or ``reconstruct`` (then each block's kept weights trained to the dense block's outputs, the pruned ones held
 at zero); ``least-squares`` is a shrink update only. Held-out perplexity on the same 32 windows as
-``bench_recovery.py``, as a ratio to the teacher's; seconds of each call.
+``bench_recovery.py``, as a ratio to the teacher's; seconds of each call. ``--reconstruction-steps`` and
+``--reconstruction-lr`` set the ``Reconstruction`` of ``reconstruct``.
 
     python benchmarks/bench_calibration.py [--windows 16 64] [--updates least-squares reconstruct] \
-        [--masks 50% 2:4] [--json benchmarks/results/calibration.json]
+        [--masks 50% 2:4] [--reconstruction-steps 64] [--reconstruction-lr 2e-3] \
+        [--json benchmarks/results/calibration.json]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from _common import machine, print_table, write_json
 from bench_recovery import pydoc_windows, teacher_state
 from torch.utils.data import DataLoader
 
-from wanda_lightning import CalibrationOptions, prune, shrink
+from wanda_lightning import CalibrationOptions, Reconstruction, prune, shrink
 from wanda_lightning.cli.demo import WindowDataset
 from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import load_smollm2
@@ -35,9 +37,18 @@ from wanda_lightning.data.smollm2 import load_smollm2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def compress(model: torch.nn.Module, calibration: DataLoader, what: str, update: str, mlp: float) -> None:
-    """One-shot, in place: ADMM masks (``what`` "50%" or "2:4", ``update`` the ``refine``) or ``shrink(mlp=...)``."""
+def compress(
+    model: torch.nn.Module,
+    calibration: DataLoader,
+    what: str,
+    update: str,
+    mlp: float,
+    reconstruction: Reconstruction,
+) -> None:
+    """One-shot, in place: ADMM masks (``what`` "50%" or "2:4", ``update`` the ``refine``) or ``shrink(mlp=...)``;
+    ``"reconstruct"`` trains each block with ``reconstruction``."""
     options = CalibrationOptions(num_samples=None)
+    chosen: str | Reconstruction | None = reconstruction if update == "reconstruct" else update
     if what in ("50%", "2:4"):
         structure = "2:4" if what == "2:4" else "unstructured"
         prune(
@@ -46,7 +57,7 @@ def compress(model: torch.nn.Module, calibration: DataLoader, what: str, update:
             sparsity=0.5,
             structure=structure,
             method="admm",
-            refine=update,
+            refine=chosen,
             calibration_options=options,
         )
     else:
@@ -55,7 +66,7 @@ def compress(model: torch.nn.Module, calibration: DataLoader, what: str, update:
             calibration,
             mlp=mlp,
             method="flap",
-            update=None if update == "none" else update,
+            update=None if update == "none" else chosen,
             calibration_options=options,
         )
 
@@ -78,12 +89,25 @@ def main() -> None:
         choices=["50%", "2:4"],
         help="prune ADMM masks of these structures instead of shrinking (updates: none, reconstruct)",
     )
+    parser.add_argument(
+        "--reconstruction-steps",
+        type=int,
+        default=Reconstruction().steps,
+        help=f"block reconstruction's steps per block (default {Reconstruction().steps})",
+    )
+    parser.add_argument(
+        "--reconstruction-lr",
+        type=float,
+        default=Reconstruction().learning_rate,
+        help=f"block reconstruction's peak learning rate (default {Reconstruction().learning_rate:g})",
+    )
     parser.add_argument("--teacher-steps", type=int, default=40)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where bench_recovery.py caches the teacher")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    reconstruction = Reconstruction(steps=args.reconstruction_steps, learning_rate=args.reconstruction_lr)
     if args.masks and "least-squares" in args.updates:
         parser.error("--masks refines with `none` or `reconstruct`; least-squares is a shrink update")
 
@@ -97,10 +121,15 @@ def main() -> None:
     for what, count, update in itertools.product(args.masks or [f"mlp={args.mlp:g}"], args.windows, args.updates):
         small = copy.deepcopy(model)
         start = time.perf_counter()
-        compress(small, DataLoader(WindowDataset(windows[:count]), batch_size=4), what, update, args.mlp)
+        compress(
+            small, DataLoader(WindowDataset(windows[:count]), batch_size=4), what, update, args.mlp, reconstruction
+        )
         seconds = time.perf_counter() - start
         ppl = perplexity(small, heldout)
-        rows.append({"what": what, "windows": count, "update": update, "perplexity": ppl, "seconds": seconds})
+        row = {"what": what, "windows": count, "update": update, "perplexity": ppl, "seconds": seconds}
+        if update == "reconstruct":
+            row["reconstruction"] = reconstruction.describe()
+        rows.append(row)
         print(
             f"{what}, {count} windows, {update}: {ppl:.2f} ({ppl / teacher:.2f}x the teacher), {seconds:.0f} s",
             flush=True,
