@@ -48,7 +48,7 @@ def compress(
     """One-shot, in place: ADMM masks (``what`` "50%" or "2:4", ``update`` the ``refine``) or ``shrink(mlp=...)``;
     ``"reconstruct"`` trains each block with ``reconstruction``."""
     options = CalibrationOptions(num_samples=None)
-    chosen: str | Reconstruction | None = reconstruction if update == "reconstruct" else update
+    chosen: str | Reconstruction = reconstruction if update == "reconstruct" else update
     if what in ("50%", "2:4"):
         structure = "2:4" if what == "2:4" else "unstructured"
         prune(
@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/wanda-recovery", help="where bench_recovery.py caches the teacher")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    reconstruction = Reconstruction(steps=args.reconstruction_steps, learning_rate=args.reconstruction_lr)
+    try:
+        reconstruction = Reconstruction(steps=args.reconstruction_steps, learning_rate=args.reconstruction_lr)
+    except ValueError as error:
+        parser.error(f"--reconstruction-steps/--reconstruction-lr: {error}")
     if args.masks and "least-squares" in args.updates:
         parser.error("--masks refines with `none` or `reconstruct`; least-squares is a shrink update")
 
