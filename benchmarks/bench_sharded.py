@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from _common import machine, print_table, read_rss_mib, write_json
 
-from wanda_lightning.distributed.testing import CollectiveCounter, launch_processes
+# The multi-process launcher is test code (tests/helpers), not part of the installed package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers.processes import CollectiveCounter, launch_processes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

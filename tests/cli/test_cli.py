@@ -22,7 +22,7 @@ from wanda_lightning.export import MANIFEST_NAME, load_pruned, read_manifest
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from cli_helpers import PRUNE_FAST, char_tokenizer, run_cli, tiny_llama_config  # noqa: E402
+from helpers.cli import PRUNE_FAST, char_tokenizer, run_cli, tiny_llama_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

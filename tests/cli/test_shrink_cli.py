@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import PRUNE_FAST, char_tokenizer, run_cli, tiny_llama_config
+from helpers.cli import PRUNE_FAST, char_tokenizer, run_cli, tiny_llama_config
 
 from wanda_lightning import shrink
 from wanda_lightning.cli.speed import verdicts

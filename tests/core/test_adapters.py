@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import PRUNE_FAST, char_tokenizer, tiny_llama_config, transformers
-from conftest import make_batches, tiny_llama
+from helpers.cli import PRUNE_FAST, char_tokenizer, tiny_llama_config, transformers
+from helpers.models import make_batches, tiny_llama
+from helpers.trainer import Snapshot, loader, make_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from trainer_helpers import Snapshot, loader, make_trainer
 
 from wanda_lightning import (
     CalibrationOptions,

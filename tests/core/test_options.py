@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batches, tiny_llama
+from helpers.models import make_batches, tiny_llama
 
 from wanda_lightning import prune, shrink
 from wanda_lightning.core.options import CalibrationOptions

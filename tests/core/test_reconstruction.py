@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batches, tiny_llama
+from helpers.models import make_batches, tiny_llama
 from torch import nn
 
 from wanda_lightning import Reconstruction, prune, shrink

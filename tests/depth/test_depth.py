@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_batches, tiny_llama
+from helpers.models import VOCAB, make_batches, tiny_llama
 
 from wanda_lightning import shrink
 from wanda_lightning.depth import choose_blocks

@@ -15,19 +15,20 @@ import torch
 import torch.distributed as dist
 
 from wanda_lightning import CalibrationOptions
-from wanda_lightning.distributed.testing import CollectiveCounter, count_full_gathers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest and helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the helpers package
+
+from helpers.processes import CollectiveCounter, count_full_gathers
 
 
 def tiny_llama() -> Any:
-    from conftest import tiny_llama as conftest_tiny_llama
+    from helpers.models import tiny_llama as conftest_tiny_llama
 
     return conftest_tiny_llama()
 
 
 def calibration() -> list[dict[str, torch.Tensor]]:
-    from conftest import make_batches
+    from helpers.models import make_batches
 
     return make_batches(num_batches=4, batch=2, seed=3)
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_batches, tiny_llama
+from helpers.models import make_batches, tiny_llama
+from helpers.processes import ProcessesFailed, launch_processes
 
 from wanda_lightning import prune
-from wanda_lightning.distributed.testing import ProcessesFailed, launch_processes
 from wanda_lightning.methods import ADMM
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batches, tiny_llama
+from helpers.models import make_batches, tiny_llama
 
 from wanda_lightning import prune
 from wanda_lightning.distributed.streaming import BlockSaver, SafetensorsCheckpoint, meta_tensor_names

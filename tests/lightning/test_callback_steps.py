@@ -12,11 +12,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.trainer import logged, make_trainer, read_csv
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
-from trainer_helpers import logged, make_trainer, read_csv
 
 from wanda_lightning import CalibrationOptions, WandaPruningCallback, prune
 from wanda_lightning.core.targets import find_targets, parameter_masks

@@ -11,11 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader
-from trainer_helpers import (
+from helpers.trainer import (
     BAR,
     Snapshot,
     TokenDataset,
@@ -31,6 +27,10 @@ from trainer_helpers import (
     reference_masks,
     reference_validation,
 )
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
 import wanda_lightning.lightning.pruning_callback as callback_module
 from wanda_lightning import CalibrationOptions, Reconstruction, Schedule, prune

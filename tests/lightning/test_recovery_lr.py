@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.trainer import loader, make_module, make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from trainer_helpers import loader, make_module, make_trainer
 
 from wanda_lightning import CalibrationOptions, Distillation, WandaPruningCallback, WandaShrinkCallback
 from wanda_lightning.lightning import CausalLMModule

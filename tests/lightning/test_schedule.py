@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.trainer import Snapshot, loader, logged, make_module, make_trainer, module_from, read_csv
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from trainer_helpers import Snapshot, loader, logged, make_module, make_trainer, module_from, read_csv
 
 import wanda_lightning.lightning.pruning_callback as callback_module
 from wanda_lightning import CalibrationOptions, Schedule, Wanda, WandaPruningCallback, prune

@@ -12,10 +12,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.processes import launch_processes
+from helpers.trainer import CONFIG, Snapshot, TokenDataset, loader, make_module, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from trainer_helpers import CONFIG, Snapshot, TokenDataset, loader, make_module, make_trainer
 
 from wanda_lightning import (
     CalibrationOptions,
@@ -26,7 +27,6 @@ from wanda_lightning import (
     load_shrunk_checkpoint,
     shrink,
 )
-from wanda_lightning.distributed.testing import launch_processes
 from wanda_lightning.lightning import CausalLMModule, distillation_loss
 
 transformers = pytest.importorskip("transformers")

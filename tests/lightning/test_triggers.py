@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from trainer_helpers import (
+from helpers.trainer import (
     Snapshot,
     assert_exactly_sparse,
     loader,
@@ -15,6 +14,7 @@ from trainer_helpers import (
     module_from,
     reference_masks,
 )
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from wanda_lightning import CalibrationOptions, WandaPruningCallback
 from wanda_lightning.lightning.triggers import PRUNE_ON, AfterStep, AtFitStart, Schedule, make_trigger

@@ -12,11 +12,11 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest and helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the helpers package
 
 
 def ddp(out: str, rank: int) -> None:
-    from trainer_helpers import Snapshot, loader, make_module, make_trainer
+    from helpers.trainer import Snapshot, loader, make_module, make_trainer
 
     from wanda_lightning import CalibrationOptions, WandaShrinkCallback
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batches
+from helpers.models import make_batches
 from torch import nn
 
 from wanda_lightning import prune

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batches
+from helpers.models import make_batches
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 

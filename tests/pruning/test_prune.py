@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_batches
+from helpers.models import VOCAB, make_batches
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batches, tiny_llama
+from helpers.models import make_batches, tiny_llama
 
 from wanda_lightning import shrink
 from wanda_lightning.core.speed import SpeedResult

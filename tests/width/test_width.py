@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_batches, tiny_llama
+from helpers.models import VOCAB, make_batches, tiny_llama
 
 from wanda_lightning import shrink
 from wanda_lightning.width import FLAP, find_unit_groups

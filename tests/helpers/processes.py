@@ -1,5 +1,6 @@
-"""Running and measuring multi-process jobs, for the test suite and the benchmarks: a launcher that starts N local
-processes of a script with ``torch.distributed``'s environment variables, and counters of collective traffic.
+"""Running and measuring multi-process jobs, for the test suite and the benchmarks (test code, not installed): a
+launcher that starts N local processes of a script with ``torch.distributed``'s environment variables, and counters
+of collective traffic.
 
 Example::
 
