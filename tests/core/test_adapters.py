@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from wanda_lightning import (
+    AfterEpoch,
     CalibrationOptions,
     CausalLMModule,
     WandaPruningCallback,
@@ -232,11 +233,10 @@ def test_lora_training_keeps_the_masks_and_the_export_is_the_merged_sparse_model
     before, after = Snapshot(), Snapshot()
     out = tmp_path / "export"
     pruning = WandaPruningCallback(
-        prune_on="train_epoch_end",
-        epoch=0,
+        prune_on=AfterEpoch(0),
         evaluate=False,
         verbose=False,
-        export_dir=str(out),
+        export=str(out),
         calibration_options=CalibrationOptions(num_samples=8),
     )
     trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[before, pruning, after])

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from wanda_lightning import CalibrationOptions, WandaPruningCallback, prune
+from wanda_lightning import AfterEpoch, CalibrationOptions, WandaPruningCallback, prune
 from wanda_lightning.core.targets import find_targets, parameter_masks
 
 
@@ -159,7 +159,7 @@ class Recording(pl.Callback):
 def test_deltas_are_in_callback_metrics_for_checkpointing_and_early_stopping(tmp_path: Path):
     module, val = NoForward(), sequences(8, seed=1)
     pruning = WandaPruningCallback(
-        prune_on="train_epoch_end", epoch=0, verbose=False, calibration_options=CalibrationOptions(num_samples=8)
+        prune_on=AfterEpoch(0), verbose=False, calibration_options=CalibrationOptions(num_samples=8)
     )
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc/delta", mode="max", save_top_k=1)
     stop = EarlyStopping(monitor="val_loss/pruned", patience=3)

@@ -92,8 +92,10 @@ trainer:
 def test_callback_is_configured_from_yaml_and_prunes(tmp_path):
     callback = """        sparsity: 0.5
         structure: "2:4"
-        prune_on: train_epoch_end
-        epoch: 0
+        prune_on:
+          class_path: wanda_lightning.AfterEpoch
+          init_args:
+            epoch: 0
         targets: ["*.mlp.*"]
         calibration_options:
           num_samples: 8
@@ -106,12 +108,7 @@ def test_callback_is_configured_from_yaml_and_prunes(tmp_path):
         save_config_kwargs={"overwrite": True},
     )
     (pruning,) = [c for c in cli.trainer.callbacks if isinstance(c, WandaPruningCallback)]
-    assert (pruning.prune_on, pruning.epoch, pruning.structure, pruning.targets) == (
-        "train_epoch_end",
-        0,
-        "2:4",
-        ("*.mlp.*",),
-    )
+    assert (pruning.prune_on.epoch, pruning.structure, pruning.targets) == (0, "2:4", ("*.mlp.*",))
     # Only the MLP layers were pruned, 2 of every 4, at the end of epoch 0; training went on sparse.
     assert sorted(pruning.masks) == sorted(
         f"model.model.layers.{i}.mlp.{p}_proj.weight" for i in range(2) for p in ("gate", "up", "down")
@@ -137,9 +134,9 @@ def test_help_shows_the_docstrings(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--trainer.callbacks.prune_on PRUNE_ON" in text
-    for mode in ("fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start", "Schedule"):
+    for mode in ("fit_end", "fit_start", "validate", "checkpoint", "AfterEpoch", "AfterStep", "Schedule"):
         assert mode in text
-    assert "When to prune" in text and "the zero-based epoch after which to prune" in text
+    assert "When to prune" in text
     assert "--trainer.callbacks.calibration_options CALIBRATION_OPTIONS" in text and "How calibration runs" in text
 
 
@@ -199,8 +196,10 @@ def test_the_shrink_callback_is_configured_from_yaml_with_nested_options(tmp_pat
 
     callback = """        mlp: 0.5
         method: flap
-        prune_on: train_step
-        step: 1
+        prune_on:
+          class_path: wanda_lightning.AfterStep
+          init_args:
+            step: 1
         calibration_options:
           num_samples: 4
           batch_size: 2
@@ -215,4 +214,4 @@ def test_the_shrink_callback_is_configured_from_yaml_with_nested_options(tmp_pat
     options = shrinking.calibration_options
     assert (options.num_samples, options.batch_size, str(options.offload_device)) == (4, 2, "cpu")
     assert shrinking.distill == Distillation(weight=0.5, temperature=1.0)
-    assert (shrinking.mlp, shrinking.step, shrinking.evaluate) == (0.5, 1, 1)
+    assert (shrinking.mlp, shrinking.prune_on.step, shrinking.evaluate) == (0.5, 1, 1)

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 import wanda_lightning.lightning.pruning_callback as callback_module
-from wanda_lightning import CalibrationOptions, Reconstruction, Schedule, prune
+from wanda_lightning import AfterEpoch, CalibrationOptions, Reconstruction, Schedule, prune
 from wanda_lightning.lightning.checkpointing import DENSE_WEIGHTS_KEY
 from wanda_lightning.lightning.masks import pack_mask as _pack
 from wanda_lightning.lightning.masks import unpack_mask as _unpack
@@ -163,7 +163,7 @@ def test_train_epoch_end_keeps_sparsity_exact_while_training_goes_on(tmp_path, c
     module, before, after = make_module(cls=cls, weight_decay=0.1), Snapshot(), Snapshot()
     val = loader(8, seed=2)
     pruning = WandaPruningCallback(
-        prune_on="train_epoch_end", epoch=0, evaluate=False, calibration_options=CalibrationOptions(num_samples=8)
+        prune_on=AfterEpoch(0), evaluate=False, calibration_options=CalibrationOptions(num_samples=8)
     )
     callbacks = [before, pruning, after, BAR()]  # a Rich bar during fit: the callback adds its task
     trainer = make_trainer(tmp_path, max_epochs=3, callbacks=callbacks, gradient_clip_val=1.0, enable_progress_bar=True)
@@ -199,7 +199,7 @@ class Crash(Callback):
 def _resumable_run(root: Path, seed: int = 0, crash: bool = False, ckpt_path: Path | None = None):
     module = make_module(seed=seed)
     pruning = WandaPruningCallback(
-        prune_on="train_epoch_end", epoch=0, evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
+        prune_on=AfterEpoch(0), evaluate=1, calibration_options=CalibrationOptions(num_samples=8)
     )
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
     callbacks: list[Callback] = [pruning, checkpoints, *([Crash()] if crash else [])]
@@ -425,12 +425,11 @@ def test_packed_masks_round_trip(shape):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_on": "epoch_end"}, r"`prune_on` must be one of \['fit_end', 'train_epoch_end', 'validate', 'check"),
+        ({"prune_on": "epoch_end"}, r"`prune_on` must be one of \['fit_end', 'fit_start', 'validate', 'checkpoint'\]"),
         ({"calibration": "test"}, r"`calibration` must be 'val', 'train' or a DataLoader .* got 'test'"),
         ({"calibration": 3}, r"`calibration` must be 'val', 'train' or a DataLoader .* got int"),
-        ({"epoch": 1}, r"`epoch`=1 is only used with `prune_on`='train_epoch_end', got `prune_on`='fit_end'"),
-        ({"prune_on": "train_epoch_end"}, r"`prune_on`='train_epoch_end' needs `epoch`=k"),
-        ({"prune_on": "train_epoch_end", "epoch": -1}, r"needs `epoch`=k.*got -1"),
+        ({"epoch": 1}, r"unexpected keyword argument 'epoch'"),
+        ({"prune_on": "train_epoch_end"}, r"`prune_on`='train_epoch_end' needs its moment: pass prune_on=AfterEpoch\(k\)"),
         ({"sparsity": 1.2}, r"`sparsity` must be in \[0, 1\), got 1.2"),
         ({"structure": "5:4"}, r"`structure` '5:4' is impossible"),
         ({"method": "random"}, r"`method` must be one of \["),
@@ -613,13 +612,13 @@ def test_methods_allocation_and_refinement_match_the_core(tmp_path, options):
         assert sum(pruning.report.block_sparsity.values()) / 2 == pytest.approx(0.6)
 
 
-def test_export_dir_writes_a_compressed_export_that_loads_back(tmp_path):
+def test_export_folder_writes_a_compressed_export_that_loads_back(tmp_path):
     from wanda_lightning import load_pruned
 
     module, val = make_module(), loader(8, seed=2)
     out = tmp_path / "export"
     pruning = WandaPruningCallback(
-        prune_on="validate", evaluate=False, export_dir=str(out), calibration_options=CalibrationOptions(num_samples=8)
+        prune_on="validate", evaluate=False, export=str(out), calibration_options=CalibrationOptions(num_samples=8)
     )
     make_trainer(tmp_path, callbacks=[pruning]).validate(module, val)
     assert pruning.export_summary is not None and pruning.export_summary.compressed_ratio < 0.6
@@ -636,8 +635,10 @@ def test_export_dir_writes_a_compressed_export_that_loads_back(tmp_path):
         (dict(allocation="owls"), "allocation"),
         (dict(refine="dsnt"), "refine"),
         (dict(allocation="owl", structure="2:4"), "OWL"),
-        (dict(export_dir=3), "export_dir"),
-        (dict(export_dir="out", prune_on="checkpoint"), "export_dir"),
+        (dict(export=3), "`export` items must be folder paths, paths ending in .gguf or GGUFExport objects, got 3"),
+        (dict(export=["a/", "b/"]), r"`export` names 2 folders \(\['a/', 'b/'\]\); give at most one"),
+        (dict(export="out", prune_on="checkpoint"), "`export` exports the live pruned model"),
+        (dict(export="small.gguf", prune_on="checkpoint"), "`export` exports the live pruned model"),
     ],
 )
 def test_bad_issue5_and_export_arguments(kwargs, match):
@@ -652,7 +653,7 @@ def test_gpt2_conv1d_masks_follow_the_stored_layout_also_when_square(tmp_path):
     module = CausalLMModule(
         config={"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 1, "n_head": 4}, learning_rate=1e-2
     )
-    callback = WandaPruningCallback(sparsity=0.5, prune_on="train_epoch_end", epoch=0, evaluate=False, verbose=False)
+    callback = WandaPruningCallback(sparsity=0.5, prune_on=AfterEpoch(0), evaluate=False, verbose=False)
     trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[callback])
     trainer.fit(module, loader(8, seed=1), loader(4, seed=2))
     square = module.model.transformer.h[0].attn.c_proj.weight  # Conv1D (64, 64)

@@ -13,7 +13,7 @@ import torch
 from helpers.trainer import loader, make_module, make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from wanda_lightning import CalibrationOptions, Distillation, WandaPruningCallback, WandaShrinkCallback
+from wanda_lightning import AfterStep, CalibrationOptions, Distillation, WandaPruningCallback, WandaShrinkCallback
 from wanda_lightning.lightning import CausalLMModule
 from wanda_lightning.lightning.recovery_lr import recovery_factor
 
@@ -55,7 +55,7 @@ class Scheduled(CausalLMModule):
 
 def _shrinking(**kwargs) -> WandaShrinkCallback:
     return WandaShrinkCallback(
-        mlp=0.5, prune_on="train_step", step=2, evaluate=False, calibration_options=CalibrationOptions(num_samples=8),
+        mlp=0.5, prune_on=AfterStep(2), evaluate=False, calibration_options=CalibrationOptions(num_samples=8),
         **kwargs,
     )  # fmt: skip
 

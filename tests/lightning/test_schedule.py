@@ -104,16 +104,15 @@ def test_weights_pruned_before_stay_pruned_even_against_equal_scores():
     inputs = torch.ones(4, 8)
     inputs[:, 0] = 0.0  # feature 0 is dead: its weight scores 0 too
     config = PruneConfig.create(sparsity=0.125)
-    keeps: dict[str, torch.Tensor] = {}
-    already = {"0": torch.tensor([[False] * 7 + [True]])}
+    already = {"0.weight": torch.tensor([[False] * 7 + [True]])}  # drop masks by parameter name
     model = torch.nn.Sequential(layer)
-    prune_with(model, [inputs], config, already_pruned=already, on_layer_pruned=lambda n, k: keeps.__setitem__(n, k))
-    assert keeps["0"].tolist() == [[True] * 7 + [False]]
+    unaware = torch.nn.Sequential(copy.deepcopy(layer))  # the same weights, told nothing
+    result = prune_with(model, [inputs], config, already_pruned=already, keep_masks=True)
+    assert result.masks["0.weight"].tolist() == [[True] * 7 + [False]]
     assert float(layer.weight.detach()[0, 0]) == 1.0  # the dead feature's weight is kept
 
-    unaware = torch.nn.Sequential(copy.deepcopy(layer))  # the same weights, told nothing
-    prune_with(unaware, [inputs], config, on_layer_pruned=lambda n, k: keeps.__setitem__("plain", k))
-    assert keeps["plain"][0, 0].item() is False  # what a schedule relying on zeros would have done
+    plain = prune_with(unaware, [inputs], config, keep_masks=True)
+    assert plain.masks["0.weight"][0, 0].item() is False  # what a schedule relying on zeros would have done
     with pytest.raises(ValueError, match=r"`method`='sparsegpt' rewrites the kept weights"):
         prune_with(model, [inputs], PruneConfig.create(method="sparsegpt"), already_pruned=already)
 

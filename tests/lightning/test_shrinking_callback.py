@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from wanda_lightning import (
+    AfterStep,
     CalibrationOptions,
     Distillation,
     Reconstruction,
@@ -48,7 +49,7 @@ def test_shrinks_at_a_step_then_recovers_with_rebuilt_optimizers(tmp_path):
     module, before = make_module(), Snapshot()
     val = loader(8, seed=2)
     shrinking = WandaShrinkCallback(
-        mlp=0.5, heads=0.5, prune_on="train_step", step=2, calibration_options=CalibrationOptions(num_samples=8)
+        mlp=0.5, heads=0.5, prune_on=AfterStep(2), calibration_options=CalibrationOptions(num_samples=8)
     )
     trainer = make_trainer(tmp_path, max_steps=4, callbacks=[before, shrinking])
     trainer.fit(module, loader(16, seed=1), val)
@@ -90,8 +91,7 @@ def test_distillation_weight_zero_is_plain_fine_tuning_and_one_is_not(tmp_path):
         module = make_module()
         shrinking = WandaShrinkCallback(
             mlp=0.5,
-            prune_on="train_step",
-            step=1,
+            prune_on=AfterStep(1),
             evaluate=False,
             calibration_options=CalibrationOptions(num_samples=8),
             **options,
@@ -137,8 +137,7 @@ def _resumable(
     module = CausalLMModule(config={**CONFIG, "num_hidden_layers": blocks}, learning_rate=1e-2)
     callback = WandaShrinkCallback(
         **(shrinking or {"mlp": 0.5, "heads": 0.5}),
-        prune_on="train_step",
-        step=2,
+        prune_on=AfterStep(2),
         evaluate=False,
         calibration_options=CalibrationOptions(num_samples=8),
     )
@@ -165,8 +164,7 @@ def test_a_shrunk_checkpoint_loads_for_inference(tmp_path):
     shrinking = WandaShrinkCallback(
         mlp=0.25,
         heads=0.5,
-        prune_on="train_step",
-        step=1,
+        prune_on=AfterStep(1),
         evaluate=False,
         calibration_options=CalibrationOptions(num_samples=8),
     )
@@ -188,7 +186,7 @@ def test_validate_shrinks_once_and_saves_a_plain_folder(tmp_path):
     shrinking = WandaShrinkCallback(
         mlp=0.5,
         prune_on="validate",
-        save_dir=str(tmp_path / "small"),
+        export=str(tmp_path / "small"),
         calibration_options=CalibrationOptions(num_samples=8),
     )
     trainer = make_trainer(tmp_path, callbacks=[shrinking])
@@ -233,8 +231,7 @@ def test_spawning_strategies_are_refused_before_anything_runs():
         ({"mlp": 0.5, "method": "random"}, r"`method` must be one of"),
         ({"mlp": 0.5, "prune_on": "checkpoint"}, r"`prune_on`='checkpoint' is not offered for shrinking"),
         ({"mlp": 0.5, "prune_on": Schedule(end_step=10)}, r"`prune_on`='schedule' is not offered for shrinking"),
-        ({"mlp": 0.5, "prune_on": "train_step"}, r"`prune_on`='train_step' needs `step`=k"),
-        ({"mlp": 0.5, "step": 3}, r"`step`=3 is only used with `prune_on`='train_step'"),
+        ({"mlp": 0.5, "prune_on": "train_step"}, r"`prune_on`='train_step' needs its moment: pass prune_on=AfterStep"),
         ({"mlp": 0.5, "distill": "yes"}, r"`distill` must be True, False or a Distillation\(...\), got 'yes'"),
         (
             {"mlp": 0.5, "evaluate": 0},
@@ -313,9 +310,9 @@ class StepsOnlyLM(pl.LightningModule):
 def test_a_module_without_forward_is_shrunk_recovers_and_its_best_checkpoint_loads(tmp_path, prune_on):
     module = StepsOnlyLM(CONFIG)
     dense = copy.deepcopy(module.model)
-    step = 1 if prune_on == "train_step" else None
+    trigger = AfterStep(1) if prune_on == "train_step" else prune_on
     shrinking = WandaShrinkCallback(
-        mlp=0.5, heads=0.5, prune_on=prune_on, step=step, calibration_options=CalibrationOptions(num_samples=8)
+        mlp=0.5, heads=0.5, prune_on=trigger, calibration_options=CalibrationOptions(num_samples=8)
     )
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss/shrunk", mode="min", every_n_train_steps=2)
     trainer = make_trainer(tmp_path, max_steps=4, callbacks=[shrinking, best], enable_checkpointing=True)

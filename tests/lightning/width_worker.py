@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def ddp(out: str, rank: int) -> None:
     from helpers.trainer import Snapshot, loader, make_module, make_trainer
 
-    from wanda_lightning import CalibrationOptions, WandaShrinkCallback
+    from wanda_lightning import AfterStep, CalibrationOptions, WandaShrinkCallback
 
     class Recording(WandaShrinkCallback):
         def __init__(self, **kwargs):
@@ -33,8 +33,7 @@ def ddp(out: str, rank: int) -> None:
     shrinking = Recording(
         mlp=0.5,
         heads=0.5,
-        prune_on="train_step",
-        step=1,
+        prune_on=AfterStep(1),
         calibration_options=CalibrationOptions(num_samples=None),
         evaluate=False,
     )

@@ -10,7 +10,7 @@ from helpers.models import make_batches
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from wanda_lightning import WandaPruningCallback, prune
+from wanda_lightning import AfterEpoch, WandaPruningCallback, prune
 from wanda_lightning.core.statistics import GramStatistics
 from wanda_lightning.methods import RIA, get_method
 from wanda_lightning.methods.channels import find_channel_couplings, reallocate_channels, retained_score
@@ -170,4 +170,4 @@ def test_permutation_refusals(llama, calibration_batches):
         RIA(permute_channels=1)
     assert get_method("ria-permuted", a=1.0).describe() == "ria (a=1, permuted channels)"
     with pytest.raises(MisconfigurationException, match="train_epoch_end"):
-        WandaPruningCallback(structure="2:4", method="ria-permuted", prune_on="train_epoch_end", epoch=0)
+        WandaPruningCallback(structure="2:4", method="ria-permuted", prune_on=AfterEpoch(0))

@@ -1,15 +1,16 @@
-"""What every calibration run sets up the same way, from one :class:`~wanda_lightning.core.options.CalibrationOptions`:
+"""The one run sequence of every calibrated call, from one :class:`~wanda_lightning.core.options.CalibrationOptions`:
 the block stack and whether to calibrate block by block (:func:`choose_block_stack`), then the prepared batches and
-the :class:`~wanda_lightning.core.pipeline.CalibrationPipeline` (:func:`prepare_calibration`).
+the :class:`~wanda_lightning.core.pipeline.CalibrationPipeline` (:func:`prepare_calibration`), then the action run
+over them with its report filled (:func:`run_action`).
 
-``prune_with`` and ``shrink_with`` both use it; what only one of them needs (checkpoint streaming, FSDP checks, unit
-plans) stays with it, between the two steps.
+``prune_with`` and ``shrink_with`` both go through it; what only one of them needs (checkpoint streaming, FSDP checks,
+unit plans) stays with it, before the run.
 
 Example::
 
     blocks = choose_block_stack(model, layers, options)
     run = prepare_calibration(model, layers, batches, options, blocks, needed_by="wanda")
-    seconds = run.run(action)
+    run_action(run, action, report, needs_data=True)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "check_reconstructible",
     "choose_block_stack",
     "prepare_calibration",
+    "run_action",
     "with_forward",
 ]
 
@@ -235,6 +237,45 @@ def prepare_calibration(
         reconstruction=reconstruction,
     )
     return CalibrationRun(pipeline, batches, blocks)
+
+
+def run_action(run: CalibrationRun, action: Action, report: CalibrationRecord, *, needs_data: bool) -> None:
+    """Runs ``action`` over ``run``'s batches and fills ``report``'s calibration fields: what the run knew beforehand
+    (:meth:`CalibrationRun.record`), the seconds spent calibrating (added: a call may run more than once) and block
+    reconstruction's.
+
+    Args:
+        run: From :func:`prepare_calibration`.
+        action: What to do with each block's statistics.
+        report: The call's report.
+        needs_data: Whether anything calibrates (a data-free run is not sequential).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wanda_lightning.core.targets import find_targets
+        >>> from wanda_lightning.core.statistics import InputNormStatistics
+        >>> class Norms(Action):
+        ...     def statistics(self, layer):
+        ...         return {"norms": InputNormStatistics}
+        ...     def apply(self, step):
+        ...         print(sorted(step.statistics))
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> layers, _ = find_targets(net)
+        >>> run = prepare_calibration(
+        ...     net, layers, [torch.randn(3, 4)], CalibrationOptions(), BlockPlan(None, False), needed_by="norms"
+        ... )
+        >>> report = CalibrationRecord()
+        >>> run_action(run, Norms(), report, needs_data=True)
+        ['0']
+        >>> report.num_samples, report.num_batches
+        (3, 1)
+    """
+    for key, value in run.record(needs_data).items():
+        setattr(report, key, value)
+    report.calibration_seconds += run.run(action)
+    run.record_reconstruction(report)
 
 
 def check_reconstructible(blocks: BlockPlan, layout: ShardedLayout | None) -> None:

@@ -10,13 +10,12 @@ from torch import Tensor
 
 from .sharding import is_dtensor
 
-__all__ = ["drop_masks_from_zeros"]
+__all__ = ["kept_from_nonzeros"]
 
 
-def drop_masks_from_zeros(layers: Iterable[Any]) -> dict[str, Tensor]:
-    """Drop masks (True where a weight is pruned) by parameter name, read from the zeros of the target layers' weights
-    as this process holds them (its shard under FSDP); a kept weight that happens to be exactly 0 then counts as
-    pruned.
+def kept_from_nonzeros(layers: Iterable[Any]) -> dict[str, Tensor]:
+    """Keep masks (True where a weight is kept) by parameter name, read from the target layers' weights as this
+    process holds them (its shard under FSDP): a kept weight that happens to be exactly 0 then counts as pruned.
 
     Args:
         layers: Target layers (:class:`~wanda_lightning.core.target_layer.TargetLayer`: ``parameter_name``,
@@ -27,11 +26,11 @@ def drop_masks_from_zeros(layers: Iterable[Any]) -> dict[str, Tensor]:
         >>> import torch
         >>> from types import SimpleNamespace
         >>> layer = SimpleNamespace(parameter_name="0.weight", tensor=torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
-        >>> drop_masks_from_zeros([layer])["0.weight"].tolist()
-        [[True, False], [False, True]]
+        >>> kept_from_nonzeros([layer])["0.weight"].tolist()
+        [[False, True], [True, False]]
     """
     masks = {}
     for layer in layers:
         weight = layer.tensor.detach()
-        masks[layer.parameter_name] = (weight.to_local() if is_dtensor(weight) else weight) == 0
+        masks[layer.parameter_name] = (weight.to_local() if is_dtensor(weight) else weight) != 0
     return masks

@@ -29,7 +29,7 @@ Example::
     model = load_pruned("pruned/")
 """
 
-from .adapters import merge_adapters
+from .adapters import merge_adapters, merged_state_dict
 from .checkpoints import compress_checkpoint, read_checkpoint
 from .directory import load_compressed, save_compressed
 from .format import (
@@ -43,6 +43,7 @@ from .format import (
 )
 from .hf import load_pruned, save_pruned
 from .manifest import MANIFEST_NAME, ExportSummary, Manifest, is_export, read_manifest, summarize_export
+from .packing import pack_bits, unpack_bits
 from .runtime import SemiStructuredSummary, is_2_4_sparse, to_semi_structured
 from .shards import INDEX_NAME, WEIGHTS_NAME
 
@@ -66,10 +67,13 @@ __all__ = [
     "load_compressed",
     "load_pruned",
     "merge_adapters",
+    "merged_state_dict",
+    "pack_bits",
     "read_checkpoint",
     "read_manifest",
     "save_compressed",
     "save_pruned",
     "summarize_export",
     "to_semi_structured",
+    "unpack_bits",
 ]

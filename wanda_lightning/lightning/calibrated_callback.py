@@ -16,6 +16,7 @@ and forward, modules without ``forward`` included), :mod:`.evaluation` (metrics 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from copy import deepcopy
@@ -31,10 +32,15 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..core.batches import default_forward
-from ..core.options import CalibrationOptions
-from ..core.validation import check_bool
-from .calibration import CalibrationData, CalibrationSource, first_loader, has_forward, warn_if_no_validation
+from ..core import CalibrationOptions, check_bool, default_forward
+from .calibration import (
+    CalibrationData,
+    CalibrationSource,
+    first_loader,
+    has_forward,
+    validation_loaders,
+    warn_if_no_validation,
+)
 from .distillation import Distillation, DistillationPhase, student_of
 from .errors import misconfiguration
 from .evaluation import measure_validation, quiet_steps, run_step
@@ -46,38 +52,63 @@ from .triggers import Due, PruneOn, Trigger, make_trigger
 __all__ = ["CalibratedCallback"]
 
 
-class CalibratedCallback(Callback):
-    r"""Calibrates on the run's own data at the moment ``prune_on`` names, applies one action to the module, measures
-    the module's validation metrics before and after, and reports; then, while training goes on, optionally distils
-    from the module as it was.
+class CalibratedCallback(Callback, ABC):
+    r"""The base of callbacks that change a LightningModule from calibration data at one moment of a run (or at each
+    step of a schedule), measure its validation metrics before and after, report, and optionally distil from the
+    module as it was while training goes on.
 
-    What a subclass provides: :meth:`apply` (the action, on calibration batches already on the module's device),
-    :meth:`check_module` (what can be checked before training), :attr:`acted`, :meth:`action_metrics` (what to log and
-    publish), and, where it needs them, the ``on_*`` steps below. Everything else is here: the trigger, the calibration
-    batches and forward (a module without ``forward`` runs its ``validation_step``/``training_step``), the dense and
-    after measurements, logging to every logger and to ``trainer.callback_metrics`` (identical on every process, so
-    that ``ModelCheckpoint`` and ``EarlyStopping`` can monitor ``<metric>/dense``, ``<metric>/<stage>`` and
-    ``<metric>/delta``), the summary, the strategy checks, the state with its version, and distillation (teacher, loss,
-    resume).
+    The base owns every hook and the state: the trigger, the calibration batches and forward (a module without
+    ``forward`` runs its ``validation_step``/``training_step``), the dense and after measurements, logging to every
+    logger and to ``trainer.callback_metrics`` (so ``ModelCheckpoint`` and ``EarlyStopping`` can monitor
+    ``<metric>/dense``, ``<metric>/<stage>`` and ``<metric>/delta``), the summary, strategy checks, the state with its
+    version, and distillation.
+
+    How to subclass (as :class:`~wanda_lightning.WandaPruningCallback` and :class:`~wanda_lightning.WandaShrinkCallback`
+    do):
+
+    - Must provide :meth:`apply` (the action: change the module from the batches, return a report with ``to_dict``
+      and, as :attr:`report_class`, ``from_dict``) and :attr:`acted` (whether the module holds the action's result).
+    - May provide :meth:`plan` (find and check what the action will change; made once per act and handed to
+      :meth:`apply`; a ``ValueError`` there is reported as a configuration error before anything changes),
+      :meth:`action_metrics`, :meth:`on_action_done`, :meth:`on_restored`, :meth:`on_run_finished`,
+      :meth:`extra_state`/:meth:`load_extra_state`, :meth:`check_trigger`, :attr:`needs_calibration`, and the class
+      attributes :attr:`stage`, :attr:`reshapes_model`, :attr:`STATE_VERSION`.
+    - Pass the base's keyword arguments through ``super().__init__(**kwargs)``.
 
     Args:
         calibration: ``"val"``: the trainer's validation dataloader (the first one, as the trainer processed it, with
             its distributed sampler); ``"train"``: the training dataloader; or a ``DataLoader`` (or any iterable of
             batches), whose batches are split between DDP processes.
-        calibration_options: How calibration runs (see :class:`~wanda_lightning.CalibrationOptions`: ``num_samples``
-            over all processes, ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``,
-            ``forward_fn(pl_module, batch)``); default ``CalibrationOptions()``.
-        prune_on: When to act: a mode name (see the subclass) or a trigger object such as
+        calibration_options: How calibration runs (:class:`~wanda_lightning.CalibrationOptions`); default
+            ``CalibrationOptions()``.
+        prune_on: When to act: a mode name (``"fit_end"``, ``"fit_start"``, ``"validate"``, ``"checkpoint"``) or a
+            trigger object: :class:`~wanda_lightning.AfterEpoch`, :class:`~wanda_lightning.AfterStep`,
             :class:`~wanda_lightning.Schedule`.
-        epoch: With ``prune_on="train_epoch_end"`` only (and required there): the zero-based epoch after which to act.
-        step: With ``prune_on="train_step"`` only (and required there): act once this many optimizer steps are done.
         distill: While training goes on after the action, distil from the module as it was just before it
-            (``True`` for the defaults of :class:`~wanda_lightning.Distillation`, or one with your settings, such as
-            the recovery learning rate ``Distillation(learning_rate=5e-4)``).
+            (``True`` for the defaults of :class:`~wanda_lightning.Distillation`, or one with your settings).
         evaluate: Measure the module's validation metrics before and after the action and log the deltas: ``True``
             on as many validation batches (per process) as the trainer validates, an ``int`` on at most that many,
             ``False`` not at all.
         verbose: Print the summary on rank zero.
+
+    Example::
+
+        class MagnitudeMLP(CalibratedCallback):  # zero the smallest half of every MLP weight at the end of fit
+            stage = "masked"
+            report_class = MyReport
+
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.done = False
+
+            @property
+            def acted(self):
+                return self.done
+
+            def apply(self, trainer, pl_module, batches, due, plan):
+                ...  # change pl_module
+                self.done = True
+                return MyReport(...)
     """
 
     #: Version of :meth:`state_dict`'s layout (a subclass raises it when its own part changes).
@@ -91,19 +122,18 @@ class CalibratedCallback(Callback):
 
     def __init__(
         self,
-        calibration: CalibrationSource | DataLoader,
-        calibration_options: CalibrationOptions | None,
-        prune_on: PruneOn | Trigger,
-        epoch: int | None,
-        step: int | None,
-        distill: bool | Distillation,
-        evaluate: bool | int,
-        verbose: bool,
+        *,
+        calibration: CalibrationSource | DataLoader = "val",
+        calibration_options: CalibrationOptions | None = None,
+        prune_on: PruneOn | Trigger = "fit_end",
+        distill: bool | Distillation = False,
+        evaluate: bool | int = True,
+        verbose: bool = True,
     ) -> None:
         super().__init__()
         with misconfiguration():
             self.calibration_options = CalibrationOptions.resolve(calibration_options)
-            self._trigger = make_trigger(prune_on, epoch, step)
+            self._trigger = make_trigger(prune_on)
             self.check_trigger(self._trigger)
             self._distillation = DistillationPhase(Distillation.resolve(distill))
             recovery = self._distillation.options
@@ -122,7 +152,7 @@ class CalibratedCallback(Callback):
                 calibration, options.num_samples, options.batch_size, self.calibration_forward
             )
         self.calibration = calibration
-        self.prune_on, self.epoch, self.step = prune_on, epoch, step
+        self.prune_on = prune_on
         self.distill = self._distillation.options
         self.evaluate = evaluate
         self.verbose = verbose
@@ -138,9 +168,9 @@ class CalibratedCallback(Callback):
     # --- what a subclass says ---------------------------------------------------------------------------------------
 
     @property
+    @abstractmethod
     def acted(self) -> bool:
         """Whether the action ran on the live module (or its result was restored from a checkpoint)."""
-        raise NotImplementedError
 
     @property
     def needs_calibration(self) -> bool:
@@ -150,15 +180,20 @@ class CalibratedCallback(Callback):
     def check_trigger(self, trigger: Trigger) -> None:
         """Raises ``ValueError`` for a trigger the action cannot follow (called when constructed)."""
 
-    def check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raises ``ValueError`` when the action cannot run on this module (called before training, or before a
-        validating action)."""
+    def plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Finds and checks what the action will change on ``pl_module`` as it is now, before anything changes; made
+        once per act (also before training, as a check) and handed to :meth:`apply`. Raises ``ValueError`` or
+        ``TypeError`` when the action cannot run on this module (reported as a ``MisconfigurationException``).
+        Default: ``None``."""
+        return None
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due) -> Any:
-        """The action: changes ``pl_module`` from ``batches`` (``None`` when not :attr:`needs_calibration`) and returns
-        its report. Runs under ``no_grad`` and the precision plugin's forward context; :meth:`forward` runs the module
-        on one batch."""
-        raise NotImplementedError
+    @abstractmethod
+    def apply(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due, plan: Any
+    ) -> Any:
+        """The action: changes ``pl_module`` from ``batches`` (``None`` when not :attr:`needs_calibration`) as ``plan``
+        (from :meth:`plan`) says, and returns its report. Runs under ``no_grad`` and the precision plugin's forward
+        context; :meth:`forward` runs the module on one batch. What it raises propagates as it is."""
 
     def action_metrics(self) -> dict[str, float]:
         """What the last action did, logged and published in ``trainer.callback_metrics`` (``wanda/sparsity``)."""
@@ -269,9 +304,8 @@ class CalibratedCallback(Callback):
             self._publish(trainer)
             if not self._trigger.repeats:
                 return
-        elif self._trigger.checks_at_train_start:
-            self._preflight(trainer, pl_module)
-        self._act(trainer, pl_module, self._trigger.at_train_start(trainer))
+        plan = self._preflight(trainer, pl_module) if not self.acted and self._trigger.checks_at_train_start else None
+        self._act(trainer, pl_module, self._trigger.at_train_start(trainer), plan)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -295,8 +329,7 @@ class CalibratedCallback(Callback):
         """With ``prune_on="validate"``, acts before ``trainer.validate`` runs (once)."""
         due = self._trigger.before_validation(trainer)
         if due is not None and not self.acted:
-            self._preflight(trainer, pl_module)
-            self._act(trainer, pl_module, due)
+            self._act(trainer, pl_module, due, self._preflight(trainer, pl_module))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finishes and prints the summary after an acting ``trainer.validate``."""
@@ -345,25 +378,30 @@ class CalibratedCallback(Callback):
 
     # --- acting ------------------------------------------------------------------------------------------------------
 
-    def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every check that can be made before training, so that a misconfigured run fails before it trains."""
+    def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Every check that can be made before training, so that a misconfigured run fails before it trains; returns
+        the plan, which an action due at once uses."""
         with misconfiguration():
             check_strategy(trainer, type(self).__name__, reshapes=self.reshapes_model)
-            self.check_module(trainer, pl_module)
+            plan = self.plan(trainer, pl_module)
             if self.needs_calibration:
                 self._calibration.check(trainer)
             if self.distill is not None and self.distill.uses_teacher:
                 student_of(pl_module)
         warn_if_no_validation(trainer, self.evaluate is not False, type(self).__name__)
+        return plan
 
-    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due | None) -> None:
+    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due | None, plan: Any = None) -> None:
         """Acts on the live module when ``due`` (once, or at every step of a schedule), then keeps the result, starts
-        distilling and handles a fit that stopped early."""
+        distilling and handles a fit that stopped early. ``plan``: made by the checks just before, else made here."""
         if due is None or (self.acted and not self._trigger.repeats):
             return
+        if plan is None:
+            with misconfiguration():
+                plan = self.plan(trainer, pl_module)
         fitting = trainer.training or trainer.state.fn == TrainerFn.FITTING
         teacher = self._distillation.snapshot(pl_module) if fitting else None
-        self._run_and_record(trainer, pl_module, due)
+        self._run_and_record(trainer, pl_module, due, plan)
         self._acted_in_this_run = True
         self.on_action_done(trainer, pl_module, due, fitting)
         if teacher is not None:
@@ -381,13 +419,13 @@ class CalibratedCallback(Callback):
                 if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
                     trainer.save_checkpoint(callback.last_model_path, weights_only=callback.save_weights_only)
 
-    def _run_and_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due) -> None:
+    def _run_and_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due, plan: Any) -> None:
         """Calibrates, measures, applies the action and measures again, leaving the random state as it found it; then
         logs, publishes and keeps the report."""
         # `trainer.validate` runs its hooks under inference mode, whose tensors could not be updated in place later.
         with isolate_rng(), torch.inference_mode(False):
             batches = self._calibration.batches(trainer, pl_module) if self.needs_calibration else None
-            loader = first_loader(trainer.val_dataloaders) if self.evaluate is not False else None
+            loader = first_loader(validation_loaders(trainer)) if self.evaluate is not False else None
             start = time.perf_counter()
             if self._trigger.repeats and self._dense_metrics is not None:
                 before = dict(self._dense_metrics)  # a schedule's later step: deltas against the dense model
@@ -401,7 +439,7 @@ class CalibratedCallback(Callback):
                 stack.enter_context(trainer.precision_plugin.forward_context())
                 if self._runs_steps(pl_module):
                     stack.enter_context(quiet_steps(pl_module))
-                report = self.apply(trainer, pl_module, batches, due)
+                report = self.apply(trainer, pl_module, batches, due, plan)
             start = time.perf_counter()
             after = self._measure(trainer, pl_module, loader, self.stage)
             self.evaluation_seconds += time.perf_counter() - start

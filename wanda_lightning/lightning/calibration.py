@@ -3,6 +3,10 @@
 Calibration uses the trainer's own dataloaders (the validation one by default, with its distributed sampler, or the
 training one) or one the user passes; batches go through the module's batch-transfer hooks and the precision
 plugin as in the trainer's loops, and every process ends up with its share.
+
+Lightning loads a fit's validation dataloaders lazily, when its first validation is due: not at all before
+``on_train_start`` when ``check_val_every_n_epoch`` skips the first epoch. :func:`validation_loaders` loads them
+when a callback needs them, whatever the validation schedule, as the fit loop would have.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from ..core.batches import prepare_batches
-from ..distributed.sharding import same_count_on_every_rank
+from ..core import prepare_batches
+from ..distributed import same_count_on_every_rank
+from .patches import patched
 from .strategies import fsdp1_wrapper, is_sharded_strategy, strategy_all_reduce
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "has_forward",
     "safe_len",
     "transfer_batch",
+    "validation_loaders",
 ]
 
 CalibrationSource = Literal["val", "train"]
@@ -66,6 +74,54 @@ def first_loader(loaders: Any) -> Iterable[Any] | None:
     if isinstance(loaders, Mapping):
         return first_loader(next(iter(loaders.values()))) if loaders else None
     return cast(Iterable[Any], loaders)
+
+
+def validation_loaders(trainer: pl.Trainer) -> Any:
+    """``trainer.val_dataloaders``, loaded first if the fit has validation data that Lightning has not loaded yet.
+
+    During a fit Lightning loads the validation dataloaders when its first validation is due (in the sanity check,
+    or at the start of the first epoch that validates), so a callback that needs them earlier (at ``on_train_start``,
+    with ``check_val_every_n_epoch`` > 1) would find none. This loads them the way the fit loop does at its start:
+    the same ``val_dataloader()`` request, distributed sampler and ``limit_val_batches``, kept by the loop, which then
+    does not load them again. The random state is left as it was.
+
+    Nothing is loaded where Lightning would load nothing either: no validation data (no ``val_dataloaders`` and no
+    ``val_dataloader()``), a module without ``validation_step``, or ``limit_val_batches=0`` (validation switched off).
+
+    Args:
+        trainer: The trainer, attached to its module.
+
+    Returns:
+        What ``trainer.val_dataloaders`` holds now (``None`` when there is no validation data).
+
+    Example::
+
+        def on_train_start(self, trainer, pl_module):
+            loader = first_loader(validation_loaders(trainer))  # also with check_val_every_n_epoch=10
+    """
+    loaders = trainer.val_dataloaders
+    if loaders is not None or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        return loaders
+    if trainer.lightning_module is None or not trainer.enable_validation:
+        return None
+    stage = trainer.state.stage
+    with isolate_rng():
+        trainer.validating = True  # as the fit loop does when it loads them at its start
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        finally:
+            trainer.state.stage = stage
+    return trainer.val_dataloaders
+
+
+def _no_validation_reason(trainer: pl.Trainer) -> str:
+    """Why ``trainer.val_dataloaders`` is empty when validation data may have been given, for messages."""
+    if trainer.limit_val_batches == 0:
+        return " (validation is switched off: `limit_val_batches`=0)"
+    module = trainer.lightning_module
+    if module is not None and not is_overridden("validation_step", module):
+        return f" ({type(module).__name__} defines no `validation_step`, so the trainer loads none)"
+    return ""
 
 
 def has_forward(pl_module: nn.Module) -> bool:
@@ -124,6 +180,9 @@ class CalibrationData:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.forward = forward
+        #: Forward calls since the batches were last prepared: only the first is told apart (a batch format the
+        #: module does not take is a configuration error; anything later is the run's own failure).
+        self._calls = 0
 
     @property
     def step_name(self) -> str:
@@ -138,10 +197,11 @@ class CalibrationData:
             ValueError: When the trainer has no such loader.
         """
         if self.calibration == "val":
-            loader = first_loader(trainer.val_dataloaders)
+            loader = first_loader(validation_loaders(trainer))
             if loader is None:
+                why = _no_validation_reason(trainer)
                 raise ValueError(
-                    "`calibration`='val' needs a validation dataloader, and the trainer has none: pass "
+                    f"`calibration`='val' needs a validation dataloader, and the trainer has none{why}: pass "
                     "`val_dataloaders` to `trainer.fit`/`trainer.validate`, define `val_dataloader()` in the "
                     "LightningModule or LightningDataModule (with `limit_val_batches` > 0), or set `calibration` to "
                     "'train' or a DataLoader"
@@ -184,6 +244,7 @@ class CalibrationData:
             for batch in source:
                 yield transfer_batch(trainer, pl_module, batch)
 
+        self._calls = 0
         batches: list[Any] = []
         error: Exception | None = None
         try:
@@ -222,18 +283,22 @@ class CalibrationData:
             return self._forward
 
         def forward(model: nn.Module, batch: Any) -> Any:
-            vars(pl_module)["_wanda_calibration_step"] = lambda inner: self._forward(pl_module, inner)
-            try:
+            with patched(pl_module, "_wanda_calibration_step", lambda _, inner: self._forward(pl_module, inner)):
                 return _ForwardRedirection()(wrapper, pl_module, "_wanda_calibration_step", batch)
-            finally:
-                vars(pl_module).pop("_wanda_calibration_step", None)
 
         return forward
 
     def _forward(self, model: nn.Module, batch: Any) -> Any:
+        """Runs the module on one batch. The first batch of a calibration failing with a type, key, index, attribute,
+        value or runtime error is most likely a batch format the module does not take: a configuration error, with the
+        original chained. A failure on a later batch is the run's own and propagates as it is."""
+        first = self._calls == 0
+        self._calls += 1
         try:
             return self.forward(cast(pl.LightningModule, model), batch)
         except (TypeError, KeyError, IndexError, AttributeError, ValueError, RuntimeError) as error:
+            if not first:
+                raise
             what = type(model).__name__ if has_forward(model) else f"{type(model).__name__}.{self.step_name}"
             raise MisconfigurationException(
                 f"{what} could not run on a calibration batch of type {type(batch).__name__}: "
@@ -243,9 +308,10 @@ class CalibrationData:
 
 
 def warn_if_no_validation(trainer: pl.Trainer, evaluate: bool, owner: str = "WandaPruningCallback") -> None:
-    """Warns that metric deltas cannot be measured without a validation dataloader."""
-    if evaluate and first_loader(trainer.val_dataloaders) is None:
+    """Warns that metric deltas cannot be measured without a validation dataloader (loaded first where the fit has
+    one that Lightning has not loaded yet: :func:`validation_loaders`)."""
+    if evaluate and first_loader(validation_loaders(trainer)) is None:
         rank_zero_warn(
-            f"{owner}: `evaluate` is on but the trainer has no validation dataloader: metric deltas will not be "
-            "measured (pass `val_dataloaders`, or evaluate=False)"
+            f"{owner}: `evaluate` is on but the trainer has no validation dataloader{_no_validation_reason(trainer)}: "
+            "metric deltas will not be measured (pass `val_dataloaders`, or evaluate=False)"
         )

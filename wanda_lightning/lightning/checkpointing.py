@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from .patches import patch_method, remove_patches
+
 __all__ = [
     "DENSE_WEIGHTS_KEY",
     "put_pruned_weights",
@@ -66,22 +68,27 @@ def restore_dense_weights(pl_module: pl.LightningModule, checkpoint: Mapping[str
     return len(dense)
 
 
-def wrap_weights_only_saves(pl_module: pl.LightningModule, on_weights_only: Callable[[dict[str, Any]], None]) -> None:
-    """Wraps the module's ``on_save_checkpoint`` so that weights-only checkpoints, which call no callback hook, go
-    through ``on_weights_only`` too."""
-    original = pl_module.on_save_checkpoint
+_SAVES_LABEL = "wanda_weights_only_saves"
 
-    def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+
+def wrap_weights_only_saves(
+    pl_module: pl.LightningModule, on_weights_only: Callable[[dict[str, Any]], None]
+) -> Callable[[], None]:
+    """Wraps the module's ``on_save_checkpoint`` so that weights-only checkpoints, which call no callback hook, go
+    through ``on_weights_only`` too; returns the function that undoes exactly this wrapper (see
+    :func:`~wanda_lightning.lightning.patches.patch_method`)."""
+
+    def on_save_checkpoint(original: Callable[[dict[str, Any]], None], checkpoint: dict[str, Any]) -> None:
         original(checkpoint)
         if "callbacks" not in checkpoint:  # weights-only: the callbacks' hooks were not called
             on_weights_only(checkpoint)
 
-    pl_module.on_save_checkpoint = on_save_checkpoint  # type: ignore[method-assign]
+    return patch_method(pl_module, "on_save_checkpoint", on_save_checkpoint, label=_SAVES_LABEL)
 
 
 def unwrap_saves(pl_module: pl.LightningModule) -> None:
-    """Undoes :func:`wrap_weights_only_saves`."""
-    vars(pl_module).pop("on_save_checkpoint", None)
+    """Undoes every :func:`wrap_weights_only_saves` of the module (other patches of ``on_save_checkpoint`` stay)."""
+    remove_patches(pl_module, "on_save_checkpoint", _SAVES_LABEL)
 
 
 @contextmanager

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.layers import find_pretrained
-from ..core.validation import as_device, check_number, check_positive
-from ..width.surgery import fit_to_state_dict
+from ..core import as_device, check_number, check_positive, find_pretrained
+from ..width import fit_to_state_dict
+from .patches import patch_method
 
 __all__ = ["TEACHER_KEY", "Distillation", "DistillationPhase", "Distiller", "distillation_loss", "student_of"]
 
@@ -156,11 +156,11 @@ class Distiller:
         """Replaces ``pl_module.training_step`` by one that distills; returns the function that undoes it.
 
         The wrapped step runs the original, takes the student's first forward in it, and returns the mixed loss
-        (logged as ``distill_loss``). A step that never calls the student raises.
+        (logged as ``distill_loss``). A step that never calls the student raises. The wrapper is a
+        :func:`~wanda_lightning.lightning.patches.patch_method` patch: the undo takes away exactly this one.
         """
-        original = pl_module.training_step
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
+        def training_step(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             with self.watching() as calls:
                 output = original(*args, **kwargs)
             if not calls:
@@ -176,8 +176,7 @@ class Distiller:
                 return {**output, "loss": total}
             return total
 
-        pl_module.training_step = training_step  # type: ignore[method-assign]
-        return lambda: vars(pl_module).pop("training_step", None)
+        return patch_method(pl_module, "training_step", training_step)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The callbacks report bad configuration the way Lightning does: the shared checks' ``ValueError`` and ``TypeError``
-become ``MisconfigurationException`` with the same message."""
+become ``MisconfigurationException`` with the same message.
+
+Only around checks, which run before anything changes (arguments, the plan of an action, a checkpoint that does not
+fit): a failure while acting (the user's forward, I/O, numerics) propagates as itself, with its traceback."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .calibration import safe_len, transfer_batch
+from .patches import patch_method
 from .progress import TrainerProgress
 from .strategies import fsdp1_wrapper
 
@@ -143,18 +144,14 @@ class LogCapture:
         self.metrics: dict[str, Metric] = {}
 
     def attached(self, pl_module: nn.Module) -> ExitStack:
+        """Stands in for ``pl_module.log`` until the returned stack closes (a
+        :func:`~wanda_lightning.lightning.patches.patch_method` patch, undone exactly)."""
         stack = ExitStack()
-        previous = vars(pl_module).get("log")
-        object.__setattr__(pl_module, "log", self.log)
-
-        def detach() -> None:
-            if previous is None:
-                vars(pl_module).pop("log", None)
-            else:
-                object.__setattr__(pl_module, "log", previous)
-
-        stack.callback(detach)
+        stack.callback(patch_method(pl_module, "log", self._log_instead))
         return stack
+
+    def _log_instead(self, original: Any, *args: Any, **kwargs: Any) -> None:
+        self.log(*args, **kwargs)  # the module's own `log` is not called
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         bound = self._SIGNATURE.bind(None, name, value, *args, **kwargs)

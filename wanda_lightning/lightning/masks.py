@@ -16,10 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..core.layers import local_tensor
-from ..core.targets import find_targets
-from ..distributed.readback import drop_masks_from_zeros
-from ..export.packing import pack_bits, unpack_bits
+from ..core import find_targets, local_tensor
+from ..distributed import kept_from_nonzeros
+from ..export import pack_bits, unpack_bits
 
 __all__ = ["MaskKeeper", "pack_mask", "unpack_mask"]
 
@@ -56,7 +55,8 @@ def unpack_mask(entry: dict[str, Any], msb_first: bool = False) -> Tensor:
 
 
 class MaskKeeper:
-    """Holds drop masks by parameter name (True where a weight is pruned) and enforces them on the module.
+    """Holds keep masks by parameter name (True where a weight is kept), as pruning made them, and enforces them on
+    the module. The callback's state stores the pruned positions (drop bits), as its layout has since version 1.
 
     Args:
         targets: The callback's target patterns (to read masks back from the weights' zeros).
@@ -66,7 +66,7 @@ class MaskKeeper:
     def __init__(self, targets: Sequence[str] | None, ignore: Sequence[str] | None) -> None:
         self.targets = targets
         self.ignore = ignore
-        self.drops: dict[str, Tensor] | None = None
+        self.keeps: dict[str, Tensor] | None = None
         #: Under FSDP2 each process holds its own shards' masks only: they are read back from the restored weights'
         #: zeros instead of being saved in the callback's state.
         self.from_weights = False
@@ -76,17 +76,17 @@ class MaskKeeper:
     @property
     def active(self) -> bool:
         """Whether there are masks (the model was pruned, or its masks restored)."""
-        return self.drops is not None
+        return self.keeps is not None
 
-    def set(self, drops: dict[str, Tensor], from_weights: bool) -> None:
+    def set(self, keeps: dict[str, Tensor], from_weights: bool) -> None:
         """Replaces the masks (by parameter name, shaped like the parameter or this process's shard of it)."""
-        self.drops = drops
+        self.keeps = keeps
         self.from_weights = from_weights
         self._packed = None
 
-    def keep_masks(self) -> dict[str, Tensor]:
-        """True where a weight is kept, by parameter name."""
-        return {name: ~drop for name, drop in (self.drops or {}).items()}
+    def drops(self) -> dict[str, Tensor]:
+        """True where a weight is pruned, by parameter name (empty before pruning)."""
+        return {name: ~keep for name, keep in (self.keeps or {}).items()}
 
     # --- enforcing ----------------------------------------------------------------------------------------------------
 
@@ -96,19 +96,19 @@ class MaskKeeper:
         Raises:
             ValueError: If a mask does not fit the module (a checkpoint of another model).
         """
-        assert self.drops is not None
+        assert self.keeps is not None
         parameters = dict(pl_module.named_parameters())
         if self.from_weights:
-            self.drops = drop_masks_from_zeros(find_targets(pl_module, self.targets, self.ignore)[0])
-        for name, drop in list(self.drops.items()):
+            self.keeps = kept_from_nonzeros(find_targets(pl_module, self.targets, self.ignore)[0])
+        for name, keep in list(self.keeps.items()):
             param = parameters.get(name)
-            if param is None or tuple(local_tensor(param).shape) != tuple(drop.shape):
+            if param is None or tuple(local_tensor(param).shape) != tuple(keep.shape):
                 found = "missing" if param is None else f"shape {tuple(local_tensor(param).shape)}"
                 raise ValueError(
-                    f"the pruning mask of {name!r} (shape {tuple(drop.shape)}) does not fit the module ({found}): the "
+                    f"the pruning mask of {name!r} (shape {tuple(keep.shape)}) does not fit the module ({found}): the "
                     "checkpoint was made for another model"
                 )
-            self.drops[name] = drop.to(param.device)
+            self.keeps[name] = keep.to(param.device)
         self.detach()
         for optimizer in trainer.optimizers:
             self.enforce(pl_module, optimizer)
@@ -127,26 +127,27 @@ class MaskKeeper:
     def _masked_parameters(
         self, pl_module: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> list[tuple[nn.Parameter, Tensor]]:
-        assert self.drops is not None
+        assert self.keeps is not None
         parameters = dict(pl_module.named_parameters())
-        pairs = [(parameters[name], drop) for name, drop in self.drops.items()]
+        pairs = [(parameters[name], keep) for name, keep in self.keeps.items()]
         if optimizer is None:
             return pairs
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [(param, drop) for param, drop in pairs if id(param) in owned]
+        return [(param, keep) for param, keep in pairs if id(param) in owned]
 
     def zero_gradients(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Zeroes the gradients of pruned weights."""
-        if self.drops is None:
+        if self.keeps is None:
             return
-        for param, drop in self._masked_parameters(pl_module, optimizer):
+        for param, keep in self._masked_parameters(pl_module, optimizer):
             if param.grad is not None:
-                local_tensor(param.grad).masked_fill_(drop, 0)
+                local_tensor(param.grad).masked_fill_(~keep, 0)
 
     def enforce(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Re-applies the masks after an optimizer step and zeroes the optimizer state of pruned entries."""
         with torch.no_grad():
-            for param, drop in self._masked_parameters(pl_module, optimizer):
+            for param, keep in self._masked_parameters(pl_module, optimizer):
+                drop = ~keep
                 local_tensor(param).masked_fill_(drop, 0)
                 state = optimizer.state.get(param) if optimizer is not None else None
                 for value in (state or {}).values():
@@ -157,20 +158,20 @@ class MaskKeeper:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"masks": packed masks or None, "masks_from_weights": bool}``."""
-        if self.drops is not None and self._packed is None and not self.from_weights:
-            self._packed = {name: pack_mask(drop) for name, drop in self.drops.items()}
+        if self.keeps is not None and self._packed is None and not self.from_weights:
+            self._packed = {name: pack_mask(drop) for name, drop in self.drops().items()}
         return {
             "masks": None if self.from_weights else self._packed,
-            "masks_from_weights": self.from_weights and self.drops is not None,
+            "masks_from_weights": self.from_weights and self.keeps is not None,
         }
 
     def load_state_dict(self, state: dict[str, Any], version: int) -> None:
         """Restores what :meth:`state_dict` returned (``version``: the callback state's version)."""
         packed = state.get("masks")
         self._packed = packed if version >= 2 else None
-        self.drops = (
-            {name: unpack_mask(entry, msb_first=version < 2) for name, entry in packed.items()} if packed else None
+        self.keeps = (
+            {name: ~unpack_mask(entry, msb_first=version < 2) for name, entry in packed.items()} if packed else None
         )
         self.from_weights = bool(state.get("masks_from_weights", False))
         if self.from_weights:
-            self.drops = {}  # filled from the restored weights when the masks are attached
+            self.keeps = {}  # filled from the restored weights when the masks are attached

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ..core.measures import (
+from ..core import (
     perplexity,
     perplexity_compute,
     perplexity_update,

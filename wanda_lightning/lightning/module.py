@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from ..core.blocks import find_block_stack
-from ..core.targets import find_targets
+from ..core import find_block_stack, find_targets
 from .metrics import Perplexity
 
 __all__ = ["CausalLMModule"]

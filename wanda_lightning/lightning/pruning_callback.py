@@ -14,42 +14,33 @@ this class says what its action is (masks from :func:`~wanda_lightning.pruning.a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, cast
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..core.layers import local_tensor
-from ..core.options import CalibrationOptions
-from ..core.reconstruction import Reconstruction
-from ..core.targets import find_targets, layer_masks, parameter_masks
-from ..core.validation import check_directory
-from ..distributed.readback import drop_masks_from_zeros
-from ..distributed.sharding import holds_shards, is_fsdp1
-from ..methods.base import PruningMethod
-from ..methods.registry import AllocationName, RefinementName
-from ..pruning.action import check_keeps_pruned
-from ..pruning.api import prune_with
-from ..pruning.config import PruneConfig
-from ..pruning.report import PruningReport
+from ..core import CalibrationOptions, Reconstruction, local_tensor
+from ..distributed import holds_shards
+from ..methods import AllocationName, PruningMethod, RefinementName
+from ..pruning import PruneConfig, PrunePlan, PruningReport, check_keeps_pruned, plan_prune, prune_with
 from .calibrated_callback import CalibratedCallback
 from .calibration import CalibrationSource
 from .checkpointing import (
     put_pruned_weights,
     restore_dense_weights,
     temporary_weights,
-    unwrap_saves,
     wrap_weights_only_saves,
 )
 from .distillation import Distillation
 from .errors import misconfiguration
-from .exporting import export_module
+from .exporting import ExportOption, Exports, export_module
 from .masks import MaskKeeper
 from .metrics import measure_sparsity
 from .progress import TrainerProgress
@@ -76,9 +67,10 @@ class WandaPruningCallback(CalibratedCallback):
       ``max_epochs``), so the final validation, the last checkpoint and anything exported after ``fit`` see the pruned
       model. A fit that stops early (early stopping, ``max_time``) is pruned in ``on_train_end`` instead, and each
       ``ModelCheckpoint``'s last checkpoint is saved again.
-    - ``"train_epoch_end"`` with ``epoch=k``: after the last training batch of epoch ``k`` (before that epoch's
-      validation and checkpoint); training then goes on sparse.
-    - ``"train_step"`` with ``step=k``: once ``k`` optimizer steps are done; training then goes on sparse.
+    - ``AfterEpoch(k)`` (:class:`~wanda_lightning.AfterEpoch`): after the last training batch of epoch ``k`` (before
+      that epoch's validation and checkpoint); training then goes on sparse.
+    - ``AfterStep(k)`` (:class:`~wanda_lightning.AfterStep`): once ``k`` optimizer steps are done; training then goes on
+      sparse.
     - ``"fit_start"``: when training starts, so that the whole fit is sparse fine-tuning.
     - ``"validate"``: ``trainer.validate(model)`` prunes the model before validating it, and reports.
     - ``"checkpoint"``: every checkpoint saved holds a pruned ``state_dict`` (computed on a temporary copy of the
@@ -151,7 +143,7 @@ class WandaPruningCallback(CalibratedCallback):
             ``"2:4"``).
         method: Pruning method name: ``"wanda"``, ``"magnitude"`` (which needs no calibration), ``"sparsegpt"``,
             ``"admm"`` (see :class:`~wanda_lightning.ADMM`), ``"ria"``, ``"ria-permuted"`` (N:M only; not with
-            ``prune_on="train_epoch_end"``), or another name registered with
+            ``prune_on=AfterEpoch(k)``), or another name registered with
             :func:`~wanda_lightning.register_method`; or a method object (``Wanda(variant=True)``: the reference
             code's per-row cumulative-score selection, ``--use_variant``; in YAML a ``class_path`` with ``init_args``).
         allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: per-block sparsities from the outlier
@@ -174,21 +166,19 @@ class WandaPruningCallback(CalibratedCallback):
         calibration_options: How calibration runs: :class:`~wanda_lightning.CalibrationOptions` (``num_samples``
             over all processes, default 128; ``batch_size``; ``sequential``; ``blocks``, such as
             ``"model.model.layers"``; ``device``; ``offload_device``; ``forward_fn(pl_module, batch)``).
-        prune_on: When to prune: ``"fit_end"``, ``"train_epoch_end"``, ``"train_step"``, ``"fit_start"``,
-            ``"validate"``, ``"checkpoint"``, or a trigger object such as ``Schedule(end_step=200)`` (see above).
-        epoch: With ``prune_on="train_epoch_end"`` only (and required there): the zero-based epoch after which to
-            prune.
-        step: With ``prune_on="train_step"`` only (and required there): prune once this many optimizer steps are done
-            (``trainer.global_step`` reaches it); training then goes on sparse.
+        prune_on: When to prune: ``"fit_end"``, ``"fit_start"``, ``"validate"``, ``"checkpoint"``, or a trigger
+            object: ``AfterEpoch(k)``, ``AfterStep(k)``, ``Schedule(end_step=200)`` (see above).
         distill: While training goes on after pruning, distil from the model as it was just before (masks held at
             zero): ``True`` or a :class:`~wanda_lightning.Distillation` (weight, temperature, teacher device). The
             teacher is kept in full checkpoints, so distillation resumes. Default off.
         evaluate: Measure the module's validation metrics before and after pruning and log the deltas: ``True`` on
             as many validation batches (per process) as the trainer validates (``limit_val_batches``), an ``int`` on
             at most that many, ``False`` not at all.
-        export_dir: After pruning (after the last step of a schedule), rank zero writes the compressed export there
-            (see :func:`~wanda_lightning.save_pruned`; PEFT adapters merged with the masks kept; an existing export is
-            replaced) and logs ``wanda/export_bytes`` and ``wanda/export_ratio``. Not with ``prune_on="checkpoint"``.
+        export: What to write for deployment, on rank zero: a folder (after pruning, after the last step of a
+            schedule: the compact export, :func:`~wanda_lightning.save_pruned`'s format, where the pruned weights take
+            about half their dense bytes), a path ending in ``.gguf`` or a :class:`~wanda_lightning.GGUFExport` (a GGUF
+            file for llama.cpp and Ollama, written when the callback acts and again at the end of fit; masks do not
+            make it smaller or faster there, see :func:`~wanda_lightning.save_gguf`), or a list of them.
         verbose: Print the summary table (the report and the metric deltas) on rank zero.
 
     Raises:
@@ -220,8 +210,10 @@ class WandaPruningCallback(CalibratedCallback):
               init_args:
                 sparsity: 0.5
                 structure: "2:4"
-                prune_on: train_epoch_end
-                epoch: 0
+                prune_on:
+                  class_path: wanda_lightning.AfterEpoch
+                  init_args:
+                    epoch: 0
                 calibration_options:
                   num_samples: 64
     """
@@ -243,11 +235,9 @@ class WandaPruningCallback(CalibratedCallback):
         calibration: CalibrationSource | DataLoader = "val",
         calibration_options: CalibrationOptions | None = None,
         prune_on: PruneOn | Trigger = "fit_end",
-        epoch: int | None = None,
-        step: int | None = None,
         distill: bool | Distillation = False,
         evaluate: bool | int = True,
-        export_dir: str | None = None,
+        export: ExportOption = None,
         verbose: bool = True,
     ) -> None:
         with misconfiguration():
@@ -266,11 +256,18 @@ class WandaPruningCallback(CalibratedCallback):
                 ignore=ignore,
                 options=CalibrationOptions.resolve(calibration_options),
             )
-            check_directory(export_dir, "export_dir")
-        super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
-        if export_dir is not None and self._trigger.on_checkpoints:
+            self._exports = Exports.parse(export)
+        super().__init__(
+            calibration=calibration,
+            calibration_options=self._config.options,
+            prune_on=prune_on,
+            distill=distill,
+            evaluate=evaluate,
+            verbose=verbose,
+        )
+        if self._exports and self._trigger.on_checkpoints:
             raise MisconfigurationException(
-                "`export_dir` exports the live pruned model, which `prune_on`='checkpoint' never prunes; use another "
+                "`export` exports the live pruned model, which `prune_on`='checkpoint' never prunes; use another "
                 "`prune_on`, or export a checkpoint with `wanda-lightning prune`/`compress_checkpoint`"
             )
         self.sparsity = self._config.structure.sparsity
@@ -280,14 +277,14 @@ class WandaPruningCallback(CalibratedCallback):
         self.refine = refine
         self.targets = self._config.targets
         self.ignore = self._config.ignore
-        self.export_dir = export_dir
+        self.export = export
 
         self.export_summary: Any = None
         self.global_sparsity = 0.0
         self.sparsities: dict[str, float] = {}
         self._keeper = MaskKeeper(self.targets, self.ignore)
-        self._new_drops: dict[str, Tensor] = {}
-        self._wrapped_save = False
+        self._new_masks: dict[str, Tensor] = {}
+        self._unwrap_save: Callable[[], None] | None = None
 
     # --- public ------------------------------------------------------------------------------------------------------
 
@@ -300,7 +297,7 @@ class WandaPruningCallback(CalibratedCallback):
     def masks(self) -> dict[str, Tensor]:
         """Keep masks by parameter name (``"model.model.layers.0.mlp.up_proj.weight"``), True where a weight is kept,
         shaped like the parameter; empty before pruning."""
-        return self._keeper.keep_masks()
+        return dict(self._keeper.keeps or {})
 
     # --- the action --------------------------------------------------------------------------------------------------
 
@@ -333,51 +330,38 @@ class WandaPruningCallback(CalibratedCallback):
                 "prune_on='fit_end', 'validate' or 'checkpoint', or method='ria'"
             )
 
-    def check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        find_targets(pl_module, self.targets, self.ignore)
+    def plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PrunePlan:
+        """The target layers, found and checked (:func:`~wanda_lightning.pruning.plan_prune`), and the GGUF export's
+        tokenizer."""
+        self._exports.check_tokenizer(pl_module)
+        return plan_prune(pl_module, self._config)
 
     def apply(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due, plan: Any
     ) -> PruningReport:
-        """Prunes with :func:`~wanda_lightning.pruning.api.prune_with` (at the due sparsity of a schedule, keeping
-        what the masks already hold) and measures the sparsity reached."""
-        with misconfiguration():
-            layers, _ = find_targets(pl_module, self.targets, self.ignore)
-        # One entry per parameter: the query/key/value thirds of a MultiheadAttention share `in_proj_weight`.
-        parameters = {layer.parameter_name: cast(nn.Parameter, layer.tensor) for layer in layers}
-        keeps: dict[str, Tensor] = {}
-        # FSDP1 hands out full masks while each process holds a flattened piece of each weight: the masks are read
-        # back from the pruned shards afterwards instead.
-        fsdp1 = is_fsdp1(pl_module)
-
-        def on_layer_pruned(name: str, keep: Tensor) -> None:
-            if not fsdp1:
-                keeps[name] = keep
-            progress.advance()
-
+        """Prunes with :func:`~wanda_lightning.pruning.prune_with` (at the due sparsity of a schedule, keeping what the
+        masks already hold), keeps the masks it returns and measures the sparsity reached."""
         config = self._config.with_batches_as_given()
         if due.sparsity is not None:
             config = replace(config, structure=replace(config.structure, sparsity=due.sparsity))
-        already = layer_masks(layers, self._keeper.drops) if self._trigger.repeats and self._keeper.drops else None
-        with TrainerProgress(trainer, "Wanda pruning", len(layers)) as progress:
-            report = prune_with(
+        already = self._keeper.drops() if self._trigger.repeats and self._keeper.active else None
+        with TrainerProgress(trainer, "Wanda pruning", len(plan.layers)) as progress:
+            result = prune_with(
                 pl_module,
                 batches,
                 config,
                 forward_fn=self.forward(trainer, pl_module),
                 sync_statistics=strategy_sync(trainer),
-                on_layer_pruned=on_layer_pruned,
+                on_layer_pruned=lambda name, keep: progress.advance(),
                 already_pruned=already,
+                keep_masks=True,
+                plan=plan,
             )
-        if fsdp1:
-            self._new_drops = drop_masks_from_zeros(layers)
-        else:
-            # Shaped like the parameters (Conv1D stores (in, out)); under FSDP2, like this rank's shard of them.
-            self._new_drops = {name: ~keep for name, keep in parameter_masks(layers, keeps).items()}
+        self._new_masks = result.masks
         self.global_sparsity, self.sparsities = measure_sparsity(
-            {name: local_tensor(weight) for name, weight in parameters.items()}
+            {name: local_tensor(weight) for name, weight in result.parameters().items()}
         )
-        return report
+        return result.report
 
     def action_metrics(self) -> dict[str, float]:
         return {"wanda/sparsity": self.global_sparsity}
@@ -387,24 +371,27 @@ class WandaPruningCallback(CalibratedCallback):
 
     def on_action_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due, fitting: bool) -> None:
         """Keeps the masks (applied while training goes on) and exports after the last step."""
-        self._keeper.set(self._new_drops, from_weights=holds_shards(pl_module))
-        if self.export_dir is not None and due.final:
-            with misconfiguration():
-                self.export_summary = export_module(trainer, pl_module, self.export_dir, masks=self.masks)
+        self._keeper.set(self._new_masks, from_weights=holds_shards(pl_module))
+        if self._exports.folder is not None and due.final:
+            self.export_summary = export_module(trainer, pl_module, self._exports.folder, masks=self.masks)
             if self.export_summary is not None:
                 summary = self.export_summary
                 log_to_loggers(
                     trainer,
                     {"wanda/export_bytes": float(summary.disk_bytes), "wanda/export_ratio": summary.compressed_ratio},
                 )
+        if due.final:
+            self._exports.write_ggufs(trainer, pl_module, type(self).__name__)
         if fitting:
-            with misconfiguration():
-                self._keeper.attach(trainer, pl_module)
+            self._keeper.attach(trainer, pl_module)
 
     def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._keeper.attach(trainer, pl_module)
 
     def on_run_finished(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Writes the GGUF files again (after training on sparse) and stops keeping the masks."""
+        if self.pruned and trainer.state.fn == TrainerFn.FITTING:
+            self._exports.write_ggufs(trainer, pl_module, type(self).__name__)
         self._keeper.detach()
 
     # --- hooks -------------------------------------------------------------------------------------------------------
@@ -413,19 +400,18 @@ class WandaPruningCallback(CalibratedCallback):
         """Checks the strategy; for ``prune_on="checkpoint"`` also wraps the module's ``on_save_checkpoint`` so that
         weights-only checkpoints (which call no callback hook) are pruned too."""
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self._trigger.on_checkpoints and not self._wrapped_save:
-            wrap_weights_only_saves(
+        if stage == "fit" and self._trigger.on_checkpoints and self._unwrap_save is None:
+            self._unwrap_save = wrap_weights_only_saves(
                 pl_module, lambda checkpoint: self._prune_checkpoint(trainer, pl_module, checkpoint, keep_dense=False)
             )
-            self._wrapped_save = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Removes the optimizer hooks and the ``on_save_checkpoint`` wrapper."""
         super().teardown(trainer, pl_module, stage)
         self._keeper.detach()
-        if self._wrapped_save:
-            unwrap_saves(pl_module)
-            self._wrapped_save = False
+        if self._unwrap_save is not None:
+            self._unwrap_save()
+            self._unwrap_save = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -503,9 +489,8 @@ class WandaPruningCallback(CalibratedCallback):
         """Puts pruned weights, computed on temporary copies, into ``checkpoint["state_dict"]``; the live ones stay."""
         with misconfiguration():
             check_strategy(trainer)
-            layers, _ = find_targets(pl_module, self.targets, self.ignore)
-        parameters = {layer.parameter_name: cast(nn.Parameter, layer.tensor) for layer in layers}
+            plan = self.plan(trainer, pl_module)
+        parameters = {name: cast(nn.Parameter, weight) for name, weight in plan.parameters().items()}
         with temporary_weights(parameters) as pruned:
-            self._run_and_record(trainer, pl_module, Due(f"checkpoint at step {trainer.global_step}"))
-        with misconfiguration():
-            put_pruned_weights(checkpoint, pruned, keep_dense)
+            self._run_and_record(trainer, pl_module, Due(f"checkpoint at step {trainer.global_step}"), plan)
+        put_pruned_weights(checkpoint, pruned, keep_dense)

@@ -20,23 +20,25 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
-from ..core.layers import find_pretrained
-from ..core.options import CalibrationOptions
-from ..core.reconstruction import Reconstruction
-from ..core.validation import check_directory
-from ..depth.api import plan_depth
-from ..depth.scores import LayerScore
-from ..width.api import plan_shrink, shrink_with
-from ..width.config import ShrinkConfig, Widths
-from ..width.groups import find_unit_groups
-from ..width.methods import Update, WidthMethodName
-from ..width.report import ShrinkReport
-from ..width.saving import save_plain_pretrained
-from ..width.speed_target import SpeedOn, SpeedTarget
+from ..core import CalibrationOptions, Reconstruction, find_pretrained
+from ..width import (
+    LayerScore,
+    ShrinkConfig,
+    ShrinkPlan,
+    ShrinkReport,
+    SpeedTarget,
+    Update,
+    WidthMethodName,
+    Widths,
+    plan_shrink,
+    save_plain_pretrained,
+    shrink_with,
+)
 from .calibrated_callback import CalibratedCallback
 from .calibration import CalibrationSource
 from .distillation import TEACHER_KEY, Distillation, student_of
 from .errors import misconfiguration
+from .exporting import ExportOption, Exports
 from .progress import TrainerProgress
 from .shrunk_checkpoints import REMOVED_BLOCKS_KEY, wrap_loads
 from .strategies import rebuild_optimizers, strategy_sync
@@ -44,7 +46,7 @@ from .triggers import Due, Trigger
 
 __all__ = ["WandaShrinkCallback"]
 
-ShrinkOn = Literal["fit_start", "train_step", "train_epoch_end", "fit_end", "validate"]
+ShrinkOn = Literal["fit_start", "fit_end", "validate"]
 
 
 class WandaShrinkCallback(CalibratedCallback):
@@ -86,6 +88,8 @@ class WandaShrinkCallback(CalibratedCallback):
             sets its steps and learning rate); ``None``: the method's default.
         widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
             transformers config, see :func:`~wanda_lightning.shrink`).
+        multiple_of: Round each kept width to a multiple of this (``None``: 32 where the dense width is one, so the
+            model still quantizes to GGUF q8_0/q4_0; ``1``: as asked); see :func:`~wanda_lightning.shrink`.
         layers: Fraction of the decoder blocks to remove (depth pruning), in ``[0, 1)``, rounded to whole blocks;
             the blocks go first, then the widths are calibrated on the shorter model. Checkpoints name the removed
             blocks, so resuming and :func:`~wanda_lightning.load_shrunk_checkpoint` remove the same ones.
@@ -93,28 +97,28 @@ class WandaShrinkCallback(CalibratedCallback):
             blocks); see :func:`~wanda_lightning.shrink`.
         speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up over the dense model to reach on the
             module's device (timed when the callback acts; the summary shows the candidates), or a
-            :class:`~wanda_lightning.width.speed_target.SpeedTarget`; see :func:`~wanda_lightning.shrink`. One
-            process only.
-        speed_on: ``"decode"`` (batch 1 with the KV cache; default) or ``"prefill"``.
+            :class:`~wanda_lightning.SpeedTarget` (its ``on`` says what is timed: ``"decode"`` or ``"prefill"``); see
+            :func:`~wanda_lightning.shrink`. One process only.
         calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
             :class:`~wanda_lightning.WandaPruningCallback`.
         calibration_options: How calibration runs (:class:`~wanda_lightning.CalibrationOptions`: ``num_samples``
             over all processes, default 128; ``batch_size``; ``sequential``; ``blocks``; ``device``;
             ``offload_device``; ``forward_fn(pl_module, batch)``).
         prune_on: When to shrink: ``"fit_start"`` (a fine-tuned model is shrunk, then the whole fit recovers it),
-            ``"train_step"`` with ``step=k`` (fine-tune ``k`` steps, shrink, recover in the rest of the fit),
-            ``"train_epoch_end"`` with ``epoch=k``, ``"fit_end"`` (no recovery in this fit) or ``"validate"``
+            ``AfterStep(k)`` (fine-tune ``k`` steps, shrink, recover in the rest of the fit), ``AfterEpoch(k)``,
+            ``"fit_end"`` (no recovery in this fit) or ``"validate"``
             (``trainer.validate`` shrinks and reports).
-        epoch: With ``prune_on="train_epoch_end"`` only: the zero-based epoch after which to shrink.
-        step: With ``prune_on="train_step"`` only: shrink once this many optimizer steps are done.
         distill: Distil from the model as it was before shrinking while training goes on: ``True`` (default) for
             :class:`~wanda_lightning.Distillation`'s defaults, one with your weight, temperature and teacher device,
             or ``False``.
         evaluate: Measure the module's validation metrics before and after shrinking and log the deltas: ``True`` on
             as many validation batches (per process) as the trainer validates, an ``int`` on at most that many,
             ``False`` not at all.
-        save_dir: When the fit ends (or after a shrinking ``validate``), rank zero writes the transformers model the
-            module holds there with ``save_pretrained`` (and its ``tokenizer`` attribute, if any).
+        export: What to write for deployment, on rank zero: a folder (when the fit ends, or after a shrinking
+            ``validate``: the transformers model the module holds, with ``save_pretrained``, and its ``tokenizer``
+            attribute if any; stock ``from_pretrained`` loads it), a path ending in ``.gguf`` or a
+            :class:`~wanda_lightning.GGUFExport` (a GGUF file for llama.cpp and Ollama, written when the callback acts
+            and again at the end of fit), or a list of them.
         verbose: Print the summary on rank zero.
 
     Raises:
@@ -124,9 +128,9 @@ class WandaShrinkCallback(CalibratedCallback):
     Example::
 
         from lightning.pytorch import Trainer
-        from wanda_lightning import WandaShrinkCallback
+        from wanda_lightning import AfterStep, WandaShrinkCallback
 
-        shrinking = WandaShrinkCallback(mlp=0.5, prune_on="train_step", step=100)
+        shrinking = WandaShrinkCallback(mlp=0.5, prune_on=AfterStep(100))
         trainer = Trainer(max_steps=300, callbacks=[shrinking])
         trainer.fit(module, train_loader, val_loader)  # 100 steps dense, shrink, 200 steps of recovery
     """
@@ -144,18 +148,16 @@ class WandaShrinkCallback(CalibratedCallback):
         *,
         update: Update | Literal["reconstruct"] | Reconstruction | None = None,
         widths: Widths = "uniform",
+        multiple_of: int | None = None,
         layers: float = 0.0,
         layer_score: LayerScore = "influence",
         speedup: float | SpeedTarget | None = None,
-        speed_on: SpeedOn = "decode",
         calibration: CalibrationSource | DataLoader = "val",
         calibration_options: CalibrationOptions | None = None,
         prune_on: ShrinkOn | Trigger = "fit_end",
-        epoch: int | None = None,
-        step: int | None = None,
         distill: bool | Distillation = True,
         evaluate: bool | int = True,
-        save_dir: str | None = None,
+        export: ExportOption = None,
         verbose: bool = True,
     ) -> None:
         with misconfiguration():
@@ -165,19 +167,27 @@ class WandaShrinkCallback(CalibratedCallback):
                 method=method,
                 update=update,
                 widths=widths,
+                multiple_of=multiple_of,
                 options=CalibrationOptions.resolve(calibration_options),
                 layers=layers,
                 layer_score=layer_score,
                 speedup=speedup,
-                speed_on=speed_on,
             )
-            check_directory(save_dir, "save_dir")
-        super().__init__(calibration, self._config.options, prune_on, epoch, step, distill, evaluate, verbose)
+            self._exports = Exports.parse(export)
+        super().__init__(
+            calibration=calibration,
+            calibration_options=self._config.options,
+            prune_on=prune_on,
+            distill=distill,
+            evaluate=evaluate,
+            verbose=verbose,
+        )
         self.mlp, self.heads, self.method, self.widths = self._config.mlp, self._config.heads, method, widths
         self.update = update
+        self.multiple_of = multiple_of
         self.layers, self.layer_score = self._config.layers, layer_score
-        self.speedup, self.speed_on = speedup, speed_on
-        self.save_dir = save_dir
+        self.speedup = speedup
+        self.export = export
         self.shrunk = False
         self._undo: list[Callable[[], None]] = []
 
@@ -200,12 +210,13 @@ class WandaShrinkCallback(CalibratedCallback):
         if trigger.name in unsupported or trigger.repeats or trigger.on_checkpoints:
             reason = unsupported.get(trigger.name, "units are removed once, in the live model")
             raise ValueError(
-                f"`prune_on`={trigger.name!r} is not offered for shrinking: {reason}; use 'fit_start', 'train_step', "
-                "'train_epoch_end', 'fit_end' or 'validate'"
+                f"`prune_on`={trigger.name!r} is not offered for shrinking: {reason}; use 'fit_start', 'fit_end', "
+                "'validate', AfterStep(k) or AfterEpoch(k)"
             )
 
-    def check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The layout, the counts and the config, checked on the live model.
+    def plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ShrinkPlan:
+        """The blocks, units and config the action will change, checked on the live model
+        (:func:`~wanda_lightning.width.plan_shrink`); with ``speedup``, the shape is searched when acting."""
         if self._config.speed_target is not None:
             if trainer.world_size > 1:
                 raise ValueError(
@@ -215,23 +226,17 @@ class WandaShrinkCallback(CalibratedCallback):
                 )
             if find_pretrained(pl_module) is None:
                 raise ValueError("`speedup` needs a transformers causal LM inside the module; none was found")
-        if self._config.layers:
-            plan_depth(pl_module, self._config.layers, self._config.options)
-        if self._config.kinds:
-            plan_shrink(pl_module, self._config)
+        self._exports.check_tokenizer(pl_module)
+        return plan_shrink(pl_module, self._config)
 
     def apply(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, due: Due, plan: Any
     ) -> ShrinkReport:
-        """Shrinks with :func:`~wanda_lightning.width.shrink_with`, with a progress bar over the blocks."""
+        """Shrinks with :func:`~wanda_lightning.width.shrink_with` as ``plan`` says, with a progress bar over the
+        blocks whose widths change."""
         config = self._config
-        # One group of the first kind per block that stays: the bar advances as each block is done.
-        kinds = config.kinds[:1]
-        blocks = len([g for g in find_unit_groups(pl_module, None, list(kinds)) if g.kind in kinds])
-        if config.layers and blocks:
-            blocks -= plan_depth(pl_module, config.layers, config.options).count
         what = "Shrinking and reconstructing blocks" if config.reconstruction is not None else "Shrinking blocks"
-        with misconfiguration(), TrainerProgress(trainer, what, blocks) as progress:
+        with TrainerProgress(trainer, what, plan.block_steps) as progress:
             report = shrink_with(
                 pl_module,
                 batches,
@@ -239,6 +244,7 @@ class WandaShrinkCallback(CalibratedCallback):
                 forward_fn=self.forward(trainer, pl_module),
                 sync_statistics=strategy_sync(trainer),
                 on_block_done=lambda name, block: progress.advance(),
+                plan=plan,
             )
         self.shrunk = True
         return report
@@ -253,19 +259,22 @@ class WandaShrinkCallback(CalibratedCallback):
         }
 
     def on_action_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: Due, fitting: bool) -> None:
-        """Rebuilds the optimizers and LR schedulers for the new parameters while fitting."""
+        """Writes the GGUF files and rebuilds the optimizers and LR schedulers for the new parameters while fitting."""
+        self._exports.write_ggufs(trainer, pl_module, type(self).__name__)
         if fitting:
             rebuild_optimizers(trainer)
 
     def on_run_finished(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Saves ``save_dir``."""
-        if self.shrunk and self.save_dir is not None:
+        """Writes the ``export`` folder and GGUF files."""
+        if not self.shrunk:
+            return
+        folder = self._exports.folder
+        if folder is not None:
             if trainer.is_global_zero:
-                save_plain_pretrained(student_of(pl_module), self.save_dir, getattr(pl_module, "tokenizer", None))
-                rank_zero_info(
-                    f"WandaShrinkCallback: saved the shrunk model to {self.save_dir} (from_pretrained loads it)"
-                )
+                save_plain_pretrained(student_of(pl_module), folder, getattr(pl_module, "tokenizer", None))
+                rank_zero_info(f"WandaShrinkCallback: saved the shrunk model to {folder} (from_pretrained loads it)")
             trainer.strategy.barrier("wanda_shrink_save")
+        self._exports.write_ggufs(trainer, pl_module, type(self).__name__)
 
     # --- hooks -------------------------------------------------------------------------------------------------------
 

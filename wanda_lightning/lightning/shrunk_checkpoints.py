@@ -12,11 +12,10 @@ from typing import Any, TypeVar, cast
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
-from ..core.blocks import BlockStack
-from ..core.layers import find_pretrained
-from ..depth.surgery import remove_blocks
-from ..width.hf_config import sync_config
-from ..width.surgery import fit_to_state_dict
+from ..core import BlockStack, find_pretrained
+from ..depth import remove_blocks
+from ..width import fit_to_state_dict, sync_config
+from .patches import patch_method, remove_patches
 
 __all__ = [
     "REMOVED_BLOCKS_KEY",
@@ -31,6 +30,8 @@ __all__ = [
 REMOVED_BLOCKS_KEY = "wanda_removed_blocks"
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+_LOADS_LABEL = "wanda_shrunk_loads"
 
 
 def removed_blocks_of(checkpoint: Mapping[str, Any]) -> dict[str, list[int]]:
@@ -66,10 +67,10 @@ def wrap_loads(
 ) -> Callable[[], None]:
     """Makes ``pl_module.on_load_checkpoint`` resize the module to the checkpoint first (Lightning calls it before it
     loads the state dict, when resuming with ``Trainer.fit(ckpt_path=...)``); ``before_resize(checkpoint)`` runs just
-    before, on the module as it was built. Returns the function that undoes it."""
-    original = pl_module.on_load_checkpoint
+    before, on the module as it was built. Returns the function that undoes exactly this wrapper (see
+    :func:`~wanda_lightning.lightning.patches.patch_method`)."""
 
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(original: Callable[[dict[str, Any]], None], checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             if before_resize is not None:
@@ -77,13 +78,12 @@ def wrap_loads(
             fit_module_to_checkpoint(pl_module, state, removed_blocks_of(checkpoint))
         original(checkpoint)
 
-    pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-    return lambda: unwrap_loads(pl_module)
+    return patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint, label=_LOADS_LABEL)
 
 
 def unwrap_loads(pl_module: pl.LightningModule) -> None:
-    """Undoes :func:`wrap_loads`."""
-    vars(pl_module).pop("on_load_checkpoint", None)
+    """Undoes every :func:`wrap_loads` of the module (other patches of ``on_load_checkpoint`` stay)."""
+    remove_patches(pl_module, "on_load_checkpoint", _LOADS_LABEL)
 
 
 def load_shrunk_checkpoint(cls: type[ModuleT], checkpoint_path: str | os.PathLike[str], **kwargs: Any) -> ModuleT:

@@ -9,7 +9,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
-from ..distributed.sharding import holds_shards, is_fsdp1
+from ..distributed import holds_shards, is_fsdp1
 
 __all__ = [
     "check_strategy",

@@ -8,7 +8,7 @@ sparsity, and keeps where it is in :meth:`Trigger.state_dict` so that a resumed 
 
 Example::
 
-    >>> trigger = make_trigger("train_epoch_end", epoch=2)
+    >>> trigger = make_trigger(AfterEpoch(2))
     >>> type(trigger).__name__, trigger.describe()
     ('AfterEpoch', 'end of epoch 2')
 """
@@ -38,7 +38,7 @@ __all__ = [
     "make_trigger",
 ]
 
-PruneOn = Literal["fit_end", "train_epoch_end", "validate", "checkpoint", "train_step", "fit_start"]
+PruneOn = Literal["fit_end", "fit_start", "validate", "checkpoint"]
 PRUNE_ON: tuple[str, ...] = get_args(PruneOn)
 
 
@@ -333,55 +333,38 @@ def _check_step(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
-def make_trigger(prune_on: PruneOn | Trigger, epoch: int | None = None, step: int | None = None) -> Trigger:
-    """The callback's own trigger for ``prune_on``: a mode name (with ``epoch`` for ``"train_epoch_end"`` only,
-    ``step`` for ``"train_step"`` only) or a :class:`Trigger` object, which is copied (its progress is the callback's).
+def make_trigger(prune_on: PruneOn | Trigger) -> Trigger:
+    """The callback's own trigger for ``prune_on``: a mode name or a :class:`Trigger` object, which is copied (its
+    progress is the callback's).
 
     Raises:
-        ValueError: For an unknown mode, a missing or negative ``epoch``/``step``, or one given to another mode.
+        ValueError: For an unknown mode, or a mode that needs a moment (``"train_epoch_end"``, ``"train_step"``,
+            ``"schedule"``: pass the trigger object instead).
 
     Example::
 
-        >>> make_trigger("train_step", step=100).describe()
+        >>> make_trigger(AfterStep(100)).describe()
         'step 100'
         >>> make_trigger(Schedule(end_step=200)).describe()
         'schedule to 100.00% over steps 0-200, every 20'
     """
     if isinstance(prune_on, Trigger):
-        for value, argument in ((epoch, "epoch"), (step, "step")):
-            if value is not None:
-                raise ValueError(
-                    f"`{argument}`={value!r} is only used with a `prune_on` name, got the object {prune_on!r}; give "
-                    f"the moment to the object instead"
-                )
         return copy.deepcopy(prune_on)
-    if prune_on == "schedule":
+    objects = {
+        "schedule": "Schedule(end_step=..., start_step=..., every_n_steps=...)",
+        "train_epoch_end": "AfterEpoch(k) (k: the zero-based epoch after which to act)",
+        "train_step": "AfterStep(k) (k: the optimizer steps after which to act)",
+    }
+    if prune_on in objects:
         raise ValueError(
-            "`prune_on`='schedule' needs its steps: pass prune_on=Schedule(end_step=..., start_step=..., "
-            "every_n_steps=...) (from wanda_lightning)"
+            f"`prune_on`={prune_on!r} needs its moment: pass prune_on={objects[prune_on]} (from wanda_lightning; in "
+            "YAML a class_path with init_args)"
         )
     if prune_on not in PRUNE_ON:
         raise ValueError(
-            f"`prune_on` must be one of {list(PRUNE_ON)} or a Trigger such as Schedule(...), got {prune_on!r}"
+            f"`prune_on` must be one of {list(PRUNE_ON)} or a Trigger such as AfterEpoch(k), AfterStep(k) or "
+            f"Schedule(...), got {prune_on!r}"
         )
-    needs = {
-        "epoch": ("train_epoch_end", 0, "the zero-based epoch after which to prune (an int >= 0)"),
-        "step": ("train_step", 1, "the number of optimizer steps after which to prune (an int >= 1)"),
-    }
-    for value, argument in ((epoch, "epoch"), (step, "step")):
-        mode, least, meaning = needs[argument]
-        if value is not None and prune_on != mode:
-            raise ValueError(
-                f"`{argument}`={value!r} is only used with `prune_on`={mode!r}, got `prune_on`={prune_on!r}"
-            )
-        if prune_on == mode and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise ValueError(f"`prune_on`={mode!r} needs `{argument}`=k, {meaning}, got {value!r}")
-    if prune_on == "train_epoch_end":
-        assert epoch is not None
-        return AfterEpoch(epoch)
-    if prune_on == "train_step":
-        assert step is not None
-        return AfterStep(step)
     modes: dict[str, type[Trigger]] = {
         "fit_start": AtFitStart,
         "fit_end": AtFitEnd,

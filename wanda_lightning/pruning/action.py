@@ -277,31 +277,63 @@ def _collected_warnings(name: str, collected: list[str]) -> Iterator[None]:
             )
 
 
+#: A number in a warning: what varies between layers' messages of the same kind.
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?")
+
+
 def warn_once_per_kind(messages: Sequence[str], stacklevel: int = 2) -> None:
     """Issues one :class:`~wanda_lightning.methods.base.PruningWarning` per kind of message (the same text but for
-    the layer's name and the numbers): the message itself when one layer raised it, else how many layers did, the
-    first one in full, and where the others are (the report's ``warnings``).
+    the layer's name and the numbers): the message itself when one layer raised it, else how many layers did, which
+    (the first and the last), the text with each number as its range over those layers, and where each layer's
+    message is (the report's ``warnings``).
+
+    Args:
+        messages: ``"layer '<name>': <text>"`` per layer and warning, as the report's ``warnings`` hold them.
+        stacklevel: Where the warnings point, as for :func:`warnings.warn` (the caller of this function: 2).
 
     Example::
 
         >>> import warnings
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
-        ...     warn_once_per_kind(["layer 'a': ADMM: 3 of 8 features weak", "layer 'b': ADMM: 1 of 8 features weak"])
-        >>> len(caught), str(caught[0].message).split(";")[0]
-        (1, '2 layers: ADMM: N of N features weak')
+        ...     warn_once_per_kind([f"layer '{name}': ADMM: {weak} of 8 features weak" for name, weak in
+        ...                         (("a", 3), ("b", 1), ("c", 2))])
+        >>> len(caught), str(caught[0].message).split(" (each")[0]
+        (1, "3 layers (layer 'a', ..., layer 'c'): ADMM: 1-3 of 8 features weak")
     """
     kinds: dict[str, list[str]] = {}
     for message in messages:
-        kind = re.sub(r"[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?", "N", message.split(": ", 1)[-1])
-        kinds.setdefault(kind, []).append(message)
-    for kind, found in kinds.items():
+        kinds.setdefault(_NUMBER.sub("N", message.split(": ", 1)[-1]), []).append(message)
+    for found in kinds.values():
         if len(found) == 1:
             warnings.warn(found[0], PruningWarning, stacklevel=stacklevel + 1)
+            continue
+        names = [message.split(": ", 1)[0] for message in found if message.startswith("layer ")]
+        where = f" ({', '.join(names) if len(names) <= 2 else f'{names[0]}, ..., {names[-1]}'})" if names else ""
+        warnings.warn(
+            f"{len(found)} layers{where}: {_with_ranges([message.split(': ', 1)[-1] for message in found])} (each "
+            "layer's message is in the report's `warnings`)",
+            PruningWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def _with_ranges(texts: Sequence[str]) -> str:
+    """Texts that differ only in their numbers, as one: each number is the range it takes over them (``"3-17"``), or
+    itself where it is the same in all.
+
+    Example::
+
+        >>> _with_ranges(["3 of 576 below 0.001", "17 of 576 below 0.001", "5 of 576 below 0.001"])
+        '3-17 of 576 below 0.001'
+    """
+    pieces = _NUMBER.split(texts[0])  # the text around the numbers, the same in every one
+    columns = zip(*(_NUMBER.findall(text) for text in texts), strict=True)  # each number over the texts
+    ranges: list[str] = []
+    for values in columns:
+        low, high = min(values, key=float), max(values, key=float)
+        if float(low) == float(high):
+            ranges.append(low)
         else:
-            warnings.warn(
-                f"{len(found)} layers: {kind}; the first, {found[0]} (each layer's message is in the report's "
-                "`warnings`)",
-                PruningWarning,
-                stacklevel=stacklevel + 1,
-            )
+            ranges.append(f"{low} to {high}" if "e" in low + high else f"{low}-{high}")
+    return "".join(piece + number for piece, number in zip(pieces, [*ranges, ""], strict=True))

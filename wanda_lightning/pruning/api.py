@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,24 +17,25 @@ from ..core.batches import ForwardFn
 from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
 from ..core.reconstruction import Reconstruction
-from ..core.runner import choose_block_stack, prepare_calibration, with_forward
+from ..core.runner import choose_block_stack, prepare_calibration, run_action, with_forward
 from ..core.structure import SparsityStructure
 from ..core.target_layer import TargetLayer
-from ..core.targets import find_targets
+from ..core.targets import find_targets, layer_masks, parameter_masks
+from ..distributed.readback import kept_from_nonzeros
 from ..distributed.sharding import ShardedLayout, fsdp1_layout, sharded_layout
 from ..distributed.streaming import SafetensorsCheckpoint, meta_tensor_names
 from ..methods.base import PruningMethod, Refinement
 from ..methods.owl import OWL
 from .action import LayerCallback, MaskAction, check_keeps_pruned, warn_once_per_kind
 from .config import PruneConfig
-from .report import PruningReport, SkippedLayer
+from .report import PruneResult, PruningReport, SkippedLayer
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
 else:  # pragma: no cover
     from typing_extensions import Unpack
 
-__all__ = ["prune", "prune_with"]
+__all__ = ["PrunePlan", "plan_prune", "prune", "prune_with"]
 
 
 def prune(
@@ -164,7 +165,7 @@ def prune(
         sync_statistics=sync_statistics,
         on_layer_pruned=on_layer_pruned,
         on_block_pruned=on_block_pruned,
-    )
+    ).report
 
 
 def prune_with(
@@ -178,15 +179,33 @@ def prune_with(
     on_block_pruned: BlockCallback | None = None,
     already_pruned: Mapping[str, Tensor] | None = None,
     forward_fn: ForwardFn | None = None,
-) -> PruningReport:
+    keep_masks: bool = False,
+    plan: PrunePlan | None = None,
+) -> PruneResult:
     """:func:`prune` with a :class:`~wanda_lightning.pruning.config.PruneConfig` made beforehand (the callback builds
-    one when it is constructed, and prunes with it later).
+    one when it is constructed, and prunes with it later); returns what it made.
 
-    ``forward_fn``, when given, replaces ``config.options.forward_fn`` (a callback runs its LightningModule its own
-    way). ``already_pruned`` holds ``(out_features, in_features)`` masks, True where a weight was pruned before, by
-    layer name: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity, and those
-    weights stay pruned whatever their new scores (see :func:`~wanda_lightning.pruning.action.check_keeps_pruned`
-    for what the configuration must allow).
+    The target layers are found once, here; the result carries them, the report and (with ``keep_masks``) the keep
+    masks by parameter name, so a caller needs nothing else to keep, save or export the masks.
+
+    Args:
+        model: As for :func:`prune`.
+        calibration: As for :func:`prune`.
+        config: The configuration.
+        progress: Show a progress bar over blocks.
+        sync_statistics: As for :func:`prune`.
+        on_layer_pruned: As for :func:`prune`.
+        on_block_pruned: As for :func:`prune`.
+        already_pruned: Drop masks by parameter name (True where a weight was pruned before), shaped like the
+            parameters: a gradual schedule re-prunes a partly pruned (and further trained) model at a higher sparsity,
+            and those weights stay pruned whatever their new scores (see
+            :func:`~wanda_lightning.pruning.action.check_keeps_pruned` for what the configuration must allow).
+        forward_fn: Replaces ``config.options.forward_fn`` (a callback runs its LightningModule its own way).
+        keep_masks: Put the keep masks in the result.
+        plan: From :func:`plan_prune` on this model and configuration (made here when not given).
+
+    Returns:
+        A :class:`~wanda_lightning.pruning.report.PruneResult`.
 
     Checks what depends on the model (target layers, sharding, N:M shapes, finite weights, a meta-device model's
     checkpoint) before any weight changes, then runs the :class:`~wanda_lightning.core.pipeline.CalibrationPipeline`
@@ -197,8 +216,8 @@ def prune_with(
         >>> import torch
         >>> from torch import nn
         >>> config = PruneConfig.create(structure="2:4")
-        >>> report = prune_with(nn.Sequential(nn.Linear(8, 4)), [torch.randn(2, 8)], config)
-        >>> report.structure, report.global_sparsity
+        >>> result = prune_with(nn.Sequential(nn.Linear(8, 4)), [torch.randn(2, 8)], config)
+        >>> result.report.structure, result.report.global_sparsity
         ('2:4', 0.5)
     """
     if not isinstance(model, nn.Module):
@@ -211,17 +230,11 @@ def prune_with(
     if already_pruned:
         check_keeps_pruned(config)
     total_start = time.perf_counter()
-    meta = meta_tensor_names(model)
-    source = _open_checkpoint(model, config, meta)
-    layers, skipped = find_targets(model, config.targets, config.ignore)
-    layout = sharded_layout(layers) or fsdp1_layout(model, layers)
-    if layout is not None:
-        config = _check_shardable(layout, config)
-    # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
-    # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
-    unreadable = set(layout.fsdp1_owners) if layout is not None else set()
-    check_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta], "", layout)
-    _check_n_m_shapes(layers, config.structure)
+    if plan is None:
+        plan = plan_prune(model, config)
+    if plan.method is not config.method:  # a row-local variant of the method, for weights split by rows
+        config = replace(config, method=plan.method)
+    layers, layout, source = plan.layers, plan.layout, plan.source
     blocks = choose_block_stack(model, layers, options)
     if blocks.sequential and layout is not None and layout.fsdp1_owners:
         warnings.warn(
@@ -266,17 +279,84 @@ def prune_with(
         refinement=config.refinement.describe() if config.refinement is not None else None,
         structure=config.structure.name,
         target_sparsity=config.structure.sparsity,
-        skipped=[SkippedLayer(name, reason) for name, reason in skipped],
-        **run.record(needs_data),
+        skipped=[SkippedLayer(name, reason) for name, reason in plan.skipped],
     )
-    action = MaskAction(config, model, layers, report, on_layer_pruned, already_pruned=already_pruned)
-    report.calibration_seconds = run.run(action)
-    run.record_reconstruction(report)
+    # FSDP1 hands out full masks while each process holds a flattened piece of each weight: its masks are read back
+    # from the pruned shards afterwards instead.
+    collect = keep_masks and (layout is None or not layout.fsdp1_owners)
+    keeps: dict[str, Tensor] = {}
+
+    def layer_pruned(name: str, keep: Tensor) -> None:
+        if collect:
+            keeps[name] = keep
+        if on_layer_pruned is not None:
+            on_layer_pruned(name, keep)
+
+    already = layer_masks(layers, already_pruned) if already_pruned else None
+    action = MaskAction(config, model, layers, report, layer_pruned, already_pruned=already)
+    run_action(run, action, report, needs_data=needs_data)
     warn_once_per_kind(report.warnings)
     if layout is not None and layout.sharded_layers:
         _gather_layer_counts(report, layout)
+    masks: dict[str, Tensor] = {}
+    if collect:
+        # Shaped like the parameters (Conv1D stores (in, out)); under FSDP2, like this rank's shard of them.
+        masks = parameter_masks(layers, keeps)
+    elif keep_masks:
+        masks = kept_from_nonzeros(layers)
     report.total_seconds = time.perf_counter() - total_start
-    return report
+    return PruneResult(report, list(layers), masks)
+
+
+@dataclass
+class PrunePlan:
+    """What :func:`prune_with` will prune, found and checked before any weight changes.
+
+    Attributes:
+        layers: The target layers.
+        skipped: Layers left alone, with the reason, as ``(name, reason)``.
+        layout: How the weights are sharded across processes, or ``None``.
+        method: The method to run: the configured one, or its row-local variant for weights split by rows.
+        source: The checkpoint a meta-device model's weights are read from, or ``None``.
+    """
+
+    layers: list[TargetLayer]
+    skipped: list[tuple[str, str]]
+    layout: ShardedLayout | None
+    method: PruningMethod
+    source: SafetensorsCheckpoint | None
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The weights the plan prunes, by parameter name (one entry per parameter)."""
+        return {layer.parameter_name: layer.tensor for layer in self.layers}
+
+
+def plan_prune(model: nn.Module, config: PruneConfig) -> PrunePlan:
+    """Finds the target layers of ``model`` and checks what depends on the model (a meta-device model's checkpoint,
+    sharding, N:M shapes, finite weights), before any weight changes.
+
+    Raises:
+        ValueError: For a model the configuration cannot prune (see the message).
+        FloatingPointError: For non-finite target weights.
+
+    Example::
+
+        >>> from torch import nn
+        >>> plan = plan_prune(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), PruneConfig.create())
+        >>> [layer.name for layer in plan.layers]
+        ['0', '2']
+    """
+    meta = meta_tensor_names(model)
+    source = _open_checkpoint(model, config, meta)
+    layers, skipped = find_targets(model, config.targets, config.ignore)
+    layout = sharded_layout(layers) or fsdp1_layout(model, layers)
+    method = _check_shardable(layout, config).method if layout is not None else config.method
+    # Meta weights are checked once read; FSDP1 ones (not readable outside summon_full_params, whose storage may be
+    # freed) when their unit's full parameters are summoned: the scores are checked before anything is written.
+    unreadable = set(layout.fsdp1_owners) if layout is not None else set()
+    check_finite([t for t in layers if t.name not in unreadable and not t.weight_2d.is_meta], "", layout)
+    _check_n_m_shapes(layers, config.structure)
+    return PrunePlan(list(layers), list(skipped), layout, method, source)
 
 
 def _open_checkpoint(model: nn.Module, config: PruneConfig, meta: list[str]) -> SafetensorsCheckpoint | None:
@@ -332,7 +412,7 @@ def _check_shardable(layout: ShardedLayout, config: PruneConfig) -> PruneConfig:
             f"`method`={method.describe()!r} ranks weights across output rows, and layer(s) "
             f"{layout.sharded_layers[:3]} are split by rows across {layout.world_size} processes (FSDP2): each row is "
             f"ranked on its own instead ({variant.describe()!r})",
-            stacklevel=4,
+            stacklevel=5,
         )
         config = replace(config, method=variant)
     refinement = config.refinement

@@ -127,7 +127,7 @@ class PruneConfig:
         return replace(self, options=self.options.with_batches_as_given())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready description (methods by their :meth:`describe` names)."""
+        """JSON-ready description (methods by their :meth:`~wanda_lightning.PruningMethod.describe` names)."""
         return {
             "sparsity": self.structure.sparsity,
             "structure": self.structure.name,

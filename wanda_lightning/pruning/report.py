@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from torch import Tensor
+
 from ..core.calibration_record import CalibrationRecord
 from ..core.tables import format_pairs, format_table
+from ..core.target_layer import TargetLayer
 
-__all__ = ["LayerReport", "PruningReport", "SkippedLayer"]
+__all__ = ["LayerReport", "PruneResult", "PruningReport", "SkippedLayer"]
 
 
 @dataclass
@@ -202,3 +205,35 @@ class PruningReport(CalibrationRecord):
         for skipped in self.skipped:
             lines.append(f"skipped {skipped.name}: {skipped.reason}")
         return "\n".join(lines)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`~wanda_lightning.pruning.api.prune_with` made: the report, the layers it pruned and their masks.
+
+    Attributes:
+        report: The :class:`PruningReport`.
+        layers: The target layers that were pruned (the query, key and value thirds of a ``MultiheadAttention``'s
+            ``in_proj_weight`` are three layers of one parameter).
+        masks: Keep masks (True where a weight is kept) by parameter name, shaped like the parameter: this process's
+            rows of a weight sharded by FSDP2, and read back from the weights' zeros under FSDP1; empty unless asked
+            for with ``keep_masks=True``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wanda_lightning.pruning import PruneConfig, prune_with
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> result = prune_with(net, [torch.randn(3, 4)], PruneConfig.create(), keep_masks=True)
+        >>> result.report.global_sparsity, result.masks["0.weight"].sum().item()
+        (0.5, 4)
+    """
+
+    report: PruningReport
+    layers: list[TargetLayer]
+    masks: dict[str, Tensor] = field(default_factory=dict)
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The pruned weights by parameter name (one entry per parameter)."""
+        return {layer.parameter_name: layer.tensor for layer in self.layers}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -13,24 +13,25 @@ import torch
 from torch import nn
 
 from ..core.batches import ForwardFn, prepare_batches
+from ..core.blocks import BlockStack
 from ..core.layers import find_pretrained, is_conv1d
 from ..core.options import CalibrationFields, CalibrationOptions
 from ..core.pipeline import BlockCallback, StatisticsSync, check_finite
 from ..core.reconstruction import Reconstruction
-from ..core.runner import BlockPlan, choose_block_stack, prepare_calibration, with_forward
+from ..core.runner import BlockPlan, choose_block_stack, prepare_calibration, run_action, with_forward
 from ..core.target_layer import TargetLayer
-from ..depth.api import plan_depth, prune_depth
+from ..depth.api import DepthPlan, plan_depth, prune_depth
 from ..depth.scores import LayerScore
 from ..distributed.sharding import holds_shards
 from ..distributed.streaming import meta_tensor_names
 from .action import AdaptiveShrinkAction, ShrinkAction
-from .config import ShrinkConfig, units_to_remove
+from .config import ShrinkConfig, kept_units, resolve_multiple, units_to_remove
 from .groups import UnitGroup, find_unit_groups
 from .hf_config import check_expressible
 from .methods import WidthMethod
 from .report import ShrinkReport, linear_macs_per_token, parameter_count
 from .speed_target import SpeedOn, SpeedTarget
-from .speedup import search_speedup
+from .speedup import search_speedup, speed_target_record
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -53,6 +54,7 @@ def shrink(
     layer_score: LayerScore = "influence",
     speedup: float | SpeedTarget | None = None,
     speed_on: SpeedOn = "decode",
+    multiple_of: int | None = None,
     calibration_options: CalibrationOptions | None = None,
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
@@ -112,12 +114,23 @@ def shrink(
         speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up over the dense model to reach where the
             model runs (``1.5``: 50 % faster), or a :class:`~wanda_lightning.width.speed_target.SpeedTarget` with its
             grid. Candidate shapes are timed on the compute device (``device``, else where the model is) as models
-            built from the planned configs with throw-away weights, the ones that reach the target are shrunk one-shot
+            built from the planned configs with throw-away weights, or in llama.cpp as GGUF files
+            (``SpeedTarget(1.5, runtime="llama.cpp", dtype="q8_0")``); those that may reach the target are timed again
+            in turns with the dense model, and meet it when the median of their paired ratios clears it by the margin
+            the measured noise asks; the ones that meet it are shrunk one-shot
             on a copy and scored by their calibration loss, and the best is applied; the report lists every candidate
             (:meth:`~wanda_lightning.width.report.ShrinkReport.candidates_table`, ``plot``). A transformers causal LM
             only; not with ``sync_statistics`` (timings differ between processes). See
             :mod:`~wanda_lightning.width.speedup`.
         speed_on: What ``speedup`` measures: ``"decode"`` (batch 1 with the KV cache; default) or ``"prefill"``.
+        multiple_of: Each kept width, the input channels of ``down_proj`` (MLP hidden units) and of ``o_proj`` (heads x
+            ``head_dim``), is rounded to a multiple of this, so quantized types whose blocks hold 32 values of a row
+            (GGUF q8_0, q4_0) can store it and the kernels run on whole blocks. Units go in whole steps (attention in
+            key/value groups: with ``head_dim`` 64 any count is a multiple of 32), the count removed is the nearest
+            to the fraction's, at least one step is kept and a non-zero fraction that removes none once rounded is
+            refused. ``None`` (default): 32 for each kind whose dense width is a multiple of 32 (so a model that
+            quantizes still does), else 1; ``1``: the widths as asked. ``speedup``'s candidates are rounded the same
+            way. On SmolLM2-135M (MLP 1536) ``mlp=0.5`` keeps 768 either way; ``mlp=0.3`` keeps 1088 (1075 with 1).
         calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
             (default: its defaults); keywords in ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
@@ -162,6 +175,7 @@ def shrink(
         layer_score=layer_score,
         speedup=speedup,
         speed_on=speed_on,
+        multiple_of=multiple_of,
     )
     return shrink_with(model, calibration, config, progress=progress, sync_statistics=sync_statistics)
 
@@ -177,6 +191,10 @@ class ShrinkPlan:
         bias_layers: Layers that gain a zero bias (a bias flag the update sets gives them one).
         config_owner: The module whose ``config`` is rewritten, or ``None``.
         biased: Unit kinds whose consumers may carry a (new) bias.
+        multiples: Per unit kind, the multiple its kept width was rounded to (uniform widths; 1: as asked).
+        depth: The blocks depth pruning removes first, or ``None``.
+        blocks: The block stack the widths are calibrated through, and whether block by block (``None`` without
+            widths to change).
     """
 
     def __init__(
@@ -188,6 +206,10 @@ class ShrinkPlan:
         bias_layers: list[str],
         config_owner: nn.Module | None,
         biased: set[str],
+        multiples: dict[str, int] | None = None,
+        *,
+        depth: DepthPlan | None = None,
+        blocks: BlockPlan | None = None,
     ) -> None:
         self.groups = groups
         self.keep = keep
@@ -196,16 +218,113 @@ class ShrinkPlan:
         self.bias_layers = bias_layers
         self.config_owner = config_owner
         self.biased = biased
+        self.multiples = multiples if multiples is not None else {}
+        self.depth = depth
+        self.blocks = blocks
+
+    @property
+    def block_steps(self) -> int:
+        """Blocks whose widths change (after depth pruning): the steps of a progress bar."""
+        if not self.groups:
+            return 0
+        first = self.groups[0].kind
+        removed = self.depth.count if self.depth is not None else 0
+        return max(0, sum(g.kind == first for g in self.groups) - removed)
+
+    def after_blocks_removed(self, removed: Sequence[int]) -> None:
+        """Follows depth pruning: the groups of the removed blocks go, the others take their blocks' new names and
+        indices, and the widths are calibrated through the shorter stack.
+
+        Args:
+            removed: Indices of the removed blocks in :attr:`depth`'s stack.
+        """
+        assert self.depth is not None and self.blocks is not None
+        old = self.depth.stack
+        gone = set(removed)
+        kept = [index for index in range(len(old.blocks)) if index not in gone]
+        keys = (
+            [old.keys[i] for i in kept]
+            if not all(k.isdigit() for k in old.keys)
+            else [str(i) for i in range(len(kept))]
+        )
+        new = BlockStack(old.name, [old.blocks[i] for i in kept], keys)
+        new_index = {index: position for position, index in enumerate(kept)}
+        renames = {old.block_name(index): new.block_name(position) for index, position in new_index.items()}
+
+        def renamed(name: str) -> str:
+            block = old.index_of(name)
+            if block is None:
+                return name
+            prefix = old.block_name(block)
+            return renames[prefix] + name[len(prefix) :]
+
+        if self.blocks.stack is not None and self.blocks.stack.name != old.name:
+            raise ValueError(
+                f"depth pruning removes blocks of `{old.name}`, and the widths are calibrated through another stack "
+                f"(`{self.blocks.stack.name}`): name the stack with `blocks`"
+            )
+        groups = []
+        for group in self.groups:
+            index = old.index_of(group.consumer.name)
+            if index in gone:
+                continue
+            for member in group.members:
+                member.name = renamed(member.name)
+            group.block = new_index[index] if index is not None else group.block
+            groups.append(group)
+        self.groups = groups
+        self.keep = {renamed(name): units for name, units in self.keep.items() if old.index_of(name) not in gone}
+        self.bias_layers = [renamed(name) for name in self.bias_layers if old.index_of(name) not in gone]
+        if self.blocks.stack is not None:
+            self.blocks = self.blocks._replace(stack=new)
 
 
-def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> ShrinkPlan:
-    """Finds the unit groups, the units each keeps and the config that will describe them; checks everything.
+def plan_shrink(model: nn.Module, config: ShrinkConfig, options: CalibrationOptions | None = None) -> ShrinkPlan:
+    """The whole plan of a shrink, made once and checked before any weight changes: the blocks depth pruning removes,
+    the unit groups (found once), the units each keeps, the block stack widths are calibrated through and the config
+    that will describe the result.
+
+    Args:
+        model: The model, as it is now.
+        config: The configuration.
+        options: The calibration options to plan with (default ``config.options``).
 
     Raises:
         ValueError: See :func:`shrink`.
+
+    Example::
+
+        >>> from torch import nn
+        >>> class MLP(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+        >>> plan = plan_shrink(MLP(), ShrinkConfig.create(mlp=0.5, multiple_of=1))
+        >>> plan.keep, plan.depth is None
+        ({'down_proj': 4}, True)
     """
+    options = config.options if options is None else options
     _check_whole_weights(model)
-    groups = find_unit_groups(model, stack, list(config.kinds))
+    depth = plan_depth(model, config.layers, options) if config.layers else None
+    if not config.kinds:
+        return ShrinkPlan([], {}, {}, {}, [], None, set(), depth=depth)
+    groups = find_unit_groups(model, None, list(config.kinds))
+    # Adaptive widths rank every layer's units at once.
+    sequential = options.sequential and config.widths != "adaptive"
+    blocks = choose_block_stack(
+        model, [g.target() for g in groups if g.problem is None], options, sequential=sequential
+    )
+    if blocks.stack is not None:
+        for group in groups:
+            group.block = blocks.stack.index_of(group.consumer.name)
+    plan = _plan_units(model, config, groups)
+    check_finite(_member_layers(plan.groups), "")
+    plan.depth, plan.blocks = depth, blocks
+    return plan
+
+
+def _plan_units(model: nn.Module, config: ShrinkConfig, groups: list[UnitGroup]) -> ShrinkPlan:
+    """The units each of ``groups`` keeps and the config that will describe them, checked."""
     found_pretrained = find_pretrained(model)
     adaptive = config.widths == "adaptive"
     if adaptive and found_pretrained is not None:
@@ -216,6 +335,7 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
         )
     uniform: dict[str, int] = {}
     remove: dict[str, int] = {}
+    multiples: dict[str, int] = {}
     for kind in config.kinds:
         argument = "mlp" if kind == "mlp" else "heads"
         found = [g for g in groups if g.kind == kind]
@@ -246,8 +366,11 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
                 f"`{argument}`: the {kind} layers have different widths ({sorted(counts)}), so uniform widths cannot "
                 "be kept; use widths='adaptive'"
             )
-        units = counts.pop()
-        uniform[kind] = units - units_to_remove(config.fraction(kind), units, argument, found[0].consumer.name)
+        units, consumer = counts.pop(), found[0].consumer
+        multiples[kind] = resolve_multiple(config.multiple_of, units * consumer.per_unit)
+        uniform[kind] = kept_units(
+            config.fraction(kind), units, consumer.per_unit, multiples[kind], argument, consumer.name
+        )
     groups = [g for g in groups if g.kind in config.kinds]
     updates: dict[str, Any] = {}
     bias_layers: list[str] = []
@@ -265,7 +388,7 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, stack: Any = None) -> Sh
                     raise
                 biased = set()  # least-squares refits the weights alone where the config holds no bias
     keep = {g.consumer.name: uniform[g.kind] for g in groups if g.kind in uniform}
-    return ShrinkPlan(groups, keep, remove, updates, bias_layers, owner, biased)
+    return ShrinkPlan(groups, keep, remove, updates, bias_layers, owner, biased, multiples)
 
 
 def shrink_with(
@@ -277,10 +400,13 @@ def shrink_with(
     progress: bool = False,
     sync_statistics: StatisticsSync | None = None,
     on_block_done: BlockCallback | None = None,
+    plan: ShrinkPlan | None = None,
 ) -> ShrinkReport:
     """:func:`shrink` with a :class:`~wanda_lightning.width.config.ShrinkConfig` made beforehand (the callback builds
     one when it is constructed); ``forward_fn``, when given, replaces ``config.options.forward_fn``;
-    ``on_block_done(block_name, block)`` is called after each block of block-sequential calibration.
+    ``on_block_done(block_name, block)`` is called after each block of block-sequential calibration; ``plan``: from
+    :func:`plan_shrink` on this model and configuration (made here when not given; unused with a speed target, whose
+    shape is searched first).
 
     Example::
 
@@ -313,8 +439,9 @@ def shrink_with(
         macs_before=linear_macs_per_token(model),
     )
     # Everything is checked before the first change: the depth plan, then the widths on the model as it is.
-    depth = plan_depth(model, config.layers, options) if config.layers else None
-    width = _plan_widths(model, config, options) if config.kinds else None
+    if plan is None:
+        plan = plan_shrink(model, config, options)
+    depth = plan.depth
     if depth is not None:
         run = prepare_calibration(
             model,
@@ -337,31 +464,30 @@ def shrink_with(
         _fill_record(report, run.record(True))
         # The widths are calibrated on the shorter model, on the same batches.
         calibration, options = run.batches, options.with_batches_as_given()
-        width = _plan_widths(model, config, options) if config.kinds else None
-    if width is not None:
-        blocks, plan = width
+        if plan.blocks is not None:
+            plan.after_blocks_removed(result.removed)
+    if plan.blocks is not None:
+        report.multiple_of = plan.multiples
         needs = config.method.describe() if config.method.needs_data else None
         run = prepare_calibration(
             model,
             [g.target() for g in plan.groups],
             calibration,
             options,
-            blocks,
+            plan.blocks,
             needed_by=needs,
             sync_statistics=sync_statistics,
             progress=progress,
             on_block_done=on_block_done,
             reconstruction=config.reconstruction,
         )
-        _fill_record(report, run.record(needs is not None))
         groups = {g.consumer.name: g for g in plan.groups}
         action: ShrinkAction = (
             AdaptiveShrinkAction(config.method, groups, plan.remove, report, set(plan.bias_layers), plan.biased)
             if config.widths == "adaptive"
             else ShrinkAction(config.method, groups, plan.keep, report, set(plan.bias_layers), plan.biased)
         )
-        report.calibration_seconds += run.run(action)
-        run.record_reconstruction(report)
+        run_action(run, action, report, needs_data=needs is not None)
         if plan.config_owner is not None:
             for key, value in plan.config_updates.items():
                 setattr(plan.config_owner.config, key, value)
@@ -421,22 +547,10 @@ def _shrink_to_speed(
     report = shrink_with(model, batches, final, on_block_done=on_block_done, progress=progress)
     device = options.device if options.device is not None else next(model.parameters()).device
     report.method = f"speed target {target.speedup:g}x ({target.on}) -> {report.method}"
-    report.speed_target = {"speedup": target.speedup, "on": target.on, "device": str(device)}
+    report.speed_target = speed_target_record(target, candidates, device)
     report.candidates = [c.to_dict() for c in candidates]
     report.total_seconds = time.perf_counter() - start
     return report
-
-
-def _plan_widths(model: nn.Module, config: ShrinkConfig, options: CalibrationOptions) -> tuple[BlockPlan, ShrinkPlan]:
-    """The block plan and the checked width plan for the model as it is now."""
-    probe = find_unit_groups(model, None, list(config.kinds))
-    layers = [g.target() for g in probe if g.problem is None]
-    # Adaptive widths rank every layer's units at once.
-    sequential = options.sequential and config.widths != "adaptive"
-    blocks = choose_block_stack(model, layers, options, sequential=sequential)
-    plan = plan_shrink(model, config, blocks.stack)
-    check_finite(_member_layers(plan.groups), "")
-    return blocks, plan
 
 
 def _fill_record(report: ShrinkReport, record: dict[str, Any]) -> None:
