@@ -38,6 +38,7 @@ from .export import (
     save_pruned,
     to_semi_structured,
 )
+from .gguf import GGUFExport, GGUFSummary, save_gguf
 from .lightning import (
     AfterEpoch,
     AfterStep,
@@ -69,7 +70,7 @@ from .methods import (
     get_method,
     register_method,
 )
-from .pruning import LayerReport, PruneConfig, PruningReport, SkippedLayer, prune
+from .pruning import LayerReport, PruneConfig, PruneResult, PruningReport, SkippedLayer, prune, prune_with
 from .width import FLAP, MagnitudeSP, ShrinkConfig, ShrinkReport, SpeedTarget, WandaSP, WidthMethod, shrink
 from .width.saving import save_plain_pretrained
 
@@ -92,6 +93,8 @@ __all__ = [
     "Distillation",
     "Distiller",
     "ExportSummary",
+    "GGUFExport",
+    "GGUFSummary",
     "GramStatistics",
     "InputNormStatistics",
     "LayerReport",
@@ -101,6 +104,7 @@ __all__ = [
     "MomentStatistics",
     "Perplexity",
     "PruneConfig",
+    "PruneResult",
     "PruningMethod",
     "PruningReport",
     "PruningWarning",
@@ -134,7 +138,9 @@ __all__ = [
     "n_m_keep_mask",
     "parse_structure",
     "prune",
+    "prune_with",
     "register_method",
+    "save_gguf",
     "save_plain_pretrained",
     "save_pruned",
     "shrink",

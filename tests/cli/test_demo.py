@@ -23,7 +23,8 @@ def test_demo_shows_masks_and_a_shrunk_model_side_by_side(tmp_path, capfd):
 
     args = ["--steps", "1", "--recover-steps", "1", "--batch-size", "1", "--seqlen", "64", "--val-windows", "2"]
     args += ["--mlp", "0.25"]  # with the default depth: both in the one shrunk model
-    assert main(["demo", "--out", str(tmp_path), *args, "--samples", "4", "--new-tokens", "2"]) == 0
+    args += ["--samples", "4", "--new-tokens", "2", "--timing-runs", "1"]
+    assert main(["demo", "--out", str(tmp_path), *args]) == 0
     out, err = capfd.readouterr()  # file descriptors: Lightning's log handler writes to the real stderr
     for fragment in ("held-out perplexity", "compact export", "plain folder", "decode tok/s", "from_pretrained"):
         assert fragment in out, fragment
@@ -32,6 +33,12 @@ def test_demo_shows_masks_and_a_shrunk_model_side_by_side(tmp_path, capfd):
     for noise in ("GPU available", "Tip:", "deprecated", "`Trainer.fit` stopped"):
         assert noise not in out and noise not in err, noise
     assert "model.layers.29" not in out  # per-layer rows only with --per-layer
+    assert "a single run (noisy)" in out  # --timing-runs 1 is said to be noisy
+    # The shrunk model also leaves as q8_0 GGUF (with an Ollama Modelfile), and the dense and masked ones beside it.
+    for name in ("small.gguf", "dense.gguf", "masked.gguf", "Modelfile"):
+        assert (tmp_path / name).exists(), name
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert "llama.cpp q8_0 decode tok/s" in out and "llama.cpp q8_0 prefill tok/s" in out
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     logged = {

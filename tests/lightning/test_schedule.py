@@ -210,12 +210,11 @@ def test_schedule_resumes_midway_bit_identically(tmp_path: Path, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_on": "schedule"}, r"`prune_on`='schedule' needs its steps: pass prune_on=Schedule\(end_step="),
+        ({"prune_on": "schedule"}, r"`prune_on`='schedule' needs its moment: pass prune_on=Schedule\(end_step="),
         ({"prune_on": Schedule(end_step=10), "structure": "2:4"}, r"`structure`='2:4' fixes at 0.5"),
         ({"prune_on": Schedule(end_step=10), "method": "sparsegpt"}, r"`method`='sparsegpt' rewrites the kept"),
         ({"prune_on": Schedule(end_step=10), "refine": "dsnot"}, r"`refine`='dsnot' swaps pruned and kept"),
         ({"prune_on": Schedule(end_step=10), "method": Wanda(variant=True)}, r"selects by cumulative scores"),
-        ({"prune_on": Schedule(end_step=10), "step": 3}, r"`step`=3 is only used with a `prune_on` name"),
         ({"prune_on": "sometimes"}, r"`prune_on` must be one of \[.*'checkpoint'.*or a Trigger.*got 'sometimes'"),
     ],
 )

@@ -75,6 +75,10 @@ class DemoResult:
         pruning_summary: The pruning callback's summary (per-layer rows included).
         shrink_summary: The shrinking callback's summary.
         seconds: Wall time of each phase.
+        gguf: The q8_0 GGUF files by model (the shrunk one written by the callback), for llama.cpp and Ollama.
+        llama_cpp: Decode and prefill tokens per second in llama.cpp by model (q8_0, timed in turns), or empty when
+            ``llama-cpp-python`` is not installed.
+        timing_runs: How many runs each speed is the best of.
     """
 
     perplexity: dict[str, float]
@@ -88,6 +92,9 @@ class DemoResult:
     pruning_summary: str
     shrink_summary: str
     seconds: dict[str, float] = field(default_factory=dict)
+    gguf: dict[str, Path] = field(default_factory=dict)
+    llama_cpp: dict[str, tuple[float, float]] = field(default_factory=dict)
+    timing_runs: int = 1
 
 
 def _width_update(update: str) -> Reconstruction | Literal["least-squares"]:
@@ -126,6 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing (default 64)")
+    parser.add_argument(
+        "--timing-runs", type=int, default=3, help="runs of each model, in turns, the best kept (default 3)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--per-layer", dest="per_layer", action="store_true", help="also print the per-layer rows of both reports"
@@ -151,6 +161,7 @@ def run_demo(
     samples: int = 16,
     lr: float = 5e-5,
     new_tokens: int = 64,
+    timing_runs: int = 3,
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
@@ -183,13 +194,16 @@ def run_demo(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     from ..core.speed import measure_speed, weight_bytes
     from ..data.corpus import pydoc_text, token_windows
     from ..data.evaluation import perplexity
-    from ..data.smollm2 import load_smollm2
+    from ..data.smollm2 import GGUF_FILE, load_smollm2, smollm2_path
+    from ..gguf import GGUFExport, save_gguf
     from ..lightning import CausalLMModule, Distillation, WandaPruningCallback, WandaShrinkCallback
+    from ..llamacpp import is_available, time_in_turns
 
     for value, name in (
         (steps, "steps"),
@@ -199,6 +213,7 @@ def run_demo(
         (val_windows, "val_windows"),
         (samples, "samples"),
         (new_tokens, "new_tokens"),
+        (timing_runs, "timing_runs"),
     ):
         check_positive(value, name, allow_none=False)
     # Checked before anything trains: the recovery settings and the shrink update.
@@ -208,6 +223,7 @@ def run_demo(
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     model, tokenizer = load_smollm2()
+    source_gguf = smollm2_path() / GGUF_FILE  # its tokenizer, special tokens and chat template go into the GGUF files
     ids = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
     cut = int(ids.numel() * 0.7)
     windows = token_windows(ids[:cut], seqlen)
@@ -236,7 +252,19 @@ def run_demo(
         calibration=loader(calibration), calibration_options=CalibrationOptions(num_samples=samples), verbose=False
     )
 
-    def trainer(max_steps: int, callbacks: list[Any], validate: bool) -> pl.Trainer:
+    class StepsProgressBar(TQDMProgressBar):
+        """The training bar of a fit bounded by steps: "Fine-tuning (steps): 3/8" instead of "Epoch 0/-2"."""
+
+        def __init__(self, label: str) -> None:
+            super().__init__()
+            self.label = label
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.set_description(f"{self.label} (steps)")
+
+    def trainer(max_steps: int, callbacks: list[Any], validate: bool, label: str) -> pl.Trainer:
         # With more training windows than steps x batch size no epoch ends: the only validation passes are the
         # callbacks' own measurements.
         return pl.Trainer(
@@ -250,14 +278,14 @@ def run_demo(
             enable_progress_bar=progress,
             logger=logger,
             log_every_n_steps=1,
-            callbacks=callbacks,
+            callbacks=[*callbacks, StepsProgressBar(label)] if progress else callbacks,
         )
 
     # 1. Fine-tune the dense model.
     phase = time.perf_counter()
     model.train()
     dense = CausalLMModule(model, learning_rate=lr)
-    trainer(steps, [], validate=False).fit(dense, loader(train[: steps * batch_size], batch_size))
+    trainer(steps, [], validate=False, label="Fine-tuning").fit(dense, loader(train[: steps * batch_size], batch_size))
     seconds["fine-tune"] = time.perf_counter() - phase
 
     # 2. Masks: a copy pruned by the callback in trainer.validate, with the compact export.
@@ -265,7 +293,7 @@ def run_demo(
     masked = copy_of(dense)
     export = out / "masked"
     pruning = WandaPruningCallback(
-        sparsity=sparsity, structure=structure, prune_on="validate", export_dir=str(export), **calibrate
+        sparsity=sparsity, structure=structure, prune_on="validate", export=str(export), **calibrate
     )
     pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=progress, callbacks=[pruning]).validate(
         masked, loader(validation), verbose=False
@@ -285,10 +313,10 @@ def run_demo(
         update=_width_update(update) if mlp or heads else None,  # whole blocks alone: no layer loses units
         prune_on="fit_start",
         distill=recovery_options,
-        save_dir=str(folder),
+        export=[str(folder), GGUFExport(str(out / "small.gguf"), dtype="q8_0", tokenizer=str(source_gguf))],
         **calibrate,
     )
-    recovery = trainer(recover_steps, [shrinking], validate=True)
+    recovery = trainer(recover_steps, [shrinking], validate=True, label="Recovering the shrunk model")
     recovery.fit(small, loader(train[steps * batch_size :], batch_size), loader(validation))
     seconds["shrink and recover"] = time.perf_counter() - phase
 
@@ -304,11 +332,19 @@ def run_demo(
     }
     decode: dict[str, float] = {}
     prefill: dict[str, float] = {}
-    for _ in range(2):
+    for _ in range(timing_runs):  # in turns, the best of each: the least disturbed by other work on the machine
         for name, m in models.items():
             result = measure_speed(m, name=name, new_tokens=new_tokens, repeats=1)
             decode[name] = max(decode.get(name, 0.0), result.decode_tokens_per_second)
             prefill[name] = max(prefill.get(name, 0.0), result.prefill_tokens_per_second)
+    # The same models in llama.cpp, as q8_0 GGUF files (the masked one is as large and as fast as dense there).
+    ggufs = {"dense": out / "dense.gguf", "masked": out / "masked.gguf", "shrunk": out / "small.gguf"}
+    for name in ("dense", "masked"):
+        save_gguf(models[name], ggufs[name], dtype="q8_0", tokenizer=source_gguf, overwrite=True, modelfile=False)
+    llama_cpp: dict[str, tuple[float, float]] = {}
+    if is_available():
+        timed = time_in_turns({name: str(path) for name, path in ggufs.items()}, repeats=timing_runs)
+        llama_cpp = {n: (r.decode_tokens_per_second, r.prefill_tokens_per_second) for n, r in timed.items()}
     seconds["evaluate and time"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - start
     summary = pruning.export_summary
@@ -328,6 +364,9 @@ def run_demo(
         pruning_summary=pruning.summary(),
         shrink_summary=shrinking.summary(),
         seconds=seconds,
+        gguf=ggufs,
+        llama_cpp=llama_cpp,
+        timing_runs=timing_runs,
     )
 
 
@@ -358,15 +397,40 @@ def format_result(result: DemoResult) -> str:
                 f"{values['masked']:.1f} ({values['masked'] / values['dense']:.2f}x)",
                 f"{values['shrunk']:.1f} ({values['shrunk'] / values['dense']:.2f}x)",
             )
-            for label, values in (("decode tok/s (batch 1)", result.decode), ("prefill tok/s (4x256)", result.prefill))
+            for label, values in (
+                (f"PyTorch decode tok/s (batch 1, best of {result.timing_runs})", result.decode),
+                (f"PyTorch prefill tok/s (4x256, best of {result.timing_runs})", result.prefill),
+            )
+        ],
+        *[
+            (
+                label,
+                f"{values['dense'][i]:.1f}",
+                f"{values['masked'][i]:.1f} ({values['masked'][i] / values['dense'][i]:.2f}x)",
+                f"{values['shrunk'][i]:.1f} ({values['shrunk'][i] / values['dense'][i]:.2f}x)",
+            )
+            for values in ([result.llama_cpp] if result.llama_cpp else [])
+            for i, label in enumerate(
+                (
+                    f"llama.cpp q8_0 decode tok/s (best of {result.timing_runs})",
+                    f"llama.cpp q8_0 prefill tok/s (256, best of {result.timing_runs})",
+                )
+            )
         ],
         ("written to", "", f"{result.export} (load_pruned)", f"{result.folder} (from_pretrained)"),
+        ("GGUF q8_0 (llama.cpp, Ollama)", *(str(result.gguf.get(k, "")) for k in ("dense", "masked", "shrunk"))),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     times = ", ".join(f"{name} {value:.0f} s" for name, value in result.seconds.items())
-    return "\n".join([*lines, "", f"time: {times}"])
+    runs = f"the best of {result.timing_runs} runs" if result.timing_runs > 1 else "a single run (noisy)"
+    notes = [
+        f"Speeds: {runs} of each model, timed in turns on this machine"
+        + ("." if result.llama_cpp else "; llama.cpp rows need `pip install wanda-lightning[llamacpp]`."),
+        "Masks do not make a model faster in PyTorch or llama.cpp (no sparse kernels); the shrunk model is faster.",
+    ]
+    return "\n".join([*lines, "", *notes, f"time: {times}"])
 
 
 @contextmanager

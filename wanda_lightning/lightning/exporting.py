@@ -86,13 +86,15 @@ class Exports:
             )
 
     def write_ggufs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, owner: str) -> None:
-        """Writes each GGUF file from the module's model (not a distillation teacher it holds) on rank zero, with the
+        """Writes each GGUF file from the module's model on rank zero (PEFT adapters merged on a copy), with the
         module's ``tokenizer`` where a file names none; every process must call it."""
         if not self.ggufs or self.written_at == trainer.global_step:
             return
         self.written_at = trainer.global_step
         if trainer.is_global_zero:
             model, tokenizer = student_of(pl_module), getattr(pl_module, "tokenizer", None)
+            if has_adapters(model):  # merged on a copy (pruned entries kept at zero): training may go on
+                model = merge_adapters(copy.deepcopy(model))
             for gguf in self.ggufs:
                 summary = gguf.save(model, tokenizer)
                 rank_zero_info(

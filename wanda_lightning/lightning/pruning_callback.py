@@ -9,7 +9,7 @@ The hooks, calibration, measurement, reporting and distillation are :class:`~.ca
 this class says what its action is (masks from :func:`~wanda_lightning.pruning.api.prune_with`) and keeps them:
 :mod:`~wanda_lightning.lightning.masks` (pruned weights held at zero while training goes on),
 :mod:`~wanda_lightning.lightning.checkpointing` (``prune_on="checkpoint"``) and
-:mod:`~wanda_lightning.lightning.exporting` (``export_dir``).
+:mod:`~wanda_lightning.lightning.exporting` (``export``).
 """
 
 from __future__ import annotations
@@ -52,170 +52,60 @@ __all__ = ["WandaPruningCallback"]
 
 
 class WandaPruningCallback(CalibratedCallback):
-    r"""Prunes the LightningModule with Wanda (``|W| * ||X||`` per output row) at a chosen point of the run, or
-    gradually on a sparsity schedule.
+    r"""Prunes the LightningModule with Wanda (``|W| * ||X||`` per output row), or another method, at a chosen point
+    of the run or gradually on a schedule.
 
-    The callback calibrates on the run's own batches (by default the validation dataloader, with its DDP sampler),
-    measures every metric the module logs in ``validation_step`` before and after pruning, logs sparsity and metric
-    deltas to all of the trainer's loggers, and prints a summary on rank zero. Pruned weights are physically zero
-    under their own parameter names, so every checkpoint loads with ``load_from_checkpoint`` (or in plain
-    transformers) without this callback.
-
-    When pruning happens (``prune_on``):
-
-    - ``"fit_end"`` (default): after the last training step of ``fit`` (``max_steps`` or the last batch of
-      ``max_epochs``), so the final validation, the last checkpoint and anything exported after ``fit`` see the pruned
-      model. A fit that stops early (early stopping, ``max_time``) is pruned in ``on_train_end`` instead, and each
-      ``ModelCheckpoint``'s last checkpoint is saved again.
-    - ``AfterEpoch(k)`` (:class:`~wanda_lightning.AfterEpoch`): after the last training batch of epoch ``k`` (before
-      that epoch's validation and checkpoint); training then goes on sparse.
-    - ``AfterStep(k)`` (:class:`~wanda_lightning.AfterStep`): once ``k`` optimizer steps are done; training then goes on
-      sparse.
-    - ``"fit_start"``: when training starts, so that the whole fit is sparse fine-tuning.
-    - ``"validate"``: ``trainer.validate(model)`` prunes the model before validating it, and reports.
-    - ``"checkpoint"``: every checkpoint saved holds a pruned ``state_dict`` (computed on a temporary copy of the
-      affected weights), while the live run keeps training dense. Full checkpoints also keep the dense weights under
-      the top-level key ``"wanda_dense_weights"``: resuming with this callback continues the dense run; loading the
-      checkpoint anywhere else gives the pruned model.
-    - ``Schedule(end_step=..., start_step=0, every_n_steps=None)`` (:class:`~wanda_lightning.Schedule`): gradual pruning
-      (Zhu & Gupta, 2017). Every ``every_n_steps`` optimizer steps from ``start_step`` to ``end_step`` the model is
-      re-scored with Wanda on the calibration batches and pruned to the sparsity of a cubic ramp from 0 to ``sparsity``
-      (``s(t) = sparsity * (1 - (1 - (t - start_step) / (end_step - start_step)) ** 3)``), with training in between.
-      Weights pruned at one step stay pruned at the next (they score below every other weight). Unstructured only,
-      with methods that score and select (``"wanda"``, ``"magnitude"``, ``"ria"``), no ``refine``; not under FSDP.
-      ``<metric>/dense`` is measured once, before the first step; ``/pruned`` after each step.
-
-    While training continues after pruning, the gradients of pruned weights are zeroed before each optimizer step, and
-    after each step the masks are re-applied and the optimizer states of pruned entries (``exp_avg``,
-    ``exp_avg_sq``, ``momentum_buffer``, ...) are zeroed, so sparsity stays exact. The masks (bit-packed), the
-    configuration and the report go through :meth:`state_dict`: a run resumed from a checkpoint saved after pruning
-    keeps its masks and does not prune again (a schedule goes on with its next step).
-
-    Models that are not a causal LM called through ``forward``:
-
-    - PEFT LoRA / DoRA (``get_peft_model``): the base layers' weights are pruned, from the statistics of the LoRA
-      layer's input (``...q_proj.base_layer``); the adapter matrices (``lora_A``, ``lora_B``, DoRA's magnitude) are
-      never targets, and target patterns match base layers by the wrapped layer's name too (``"*.q_proj"``). The masks
-      hold while the adapters train. ``export_dir`` merges the adapters on a copy with
-      :func:`~wanda_lightning.merge_adapters`, which keeps the pruned entries at zero (peft's own ``merge_and_unload``
-      cannot know the masks and fills them with the adapters' dense update). A bitsandbytes-quantized base is refused
-      with an error naming the layer.
-    - ``torch.nn.MultiheadAttention`` (``nn.TransformerEncoder``/``Decoder``, torchvision's ViT, custom models): the
-      query, key and value thirds of ``in_proj_weight`` (or the separate weights) are pruned from the statistics of
-      the ``query``, ``key`` and ``value`` inputs, ``out_proj`` from the attention output before the projection (see
-      :mod:`~wanda_lightning.core.attention`). Masks are by parameter name (``...self_attn.in_proj_weight``).
-    - A LightningModule without ``forward``: calibration runs ``validation_step`` on validation batches (or on a
-      ``DataLoader`` given as ``calibration``) and ``training_step`` on training batches (``calibration="train"``),
-      under ``no_grad``, with what they log captured and thrown away and their torchmetrics states restored.
-      ``calibration_options.forward_fn`` / :meth:`calibration_forward` still override.
-
-    Logged with ``logger.log_metrics`` at ``trainer.global_step``: ``wanda/sparsity`` (over all pruned layers),
-    ``wanda/sparsity/<layer>`` (through :class:`~wanda_lightning.lightning.metrics.Sparsity`), and, with
-    ``evaluate=True``, for every metric the module logs in validation: ``<name>/dense``, ``<name>/pruned`` and
-    ``<name>/delta`` (pruned minus dense), measured by running the module's ``validation_step`` over the same
-    validation batches before and after pruning. The same values (``wanda/sparsity`` and the three per metric) are put
-    in ``trainer.callback_metrics``, identical on every process, so that ``ModelCheckpoint(monitor="val_loss/pruned")``
-    and ``EarlyStopping`` can monitor them (again after a resume).
-
-    Under DDP (``"ddp"``, ``"ddp_spawn"``, any number of nodes) the calibration statistics (float32 sums and int64
-    counts) are all-reduced, so every process computes the same masks as one process would over the union of all
-    processes' calibration batches.
-
-    Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``, ``tensor_parallel_size=1``)
-    each process prunes its own rows of every weight (``Shard(0)``) from the all-reduced statistics: no weight is
-    gathered. Every process runs as many calibration batches (the fewest any has, with a warning when they differ), so
-    the sharded forwards stay in step. The masks are not kept in the callback state (each process holds only its
-    shards'); a resumed run reads them back from the zeros of the restored weights. ``prune_on="checkpoint"`` is
-    refused there; ``export_dir`` gathers the full weights on rank zero's CPU. Methods that compare weights across
-    rows (SparseGPT unstructured, RIA, Wanda's variant) are refused with sharded weights; ADMM ranks within each row
-    there instead of over whole layers, with a warning.
-
-    Under ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``, Lightning's default) calibration runs in one pass through
-    the FSDP root (block-sequential calibration would stop FSDP1 forwards midway), then each FSDP unit's full
-    parameters are summoned in turn (``summon_full_params(writeback=True)``), pruned identically on every process and
-    written back to the shards: peak memory is one unit (one decoder block). Every method works there. DeepSpeed and
-    tensor parallelism get a clear error.
+    The callback calibrates on the run's own batches, measures every metric the module logs in ``validation_step``
+    before and after pruning (``<metric>/dense``, ``/pruned``, ``/delta``), logs them and ``wanda/sparsity`` to every
+    logger and to ``trainer.callback_metrics``, and prints a summary on rank zero. Pruned weights are zero under their
+    own names, so checkpoints load without this callback; the masks hold while training goes on and are kept in the
+    callback's state, so a resumed run does not prune again. DDP, FSDP2 and FSDP1 are supported; PEFT LoRA base
+    weights, ``nn.MultiheadAttention`` and modules without ``forward`` are handled. The guides in ``docs/guides/``
+    (the pruning callback, triggers and schedules) explain each of these.
 
     Args:
-        sparsity: Fraction of weights zeroed in every output row, in ``[0, 1)``; default 0.5 when unstructured and
-            implied by an ``N:M`` structure.
-        structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept, such as
-            ``"2:4"``).
-        method: Pruning method name: ``"wanda"``, ``"magnitude"`` (which needs no calibration), ``"sparsegpt"``,
-            ``"admm"`` (see :class:`~wanda_lightning.ADMM`), ``"ria"``, ``"ria-permuted"`` (N:M only; not with
-            ``prune_on=AfterEpoch(k)``), or another name registered with
-            :func:`~wanda_lightning.register_method`; or a method object (``Wanda(variant=True)``: the reference
-            code's per-row cumulative-score selection, ``--use_variant``; in YAML a ``class_path`` with ``init_args``).
-        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: per-block sparsities from the outlier
-            share of Wanda scores (unstructured only; see :class:`~wanda_lightning.OWL`).
-        refine: ``"none"`` or DSnoT swaps of pruned and kept weights (see :class:`~wanda_lightning.DSnoT`):
-            ``"dsnot"`` (its default guard, ``"expected"``), ``"dsnot-expected"`` (swaps that lower the expected output
-            error under DSnoT's input model; Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact
-            reconstruction error; needs each layer's input Gram matrix) or ``"dsnot-unguarded"`` (the paper's rules
-            alone); or ``"admm-update"``: the method's mask with the kept weights that best reproduce the dense
-            layer's outputs (ADMM on each layer's Gram matrix, see :class:`~wanda_lightning.ADMMUpdate`); or
-            ``"reconstruct"`` / a :class:`~wanda_lightning.Reconstruction`: each pruned block's kept weights trained
-            to the dense block's outputs on the calibration activations, the pruned ones held at zero.
-        targets: Name patterns (glob, or regex prefixed with ``re:``) of the layers to prune, relative to the
-            LightningModule (``"model.model.layers.*"``); default every ``nn.Linear`` and transformers ``Conv1D``.
-        ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights tied to an embedding are always left
-            alone.
-        calibration: ``"val"``: the trainer's validation dataloader (the first one, as the trainer processed it,
-            with its distributed sampler); ``"train"``: the training dataloader; or a ``DataLoader`` (or any iterable
-            of batches), whose batches are split between DDP processes.
-        calibration_options: How calibration runs: :class:`~wanda_lightning.CalibrationOptions` (``num_samples``
-            over all processes, default 128; ``batch_size``; ``sequential``; ``blocks``, such as
-            ``"model.model.layers"``; ``device``; ``offload_device``; ``forward_fn(pl_module, batch)``).
-        prune_on: When to prune: ``"fit_end"``, ``"fit_start"``, ``"validate"``, ``"checkpoint"``, or a trigger
-            object: ``AfterEpoch(k)``, ``AfterStep(k)``, ``Schedule(end_step=200)`` (see above).
+        sparsity: Fraction of weights zeroed in every output row, in ``[0, 1)``; default 0.5 (implied by N:M).
+        structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights kept, such as ``"2:4"``).
+        method: A method name (``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"admm"``, ``"ria"``,
+            ``"ria-permuted"``, or one registered with :func:`~wanda_lightning.register_method`) or a
+            :class:`~wanda_lightning.PruningMethod` such as ``Wanda(variant=True)``; see :func:`~wanda_lightning.prune`.
+        allocation: ``"uniform"`` or ``"owl"`` (per-block sparsities; see :class:`~wanda_lightning.OWL`).
+        refine: ``"none"``, ``"dsnot"``, ``"dsnot-expected"``, ``"dsnot-exact"``, ``"dsnot-unguarded"``,
+            ``"admm-update"``, ``"reconstruct"`` or a :class:`~wanda_lightning.Reconstruction`; see
+            :func:`~wanda_lightning.prune`.
+        targets: Name patterns (glob, or ``re:`` regex) of the layers to prune, relative to the LightningModule;
+            default every ``nn.Linear`` and ``Conv1D``.
+        ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights tied to an embedding are always left.
+        calibration: ``"val"`` (the trainer's validation dataloader), ``"train"``, or a ``DataLoader`` (or any
+            iterable of batches).
+        calibration_options: How calibration runs, a :class:`~wanda_lightning.CalibrationOptions`.
+        prune_on: When to prune: ``"fit_end"`` (default), ``"fit_start"``, ``"validate"``, ``"checkpoint"``, or a
+            :class:`~wanda_lightning.Trigger`: :class:`~wanda_lightning.AfterStep`,
+            :class:`~wanda_lightning.AfterEpoch` or :class:`~wanda_lightning.Schedule` (gradual pruning: unstructured,
+            score-and-select methods, no ``refine``).
         distill: While training goes on after pruning, distil from the model as it was just before (masks held at
-            zero): ``True`` or a :class:`~wanda_lightning.Distillation` (weight, temperature, teacher device). The
-            teacher is kept in full checkpoints, so distillation resumes. Default off.
-        evaluate: Measure the module's validation metrics before and after pruning and log the deltas: ``True`` on
-            as many validation batches (per process) as the trainer validates (``limit_val_batches``), an ``int`` on
-            at most that many, ``False`` not at all.
-        export: What to write for deployment, on rank zero: a folder (after pruning, after the last step of a
-            schedule: the compact export, :func:`~wanda_lightning.save_pruned`'s format, where the pruned weights take
-            about half their dense bytes), a path ending in ``.gguf`` or a :class:`~wanda_lightning.GGUFExport` (a GGUF
-            file for llama.cpp and Ollama, written when the callback acts and again at the end of fit; masks do not
-            make it smaller or faster there, see :func:`~wanda_lightning.save_gguf`), or a list of them.
-        verbose: Print the summary table (the report and the metric deltas) on rank zero.
+            zero): ``True`` or a :class:`~wanda_lightning.Distillation`. Default off.
+        evaluate: Measure the validation metrics before and after pruning: ``True`` on as many batches as the trainer
+            validates, an ``int`` on at most that many, ``False`` not at all.
+        export: Written on rank zero: a folder (after pruning, after a schedule's last step: the compact export of
+            :func:`~wanda_lightning.save_pruned`, adapters merged with the masks kept), a ``.gguf`` path or a
+            :class:`~wanda_lightning.GGUFExport` (after pruning and again at the end of the fit), or a list of them.
+            Not with ``prune_on="checkpoint"``.
+        verbose: Print the summary table on rank zero.
 
     Raises:
-        MisconfigurationException: For an invalid argument (the message names it, the value and what is allowed), or
-            later, before any weight changes, when the run cannot be pruned: no validation dataloader for
-            ``calibration="val"``, a calibration dataloader that yields nothing, batches the module's forward cannot
-            take, an unsupported strategy (DeepSpeed, tensor parallelism, FSDP1 with ``use_orig_params=False``, ...),
-            target patterns that match no layer.
+        MisconfigurationException: For an invalid argument (naming it, the value and what is allowed), or, before any
+            weight changes, when the run cannot be pruned: no validation data for ``calibration="val"``, calibration
+            batches the module cannot take, an unsupported strategy, target patterns that match no layer.
 
     Example::
 
         from lightning.pytorch import Trainer
-        from wanda_lightning import WandaPruningCallback
+        from wanda_lightning import AfterStep, WandaPruningCallback
 
-        trainer = Trainer(max_steps=100, callbacks=[WandaPruningCallback(sparsity=0.5, evaluate=8)])
-        trainer.fit(model, train_loader, val_loader)  # fine-tunes, then prunes; the last checkpoint is sparse
-
-    Gradually, to 70 % over 200 steps (pruning at steps 50, 100, 150 and 200), keeping the best pruned checkpoint::
-
-        pruning = WandaPruningCallback(sparsity=0.7, prune_on=Schedule(end_step=200, every_n_steps=50))
-        best = ModelCheckpoint(monitor="val_loss/pruned", mode="min")
-        Trainer(max_steps=300, callbacks=[pruning, best]).fit(model, train_loader, val_loader)
-
-    In a LightningCLI YAML config::
-
-        trainer:
-          callbacks:
-            - class_path: wanda_lightning.WandaPruningCallback
-              init_args:
-                sparsity: 0.5
-                structure: "2:4"
-                prune_on:
-                  class_path: wanda_lightning.AfterEpoch
-                  init_args:
-                    epoch: 0
-                calibration_options:
-                  num_samples: 64
+        pruning = WandaPruningCallback(sparsity=0.5, prune_on=AfterStep(100), export="pruned/")
+        Trainer(max_steps=300, callbacks=[pruning]).fit(module, train_loader, val_loader)
+        pruning.metrics["val_loss"]  # {'dense': ..., 'pruned': ..., 'delta': ...}
     """
 
     STATE_VERSION: ClassVar[int] = 2  # 2: masks packed as in the export format (least significant bit first)

@@ -7,7 +7,7 @@ recover by training in the same ``fit``, distilling from the model as it was.
 
 The hooks, calibration, measurement, reporting and distillation are :class:`~.calibrated_callback.CalibratedCallback`'s;
 this class says what its action is (:func:`~wanda_lightning.width.shrink_with`) and what it needs after it: optimizers
-rebuilt for the new parameters, checkpoints of the new shapes resumed (:mod:`.shrunk_checkpoints`), ``save_dir``.
+rebuilt for the new parameters, checkpoints of the new shapes resumed (:mod:`.shrunk_checkpoints`), ``export``.
 """
 
 from __future__ import annotations
@@ -50,75 +50,46 @@ ShrinkOn = Literal["fit_start", "fit_end", "validate"]
 
 
 class WandaShrinkCallback(CalibratedCallback):
-    r"""Shrinks the LightningModule's model by whole blocks, MLP hidden units and attention heads, then lets it
-    recover.
+    r"""Shrinks the LightningModule's model (whole blocks, MLP hidden units, attention heads) at a chosen point of the
+    run, then lets the same fit recover it by distillation.
 
-    At the chosen point (``prune_on``) the callback calibrates on the run's batches (the validation dataloader by
-    default), measures the module's validation metrics, removes the lowest-scoring units of every block
-    (:func:`~wanda_lightning.shrink`: ``wanda-sp``, ``flap`` or ``magnitude-sp``, uniform widths, the transformers
-    config rewritten), measures again, and logs the deltas, the parameters and the linear MACs per token before and
-    after. When training goes on, the optimizers and LR schedulers are rebuilt from ``configure_optimizers`` for the
-    new parameters (their state starts afresh for the recovery phase) and, with ``distill``, every training step
-    distils from a frozen copy of the model as it was just before shrinking (the fine-tuned dense model): the step's
-    loss becomes ``(1 - weight) * task + weight * KD``, without ``training_step`` being rewritten. A module without
-    ``forward`` (everything in ``training_step``/``validation_step``) is calibrated through its steps, as
-    :class:`~wanda_lightning.WandaPruningCallback` does. The metrics before and after (``<metric>/dense``,
-    ``<metric>/shrunk``, ``<metric>/delta``) and ``wanda/parameters``, ``wanda/parameter_ratio``,
-    ``wanda/macs_per_token`` and ``wanda/macs_ratio`` go to every logger and into ``trainer.callback_metrics``, so
-    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them.
-
-    Checkpoints hold the new shapes. ``Trainer.fit(ckpt_path=...)`` resumes them (the module is resized to the
-    checkpoint before its weights load; full checkpoints also carry the teacher, so distillation resumes too), and
-    :func:`~wanda_lightning.load_shrunk_checkpoint` loads one for inference. ``save_dir`` writes the final model as a
-    plain transformers folder that stock ``from_pretrained`` loads.
-
-    Under DDP (``strategy="ddp"``) the statistics are all-reduced, so every process removes the same units, and the
-    DDP wrapper is rebuilt around the new parameters. Refused with a clear error: sharded strategies (FSDP), whose
-    every shard would change shape, and the spawning ones (``"ddp_spawn"``, ``"ddp_fork"``, notebooks), after which
-    Lightning loads the workers' weights into the main process's original-sized module.
+    When it acts, the callback calibrates on the run's batches, measures the module's validation metrics, shrinks the
+    model as :func:`~wanda_lightning.shrink` does (the transformers config rewritten), measures again, and logs
+    ``<metric>/dense``, ``/shrunk``, ``/delta`` and the parameters and MACs per token before and after to every
+    logger and to ``trainer.callback_metrics``. Training then goes on with optimizers and LR schedulers rebuilt for the
+    new parameters and, with ``distill``, a loss that distils from the model as it was, without a change to
+    ``training_step``. Checkpoints hold the new shapes: ``Trainer.fit(ckpt_path=...)`` resumes them and
+    :func:`~wanda_lightning.load_shrunk_checkpoint` loads them. DDP is supported; FSDP and the spawning strategies are
+    refused. The guide ``docs/guides/shrink-callback.md`` explains each of these.
 
     Args:
         mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
         heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
-        method: ``"wanda-sp"``, ``"flap"`` (with bias compensation) or ``"magnitude-sp"``.
-        update: What happens to the kept weights of each layer that lost inputs: ``"none"``, ``"bias"`` (the removed
-            units' mean contribution goes into its bias), ``"least-squares"`` (kept columns and bias refitted to the
-            dense outputs on the calibration data) or ``"reconstruct"`` (least squares, then each shrunk block trained
-            to the dense block's outputs on the calibration activations; a :class:`~wanda_lightning.Reconstruction`
-            sets its steps and learning rate); ``None``: the method's default.
-        widths: ``"uniform"`` or ``"adaptive"`` (per-layer widths by FLAP's global ranking; for modules without a
-            transformers config, see :func:`~wanda_lightning.shrink`).
-        multiple_of: Round each kept width to a multiple of this (``None``: 32 where the dense width is one, so the
-            model still quantizes to GGUF q8_0/q4_0; ``1``: as asked); see :func:`~wanda_lightning.shrink`.
-        layers: Fraction of the decoder blocks to remove (depth pruning), in ``[0, 1)``, rounded to whole blocks;
-            the blocks go first, then the widths are calibrated on the shorter model. Checkpoints name the removed
-            blocks, so resuming and :func:`~wanda_lightning.load_shrunk_checkpoint` remove the same ones.
-        layer_score: ``"influence"`` (block influence, default) or ``"angular"`` (the closest run of consecutive
-            blocks); see :func:`~wanda_lightning.shrink`.
-        speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up over the dense model to reach on the
-            module's device (timed when the callback acts; the summary shows the candidates), or a
-            :class:`~wanda_lightning.SpeedTarget` (its ``on`` says what is timed: ``"decode"`` or ``"prefill"``); see
-            :func:`~wanda_lightning.shrink`. One process only.
-        calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for
-            :class:`~wanda_lightning.WandaPruningCallback`.
-        calibration_options: How calibration runs (:class:`~wanda_lightning.CalibrationOptions`: ``num_samples``
-            over all processes, default 128; ``batch_size``; ``sequential``; ``blocks``; ``device``;
-            ``offload_device``; ``forward_fn(pl_module, batch)``).
-        prune_on: When to shrink: ``"fit_start"`` (a fine-tuned model is shrunk, then the whole fit recovers it),
-            ``AfterStep(k)`` (fine-tune ``k`` steps, shrink, recover in the rest of the fit), ``AfterEpoch(k)``,
-            ``"fit_end"`` (no recovery in this fit) or ``"validate"``
-            (``trainer.validate`` shrinks and reports).
+        method: ``"wanda-sp"``, ``"flap"`` or ``"magnitude-sp"``.
+        update: ``"none"``, ``"bias"``, ``"least-squares"``, ``"reconstruct"`` or a
+            :class:`~wanda_lightning.Reconstruction`; ``None``: the method's default (see
+            :func:`~wanda_lightning.shrink`).
+        widths: ``"uniform"`` or ``"adaptive"`` (for modules without a transformers config).
+        layers: Fraction of the decoder blocks to remove, in ``[0, 1)``, rounded to whole blocks; the blocks go first.
+        layer_score: ``"influence"`` (default) or ``"angular"``; see :func:`~wanda_lightning.shrink`.
+        speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up to reach, or a
+            :class:`~wanda_lightning.SpeedTarget` (what is timed, where, the grid); searched when the callback acts, in
+            one process.
+        multiple_of: Each kept width is rounded to a multiple of this; see :func:`~wanda_lightning.shrink`.
+        calibration: ``"val"``, ``"train"`` or a ``DataLoader``, as for :class:`~wanda_lightning.WandaPruningCallback`.
+        calibration_options: How calibration runs, a :class:`~wanda_lightning.CalibrationOptions`.
+        prune_on: When to shrink: ``"fit_end"`` (default; no recovery in this fit), ``"fit_start"`` (shrink a
+            fine-tuned model, recover in the whole fit), ``"validate"``, or :class:`~wanda_lightning.AfterStep` /
+            :class:`~wanda_lightning.AfterEpoch` (fine-tune, shrink, recover in the rest of the fit).
         distill: Distil from the model as it was before shrinking while training goes on: ``True`` (default) for
-            :class:`~wanda_lightning.Distillation`'s defaults, one with your weight, temperature and teacher device,
+            :class:`~wanda_lightning.Distillation`'s defaults, a ``Distillation`` (with a recovery learning rate), or
+            ``False``.
+        evaluate: Measure the validation metrics before and after: ``True``, an ``int`` (at most that many batches)
             or ``False``.
-        evaluate: Measure the module's validation metrics before and after shrinking and log the deltas: ``True`` on
-            as many validation batches (per process) as the trainer validates, an ``int`` on at most that many,
-            ``False`` not at all.
-        export: What to write for deployment, on rank zero: a folder (when the fit ends, or after a shrinking
-            ``validate``: the transformers model the module holds, with ``save_pretrained``, and its ``tokenizer``
-            attribute if any; stock ``from_pretrained`` loads it), a path ending in ``.gguf`` or a
-            :class:`~wanda_lightning.GGUFExport` (a GGUF file for llama.cpp and Ollama, written when the callback acts
-            and again at the end of fit), or a list of them.
+        export: Written on rank zero: a folder (at the end of the fit, or after a shrinking ``validate``: a plain
+            transformers folder, with the module's ``tokenizer`` if any), a ``.gguf`` path or a
+            :class:`~wanda_lightning.GGUFExport` (when the callback acts and again at the end of the fit), or a list
+            of them.
         verbose: Print the summary on rank zero.
 
     Raises:
@@ -128,11 +99,10 @@ class WandaShrinkCallback(CalibratedCallback):
     Example::
 
         from lightning.pytorch import Trainer
-        from wanda_lightning import AfterStep, WandaShrinkCallback
+        from wanda_lightning import AfterStep, Distillation, WandaShrinkCallback
 
-        shrinking = WandaShrinkCallback(mlp=0.5, prune_on=AfterStep(100))
-        trainer = Trainer(max_steps=300, callbacks=[shrinking])
-        trainer.fit(module, train_loader, val_loader)  # 100 steps dense, shrink, 200 steps of recovery
+        shrinking = WandaShrinkCallback(mlp=0.5, prune_on=AfterStep(100), distill=Distillation(learning_rate=5e-4))
+        Trainer(max_steps=300, callbacks=[shrinking]).fit(module, train_loader, val_loader)  # 100 dense, 200 recovery
     """
 
     STATE_VERSION: ClassVar[int] = 1
