@@ -4,6 +4,8 @@ scikit-learn: 1,797 images of 8 x 8 pixels, 10 classes).
 
     python examples/attention_classifier.py [--sparsity 0.5] [--epochs 12] [--schedule]
 
+``--smoke`` runs it at a tiny size (one epoch of 4 batches), as CI does.
+
 The LightningModule has no ``forward``: the callback calibrates through its ``validation_step``. The attention's packed
 ``in_proj_weight`` (query, key and value thirds, each from its own input) and ``out_proj`` (from the attention output
 before the projection) are pruned like the MLP's linear layers. With ``--schedule`` the sparsity rises gradually over
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> WandaPruningCallback:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--schedule", action="store_true", help="prune gradually over the last half of training")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run: one epoch of 4 batches")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
     pl.seed_everything(0, verbose=False)
 
     train, val = digits()
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> WandaPruningCallback:
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
+        limit_train_batches=4 if args.smoke else None,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

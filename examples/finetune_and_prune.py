@@ -4,6 +4,8 @@ The same job as ``wanda-lightning demo``, written out:
 
     python examples/finetune_and_prune.py --out wanda-demo
 
+``--smoke`` runs it at a tiny size (one step on 64-token windows), as CI does.
+
 The callback calibrates on 16 training-split windows after the last step, measures the module's ``val_loss`` and
 ``val_ppl`` before and after pruning, logs sparsity and the deltas to the CSV logger, and prints a summary table.
 """
@@ -25,21 +27,25 @@ from wanda_lightning.data.smollm2 import load_smollm2
 from wanda_lightning.lightning.module import CausalLMModule
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("wanda-demo"))
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a tiny run: one step on 64-token windows")
+    args = parser.parse_args(argv)
+    seqlen, num_calibration, num_validation = (64, 4, 1) if args.smoke else (256, 16, 8)
+    if args.smoke:
+        args.steps = 1
     pl.seed_everything(0)
 
     # Data: CPython's help topics, tokenised once; the first 70 % for calibration and fine-tuning, the rest held out.
     model, tokenizer = load_smollm2()
     ids = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
     cut = int(ids.numel() * 0.7)
-    windows = token_windows(ids[:cut], 256)  # (N, 256)
-    calibration, train = windows[:16], windows[16:]
-    validation = token_windows(ids[cut:], 256, 8)
+    windows = token_windows(ids[:cut], seqlen)  # (N, seqlen)
+    calibration, train = windows[:num_calibration], windows[num_calibration:]
+    validation = token_windows(ids[cut:], seqlen, num_validation)
 
     # The model: a LightningModule whose validation_step logs val_loss and val_ppl (wanda_lightning.lightning.metrics).
     model.train()
@@ -49,7 +55,7 @@ def main() -> None:
     pruning = WandaPruningCallback(
         sparsity=args.sparsity,
         calibration=DataLoader(WindowDataset(calibration), batch_size=4),
-        calibration_options=CalibrationOptions(num_samples=16),
+        calibration_options=CalibrationOptions(num_samples=num_calibration),
     )
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -3,9 +3,11 @@ model, and a merge that keeps the model sparse. Offline.
 
     python examples/lora_prune.py --out lora-pruned [--sparsity 0.5] [--steps 6]
 
+``--smoke`` runs it at a tiny size (one step an epoch on 32-token windows, one held-out window), as CI does.
+
 One epoch of ``--steps`` LoRA steps on the dense model, then WandaPruningCallback prunes the base weights at the end
 of that epoch (from the statistics of each LoRA layer's input; ``lora_A`` / ``lora_B`` are never pruned), the adapters
-train one more epoch on the pruned base (the masks hold: the base is frozen and masked), and ``export_dir`` writes the
+train one more epoch on the pruned base (the masks hold: the base is frozen and masked), and ``export`` writes the
 merged model. :func:`wanda_lightning.merge_adapters` merges each adapter and zeroes the pruned entries again; peft's own
 ``merge_and_unload`` cannot know the masks and fills them with the adapters' dense update, which this script shows.
 
@@ -24,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from wanda_lightning import CausalLMModule, WandaPruningCallback, load_pruned, merge_adapters
+from wanda_lightning import AfterEpoch, CausalLMModule, WandaPruningCallback, load_pruned, merge_adapters
 from wanda_lightning.cli.demo import WindowDataset
 from wanda_lightning.core.options import CalibrationOptions
 from wanda_lightning.data.corpus import pydoc_text, token_windows
@@ -45,7 +47,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=6, help="LoRA steps per epoch (default 6)")
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run: 1 step per epoch, 32-token windows")
     args = parser.parse_args(argv)
+    eval_seqlen = 256
+    if args.smoke:
+        args.steps, args.seqlen, args.eval_windows, eval_seqlen = 1, 32, 1, 32
     pl.seed_everything(0, verbose=False)
 
     # Data: CPython's help topics; calibration and training from the first 70 %, held-out windows from the rest.
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cut = int(ids.numel() * 0.7)
     windows = token_windows(ids[:cut], args.seqlen)
     calibration, train = windows[:16], windows[16 : 16 + 4 * args.steps]
-    heldout = token_windows(ids[cut:], 256, args.eval_windows)
+    heldout = token_windows(ids[cut:], eval_seqlen, args.eval_windows)
     dense_ppl = perplexity(base, heldout, batch_size=4)
 
     # LoRA on every projection of the decoder: only the adapters train.
@@ -63,11 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     module = CausalLMModule(model, learning_rate=1e-3)
     pruning = WandaPruningCallback(
         sparsity=args.sparsity,
-        prune_on="train_epoch_end",
-        epoch=0,
+        prune_on=AfterEpoch(0),
         calibration=DataLoader(WindowDataset(calibration), batch_size=4),
         calibration_options=CalibrationOptions(num_samples=16),
-        export_dir=str(args.out),
+        export=str(args.out),
     )
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -74,7 +74,7 @@ from .pruning import LayerReport, PruneConfig, PruneResult, PruningReport, Skipp
 from .width import FLAP, MagnitudeSP, ShrinkConfig, ShrinkReport, SpeedTarget, WandaSP, WidthMethod, shrink
 from .width.saving import save_plain_pretrained
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ADMM",

@@ -59,78 +59,47 @@ def prune(
 ) -> PruningReport:
     """Prunes ``model`` in place with Wanda (or another method) and reports what it did.
 
-    Block-sequential calibration (the default when a stack of repeated blocks is found) follows the Wanda reference
-    code: the first block's inputs are captured by running the model up to it; then, for each block, the statistics
-    of all its target layers come from one pass of the dense block, they are all pruned, and the pruned block runs
-    again to make the next block's inputs. One-shot calibration (``sequential=False``, or no block stack) runs the
-    model once with hooks on every target layer, then prunes them all. Data-free methods (``"magnitude"``) ignore
-    ``calibration``.
+    Calibration is block-sequential when a stack of repeated blocks is found (statistics from the unchanged block,
+    prune it, run the pruned block to feed the next, as the Wanda reference does), else one pass with hooks on every
+    target layer. The model keeps its train/eval modes, dtype and devices, also when an error is raised.
 
     Args:
-        model: Any module: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-NeoX, GPT-2, Phi, ...), a
-            LightningModule wrapping one, or a plain module built of ``nn.Linear`` layers.
-        calibration: Iterable of batches or a ``DataLoader``. Batches are fed as ``model(**batch)`` (mapping),
-            ``model(batch[0])`` (tuple or list) or ``model(batch)`` (tensor) unless ``forward_fn`` is given. Tokens
-            whose ``attention_mask`` is 0 in a mapping batch do not count.
-        sparsity: Fraction of weights to zero in every output row, in ``[0, 1)``; default 0.5 when unstructured,
-            implied by N:M structures.
-        structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights are kept).
-        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"admm"`` (the mask chosen inside ADMM iterations
-            that update the kept weights, see :class:`~wanda_lightning.ADMM`), ``"ria"``, ``"ria-permuted"`` (N:M
-            with RIA's channel permutation of each MLP's hidden units, see :class:`~wanda_lightning.RIA`), another
-            registered name, or a :class:`PruningMethod` instance such as ``Wanda(variant=True)``, ``RIA(a=0.5)`` or
-            ``ADMM(selection="row")``.
-        allocation: ``None``/``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` / ``OWL(m, lam)``: per-block
-            sparsities from the outlier share of Wanda scores in an extra dense calibration pass (mean = target;
-            unstructured only). The per-block values are in the report.
-        refine: ``None`` or DSnoT's training-free swaps of pruned and kept weights after each layer's mask:
-            ``"dsnot"`` / ``"dsnot-expected"`` (swaps that lower the expected output error under DSnoT's input model;
-            Wanda's calibration cost), ``"dsnot-exact"`` (swaps that lower the exact reconstruction error; collects
-            each layer's Gram matrix), ``"dsnot-unguarded"`` (the paper's rules alone) or a ``DSnoT(...)`` instance;
-            or ``"admm-update"`` / ``ADMMUpdate(...)``: the method's mask with the kept weights that best reproduce
-            the dense layer's outputs on the calibration data (ADMM on each layer's Gram matrix); or ``"reconstruct"``
-            / :class:`~wanda_lightning.Reconstruction`: after each block is pruned, its kept weights are trained for a
-            bounded number of steps to reproduce the dense block's outputs on the calibration activations, the pruned
-            weights held at zero (block-sequential calibration only; see
-            :mod:`~wanda_lightning.core.reconstruction`).
+        model: Any module: a Hugging Face causal LM, a LightningModule wrapping one, or a plain ``nn.Linear`` model.
+        calibration: Iterable of batches or a ``DataLoader``, fed as ``model(**batch)`` (mapping), ``model(batch[0])``
+            (tuple or list) or ``model(batch)`` (tensor) unless ``forward_fn`` is given; ``attention_mask`` zeros do
+            not count. Data-free methods ignore it.
+        sparsity: Fraction of weights zeroed in every output row, in ``[0, 1)``; default 0.5, implied by N:M.
+        structure: ``"unstructured"`` or ``"N:M"`` (N of every M consecutive input weights kept).
+        method: ``"wanda"``, ``"magnitude"``, ``"sparsegpt"``, ``"admm"``, ``"ria"``, ``"ria-permuted"`` (N:M), another
+            registered name, or a :class:`~wanda_lightning.PruningMethod` such as ``Wanda(variant=True)``.
+        allocation: ``None``/``"uniform"``, or ``"owl"`` / :class:`~wanda_lightning.OWL`: per-block sparsities from
+            the outlier share of Wanda scores (unstructured only).
+        refine: ``None``; ``"dsnot"`` (= ``"dsnot-expected"``), ``"dsnot-exact"``, ``"dsnot-unguarded"`` or a
+            :class:`~wanda_lightning.DSnoT`; ``"admm-update"`` or an :class:`~wanda_lightning.ADMMUpdate`; or
+            ``"reconstruct"`` / a :class:`~wanda_lightning.Reconstruction` (block-sequential only).
         targets: Name patterns (glob, or ``re:`` regex) of the layers to prune; default every ``nn.Linear`` and
             transformers ``Conv1D``.
-        ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights shared with an embedding are always
-            left alone. Skipped layers and reasons are in the report.
-        calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
-            (default: its defaults); keywords in ``**options`` replace its fields.
+        ignore: Name patterns to leave alone; default ``["lm_head"]``. Weights tied to an embedding are always left.
+        calibration_options: How calibration runs, a :class:`~wanda_lightning.CalibrationOptions`; keywords in
+            ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
-        sync_statistics: Called with each block's statistic tensors (sums) before masks are computed; distributed
-            callers pass an in-place all-reduce so that every process computes the same masks.
-        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer is pruned (for a weight
-            sharded by FSDP2, the mask of this process's rows).
-        checkpoint: For a model built on the meta device (``accelerate.init_empty_weights()``), the ``.safetensors``
-            file or folder its weights come from, named as in ``model.state_dict()``. Tensors outside the block stack
-            are read first (onto ``device``, default CPU); each block's just before it is calibrated, so memory holds
-            the calibration activations, the non-block tensors and the blocks not yet released. With
-            ``offload_device`` a pruned block moves there; :class:`~wanda_lightning.distributed.streaming.BlockSaver` as
-            ``on_block_pruned`` writes it out and releases it instead. Needs block-sequential calibration and no
-            ``allocation``.
-        on_block_pruned: Block-sequential mode: called as ``on_block_pruned(block_name, block)`` once a block is
-            pruned and has produced the next block's inputs (say, to save it and free its memory).
-        **options: Any field of :class:`~wanda_lightning.core.options.CalibrationOptions` as a keyword
-            (``num_samples``, ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``,
-            ``forward_fn``), documented there; an unknown keyword raises ``TypeError``.
+        sync_statistics: In-place all-reduce of each block's statistic tensors (DDP: every process computes the same
+            masks).
+        on_layer_pruned: Called as ``on_layer_pruned(name, keep_mask)`` after each layer is pruned.
+        checkpoint: For a model built on the meta device, the ``.safetensors`` file or folder its weights are read from,
+            block by block (block-sequential calibration, no ``allocation``).
+        on_block_pruned: Called as ``on_block_pruned(block_name, block)`` once a block is pruned and has fed the next
+            (:class:`~wanda_lightning.BlockSaver` writes it out and releases it).
+        **options: Any field of :class:`~wanda_lightning.CalibrationOptions` as a keyword (``num_samples``,
+            ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``, ``forward_fn``).
 
     Returns:
-        A :class:`~wanda_lightning.pruning.report.PruningReport`.
+        A :class:`~wanda_lightning.PruningReport`.
 
     Raises:
-        ValueError, TypeError: For bad arguments, before any weight changes (see the messages).
-        FloatingPointError: For non-finite target weights (before any change) or non-finite calibration statistics.
-            Calibration problems (a target layer no token reached, non-finite statistics) are found block by
-            block: an error raised for block *k* leaves blocks after it untouched, while blocks before *k* (and
-            layers before the stack) are already pruned; the message says so. In one-shot mode no weight has changed
-            (except that a channel permutation, see ``"ria-permuted"``, may already have reordered MLP hidden units,
-            which leaves the model's function as it was).
-
-    The model keeps its train/eval modes, dtype and devices, also when an error is raised; hooks are always removed
-    and no autograd graph is built.
+        ValueError, TypeError: For bad arguments, before any weight changes.
+        FloatingPointError: For non-finite target weights (before any change) or non-finite statistics. A calibration
+            error raised at block *k* leaves the blocks after it untouched and names what was already pruned.
 
     Example::
 

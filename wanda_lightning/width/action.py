@@ -193,11 +193,11 @@ def adaptive_counts(scores: Mapping[str, Tensor], remove: int) -> dict[str, int]
 
 class AdaptiveShrinkAction(ShrinkAction):
     """:class:`ShrinkAction` with per-layer widths: with every group's statistics at hand (one-shot calibration), the
-    units to remove of each kind are chosen across all layers by standardised score (:func:`adaptive_counts`).
+    units to remove of each kind are chosen across all layers by standardised score (:func:`adaptive_counts`). The
+    other arguments are :class:`ShrinkAction`'s; ``keep`` is filled in :meth:`apply`.
 
     Args:
         remove: Units to remove per kind, over all layers (``{"mlp": 23040}``).
-        (the others as :class:`ShrinkAction`; ``keep`` is filled in :meth:`apply`)
     """
 
     def __init__(
