@@ -15,12 +15,11 @@ import re
 import runpy
 import subprocess
 import sys
-import types
 import zlib
 from pathlib import Path
 
 import pytest
-import torch
+from helpers.models import tiny_smollm2
 
 import wanda_lightning
 
@@ -158,30 +157,6 @@ def test_readme_quick_start_is_what_ci_runs() -> None:
 def test_readme_links_resolve() -> None:
     for target in re.findall(r"\]\(((?!https?:)[^)#]+)(?:#[^)]*)?\)", README.read_text()):
         assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
-
-
-class _ByteTokenizer:
-    """Bytes as tokens: what the snippets need of a tokenizer (``tokenizer(text, return_tensors="pt").input_ids``)."""
-
-    def __call__(self, text: str, return_tensors: str | None = None) -> types.SimpleNamespace:
-        return types.SimpleNamespace(input_ids=torch.tensor([list(text.encode())], dtype=torch.long))
-
-
-def tiny_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, _ByteTokenizer]:
-    """``load_smollm2()``'s stand-in: a tiny random Llama with SmolLM2's layout (5 blocks, GQA, tied embeddings) and a
-    byte tokenizer, for the README examples here and the training examples in ``test_examples.py``."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), _ByteTokenizer()
 
 
 @pytest.mark.parametrize("name", ["prune_smollm2", "trainer_prune", "trainer_shrink"])

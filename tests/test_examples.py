@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from test_docs import tiny_smollm2  # the README examples' stand-in (a shared helper: see tests/test_docs.py)
+from helpers.models import tiny_smollm2  # the README examples' stand-in
 
 from wanda_lightning.data import smollm2
 

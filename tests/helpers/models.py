@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 import transformers
 
@@ -41,3 +43,26 @@ def make_batches(num_batches: int = 2, batch: int = 4, seq_len: int = SEQ_LEN, s
         }
         for _ in range(num_batches)
     ]
+
+
+class _ByteTokenizer:
+    """Bytes as tokens: what the snippets need of a tokenizer (``tokenizer(text, return_tensors="pt").input_ids``)."""
+
+    def __call__(self, text: str, return_tensors: str | None = None) -> types.SimpleNamespace:
+        return types.SimpleNamespace(input_ids=torch.tensor([list(text.encode())], dtype=torch.long))
+
+
+def tiny_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, _ByteTokenizer]:
+    """``load_smollm2()``'s stand-in: a tiny random Llama with SmolLM2's layout (5 blocks, GQA, tied embeddings) and a
+    byte tokenizer, for the README snippets (``test_docs.py``) and the training examples (``test_examples.py``)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), _ByteTokenizer()

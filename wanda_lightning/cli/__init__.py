@@ -1,5 +1,5 @@
 """The ``wanda-lightning`` command line: one subcommand per module of this package (:mod:`.prune`, :mod:`.shrink`,
-:mod:`.speed`, :mod:`.eval`, :mod:`.inspect`, :mod:`.bench`, :mod:`.demo`), sharing :mod:`.arguments` and
+:mod:`.gguf`, :mod:`.speed`, :mod:`.eval`, :mod:`.inspect`, :mod:`.bench`, :mod:`.demo`), sharing :mod:`.arguments` and
 :mod:`.loading`.
 
 A subcommand is declared once, by its module, named in :data:`SUBCOMMANDS`:
@@ -25,7 +25,7 @@ from .arguments import command_texts
 __all__ = ["main"]
 
 # The modules of the subcommands, in the order `wanda-lightning --help` lists them; see the module docstring.
-SUBCOMMANDS: tuple[str, ...] = ("bench", "prune", "shrink", "speed", "eval", "inspect", "demo")
+SUBCOMMANDS: tuple[str, ...] = ("bench", "prune", "shrink", "gguf", "speed", "eval", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

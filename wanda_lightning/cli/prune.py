@@ -22,6 +22,7 @@ from .arguments import (
     parse_dtype,
     pruning_choices,
 )
+from .gguf import add_gguf_arguments, check_gguf_arguments, gguf_tokenizer, write_gguf
 from .loading import LoadedModel, calibration_windows, load_model, load_text
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_calibration_arguments(parser, samples=128, seqlen=512, batch_size=8)
     parser.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN", help="layers to leave dense")
     add_data_arguments(parser)
+    add_gguf_arguments(parser)
     parser.add_argument(
         "--export-dtype",
         type=parse_dtype,
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data != "pydoc" and not Path(args.data).expanduser().exists():
         load_text(args.data, args.split)  # raises FileNotFoundError
     loaded = load_model(args.model, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
+    gguf_source = gguf_tokenizer(args.model, args.tokenizer, loaded)
+    if args.gguf is not None:  # fail before the slow part
+        check_gguf_arguments(args.gguf, args.overwrite, loaded, gguf_source, "--gguf")
     windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
     batches: list[Any] = [{"input_ids": w} if loaded.takes_keywords else w for w in windows.split(args.batch_size)]
     report = prune(
@@ -90,16 +95,19 @@ def run(args: argparse.Namespace) -> int:
         summary = _write_export(args, loaded)
     except OSError as error:  # disk full, permissions: nothing was left under --out
         raise ValueError(f"--out {args.out!r}: the export could not be written: {error}") from None
+    gguf_summary = None
+    if args.gguf is not None:  # after the export: a GGUF error leaves the export written
+        gguf_summary = write_gguf(loaded.model, args.gguf, args.gguf_type, gguf_source, args.overwrite)
     if args.json:
-        print(
-            json.dumps(
-                {"model": args.model, "out": summary.path, "report": report.to_dict(), "export": summary.to_dict()},
-                indent=2,
-            )
-        )
+        result = {"model": args.model, "out": summary.path, "report": report.to_dict(), "export": summary.to_dict()}
+        if gguf_summary is not None:
+            result["gguf"] = gguf_summary.to_dict()
+        print(json.dumps(result, indent=2))
     else:
         print()
         print(summary)
+        if gguf_summary is not None:
+            print(gguf_summary)
     return 0
 
 
