@@ -61,93 +61,47 @@ def shrink(
     **options: Unpack[CalibrationFields],
 ) -> ShrinkReport:
     """Removes whole decoder blocks, MLP hidden units and attention heads from ``model``, in place, ranked from
-    calibration data.
+    calibration data, and rewrites the config so that ``save_pretrained`` writes a folder stock ``from_pretrained``
+    loads.
 
-    **Depth** (``layers``): every block is scored in one dense pass over the calibration data by how little it changes
-    its input (:mod:`~wanda_lightning.depth.scores`), the lowest-scoring ones are removed from the block stack, and
-    what a family numbers by layer is renumbered (each attention module's ``layer_idx``, the config's
-    ``num_hidden_layers`` and ``layer_types``), so the KV cache, ``generate`` and stock ``from_pretrained`` work and the
-    shorter model computes exactly what the original computes with those blocks skipped. With widths too, the blocks
-    go first, then the widths are calibrated on the shorter model.
-
-    Each block's units are scored from the statistics of the layer that consumes them (``down_proj``'s inputs for the
-    MLP hidden units, ``o_proj``'s for the heads), the lowest-scoring ones are removed from that layer's input columns
-    and from the output rows of the layers that produce them (``gate_proj``/``up_proj``; ``q_proj``/``k_proj``/
-    ``v_proj``), and the config is rewritten (``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
-    ``head_dim``), so ``model.save_pretrained(dir)`` writes a folder that stock ``from_pretrained`` loads. Widths are
-    uniform: every layer keeps the same number of units. With grouped-query attention the units are key/value groups:
-    a key/value head with the query heads that share it, so every layer keeps a shape the config can express.
-
-    Calibration is block-sequential by default, as in :func:`~wanda_lightning.prune`: statistics from the unchanged
-    block, shrink it, run the shrunk block to feed the next.
+    Blocks go first (scored in one dense pass by how little they change their input), then each block's units are
+    scored from the layer that consumes them and removed from its columns and from the producers' rows, block by block
+    as in :func:`~wanda_lightning.prune`. Widths are uniform; under grouped-query attention heads go in key/value
+    groups. The shrunk model computes what the original computes with those blocks and units removed.
 
     Args:
-        model: A transformers causal LM (Llama, Mistral, Qwen2, ... for heads and MLP; also GPT-2, OPT, GPT-NeoX for the
-            MLP), a module holding one, or any module whose MLPs follow those layer names.
+        model: A transformers causal LM (heads and MLP: Llama, Mistral, Qwen2, ...; MLP only: GPT-2, OPT, GPT-NeoX), a
+            module holding one, or any module whose MLPs follow those layer names.
         calibration: Batches, as for :func:`~wanda_lightning.prune` (not needed by ``"magnitude-sp"``).
         mlp: Fraction of each MLP's hidden units to remove, in ``[0, 1)``.
-        heads: Fraction of attention heads (key/value groups under grouped-query attention) to remove, in ``[0, 1)``.
-            A count is the fraction times the units, rounded to the nearest whole one; a non-zero fraction that rounds
-            to none, or one that removes all, is refused.
-        method: ``"wanda-sp"`` (default), ``"flap"`` (fluctuation metric with bias compensation), ``"magnitude-sp"``
-            (data-free), or a :class:`~wanda_lightning.width.methods.WidthMethod`.
-        update: What happens to each consumer's kept weights, overriding the method's default: ``"none"``,
-            ``"bias"`` (the removed units' mean contribution goes into the consumer's bias; ``"flap"``'s default) or
-            ``"least-squares"`` (the kept columns, and the bias where the config can hold one, refitted to the dense
-            layer's outputs on the calibration data; see :mod:`~wanda_lightning.width.updates`), or ``"reconstruct"``:
-            least-squares, then each shrunk block's kept weights (MLP producers and consumer together, attention too
-            when heads go) trained for a bounded number of steps to reproduce the dense block's outputs on the
-            calibration activations, block by block, in float32 (see :mod:`~wanda_lightning.core.reconstruction`);
-            a :class:`~wanda_lightning.Reconstruction` sets its steps and learning rate. Needs block-sequential
-            calibration and uniform widths.
-        widths: ``"uniform"`` (default: every layer keeps as many units) or ``"adaptive"``: FLAP's global ranking of
-            standardised scores across layers (each layer's unit scores standardised by their own mean and standard
-            deviation; every layer keeps at least one unit), calibrated in one pass over the unchanged model. For
-            modules without a transformers config (one width per model cannot describe the result); with one it is
-            refused.
-        layers: Fraction of the decoder blocks to remove, in ``[0, 1)``, rounded to the nearest whole block (``0.2``
-            of 30 blocks: 6); a non-zero fraction that rounds to none, or one that removes all, is refused.
-        layer_score: How blocks are ranked: ``"influence"`` (default; ShortGPT's block influence, one minus the
-            cosine similarity of a block's input and output hidden states over the calibration tokens, lowest
-            removed wherever they are) or ``"angular"`` (Gromov et al.'s angular distance between the input and the
-            output of a run of consecutive blocks; the closest run is removed).
+        heads: Fraction of attention heads (key/value groups under GQA) to remove, in ``[0, 1)``. A fraction that
+            rounds to no unit, or to all, is refused.
+        method: ``"wanda-sp"`` (default), ``"flap"``, ``"magnitude-sp"``, or a :class:`~wanda_lightning.WidthMethod`.
+        update: ``"none"``, ``"bias"``, ``"least-squares"``, ``"reconstruct"`` or a
+            :class:`~wanda_lightning.Reconstruction`; ``None``: the method's default (``"bias"`` for ``"flap"``).
+        widths: ``"uniform"`` (default) or ``"adaptive"`` (FLAP's global ranking; modules without a transformers
+            config only).
+        layers: Fraction of the decoder blocks to remove, in ``[0, 1)``, rounded to whole blocks.
+        layer_score: ``"influence"`` (default; ShortGPT's block influence) or ``"angular"`` (the closest run of
+            consecutive blocks, Gromov et al.).
         speedup: Instead of ``layers``, ``mlp`` and ``heads``: the speed-up over the dense model to reach where the
-            model runs (``1.5``: 50 % faster), or a :class:`~wanda_lightning.width.speed_target.SpeedTarget` with its
-            grid. Candidate shapes are timed on the compute device (``device``, else where the model is) as models
-            built from the planned configs with throw-away weights, or in llama.cpp as GGUF files
-            (``SpeedTarget(1.5, runtime="llama.cpp", dtype="q8_0")``); those that may reach the target are timed again
-            in turns with the dense model, and meet it when the median of their paired ratios clears it by the margin
-            the measured noise asks; the ones that meet it are shrunk one-shot
-            on a copy and scored by their calibration loss, and the best is applied; the report lists every candidate
-            (:meth:`~wanda_lightning.width.report.ShrinkReport.candidates_table`, ``plot``). A transformers causal LM
-            only; not with ``sync_statistics`` (timings differ between processes). See
-            :mod:`~wanda_lightning.width.speedup`.
-        speed_on: What ``speedup`` measures: ``"decode"`` (batch 1 with the KV cache; default) or ``"prefill"``.
-        multiple_of: Each kept width, the input channels of ``down_proj`` (MLP hidden units) and of ``o_proj`` (heads x
-            ``head_dim``), is rounded to a multiple of this, so quantized types whose blocks hold 32 values of a row
-            (GGUF q8_0, q4_0) can store it and the kernels run on whole blocks. Units go in whole steps (attention in
-            key/value groups: with ``head_dim`` 64 any count is a multiple of 32), the count removed is the nearest
-            to the fraction's, at least one step is kept and a non-zero fraction that removes none once rounded is
-            refused. ``None`` (default): 32 for each kind whose dense width is a multiple of 32 (so a model that
-            quantizes still does), else 1; ``1``: the widths as asked. ``speedup``'s candidates are rounded the same
-            way. On SmolLM2-135M (MLP 1536) ``mlp=0.5`` keeps 768 either way; ``mlp=0.3`` keeps 1088 (1075 with 1).
-        calibration_options: How calibration runs, a :class:`~wanda_lightning.core.options.CalibrationOptions`
-            (default: its defaults); keywords in ``**options`` replace its fields.
+            model runs, or a :class:`~wanda_lightning.SpeedTarget`; the report lists every candidate timed
+            (:meth:`~wanda_lightning.ShrinkReport.candidates_table`). Not with ``sync_statistics``.
+        speed_on: What ``speedup`` measures: ``"decode"`` (default) or ``"prefill"``.
+        multiple_of: Each kept width is rounded to a multiple of this (32 fits GGUF ``q8_0``/``q4_0`` blocks);
+            ``None``: 32 for each kind whose dense width is a multiple of 32, else 1.
+        calibration_options: How calibration runs, a :class:`~wanda_lightning.CalibrationOptions`; keywords in
+            ``**options`` replace its fields.
         progress: Show a progress bar over blocks.
-        sync_statistics: In-place all-reduce of statistic tensors (DDP: every process removes the same units and
-            blocks).
-        **options: Any field of :class:`~wanda_lightning.core.options.CalibrationOptions` as a keyword
-            (``num_samples``, ``batch_size``, ``sequential``, ``blocks``, ``device``, ``offload_device``,
-            ``forward_fn``), documented there; an unknown keyword raises ``TypeError``.
+        sync_statistics: In-place all-reduce of statistic tensors (DDP: every process removes the same units).
+        **options: Any field of :class:`~wanda_lightning.CalibrationOptions` as a keyword.
 
     Returns:
-        A :class:`~wanda_lightning.width.report.ShrinkReport` with every layer's widths before and after.
+        A :class:`~wanda_lightning.ShrinkReport` with every layer's widths before and after.
 
     Raises:
-        ValueError, TypeError: For bad arguments, a layout that cannot lose units (fused QKV, a config that derives
-            the head size from the hidden size, unequal widths, a bias the config cannot hold) or blocks (no block
-            stack, a config whose layer count is not the stack's, depth-dependent attention scaling, an unknown
-            per-layer config list, an encoder-decoder) or sharded weights, before any weight changes.
+        ValueError, TypeError: For bad arguments, a layout or config that cannot lose the units or blocks asked for
+            (the message names the layer and why), or sharded weights, before any weight changes.
 
     Example::
 
