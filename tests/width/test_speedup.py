@@ -83,10 +83,11 @@ def test_the_most_accurate_candidate_that_meets_the_target_is_applied(monkeypatc
     monkeypatch.setattr(speedup_module, "measure_speed", shape_timer(seen))
     lm, batches = model(), make_batches()
     dense = copy.deepcopy(lm)
-    report = shrink(lm, batches, speedup=SpeedTarget(1.5, layers=(0.0, 0.2, 0.4, 0.6), mlp=(0.0, 0.5), heads=(0.0,)))
+    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4, 0.6), mlp=(0.0, 0.5), heads=(0.0,), rounds=1)
+    report = shrink(lm, batches, speedup=target)
 
     # The dense config, then per MLP fraction the depths in order until one meets 1.5x; then the two that met it
-    # (neither removes less than the other everywhere) again, in turns with the dense config.
+    # (neither removes less than the other everywhere) again, in one turn each with the dense config.
     assert seen[:5] == [(5, 128, 4), (4, 128, 4), (3, 128, 4), (5, 64, 4), (4, 64, 4)]
     assert seen[5:] == [(5, 128, 4), (3, 128, 4), (5, 128, 4), (4, 64, 4)]
     shapes = [(c["layers"], c["mlp"], c["meets"]) for c in report.candidates]
@@ -112,7 +113,17 @@ def test_the_most_accurate_candidate_that_meets_the_target_is_applied(monkeypatc
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=0)
-    assert report.speed_target == {"speedup": 1.5, "on": "decode", "device": "cpu"}
+    assert report.speed_target == {
+        "speedup": 1.5,
+        "on": "decode",
+        "device": "cpu",
+        "runtime": "torch",
+        "dtype": None,
+        "threads": None,
+        "rounds": 1,
+        "margin": 1.0,
+        "spread": None,  # one turn per shape: no spread measured
+    }
     assert report.method.startswith("speed target 1.5x (decode) -> ")
     assert "speed target" in str(report) and "<-" in report.candidates_table()
     assert ShrinkReport.from_dict(report.to_dict()) == report
@@ -122,7 +133,7 @@ def test_a_near_miss_is_timed_again_so_one_disturbed_run_does_not_rule_it_out(mo
     seen: list[tuple[int, int, int]] = []
     # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 3 %: 1.455x, a near miss.
     monkeypatch.setattr(speedup_module, "measure_speed", first_run_slowed(seen, (4, 64), 0.97))
-    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
+    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,), rounds=1)
     report = shrink(model(), make_batches(), speedup=target)
 
     # The scan went past the near miss (to 3 blocks); the lightest shape that met it and the near miss were timed
@@ -141,7 +152,7 @@ def test_a_shape_whose_first_run_is_far_off_is_timed_again_because_the_cost_mode
     seen: list[tuple[int, int, int]] = []
     # The first run of 4 blocks with half the MLP (1.5x in truth) is slowed by 20 %: 1.2x, far outside NEAR_MISS.
     monkeypatch.setattr(speedup_module, "measure_speed", first_run_slowed(seen, (4, 64), 0.8))
-    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
+    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,), rounds=1)
     report = shrink(model(), make_batches(), speedup=target)
 
     assert NEAR_MISS * 1.5 > 1.2  # its own first run would not have it timed again
@@ -179,7 +190,7 @@ def test_each_shape_is_measured_against_the_dense_runs_of_its_own_turns(monkeypa
         return result
 
     monkeypatch.setattr(speedup_module, "measure_speed", timer)
-    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
+    target = SpeedTarget(1.5, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,), rounds=1)
     report = shrink(model(), make_batches(), speedup=target)
 
     assert seen[5:] == [(5, 128, 4), (3, 128, 4), (5, 128, 4), (4, 64, 4)]
@@ -195,7 +206,7 @@ def test_each_shape_is_measured_against_the_dense_runs_of_its_own_turns(monkeypa
 def test_a_heavier_shape_is_timed_again_after_the_lighter_near_miss_fails_in_turns(monkeypatch):
     seen: list[tuple[int, int, int]] = []
     monkeypatch.setattr(speedup_module, "measure_speed", shape_timer(seen))
-    target = SpeedTarget(1.3, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,))
+    target = SpeedTarget(1.3, layers=(0.0, 0.2, 0.4), mlp=(0.0, 0.5), heads=(0.0,), rounds=1)
     report = shrink(model(), make_batches(), speedup=target)
 
     # Scan: dense, 4 blocks (1.2x), 3 blocks (1.5x), half the MLP (1.26x, a near miss), then with 4 blocks (1.5x).

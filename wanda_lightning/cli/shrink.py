@@ -13,13 +13,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..core.options import CalibrationOptions
 from ..core.validation import as_device
+from ..gguf.quantization import GGUF_TYPES
 from ..width.config import RECONSTRUCT
 from ..width.methods import WIDTH_METHODS
-from ..width.speed_target import SPEED_ON
+from ..width.speed_target import SPEED_ON, SPEED_RUNTIMES, SpeedTarget
 from ..width.updates import UPDATES
 from .arguments import (
     add_calibration_arguments,
@@ -28,6 +29,7 @@ from .arguments import (
     add_model_arguments,
     check_positive_arguments,
 )
+from .gguf import add_gguf_arguments, check_gguf_arguments, gguf_tokenizer, write_gguf
 from .loading import calibration_windows, load_model
 
 __all__ = ["add_arguments", "run"]
@@ -52,7 +54,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speed-on", default="decode", choices=list(SPEED_ON), help="what --speedup measures (default decode)"
     )
+    parser.add_argument(
+        "--speed-runtime",
+        default="torch",
+        choices=list(SPEED_RUNTIMES),
+        help="where --speedup times the candidates: torch (PyTorch eager on --device; default) or llama.cpp (each "
+        "shape written as a GGUF of --speed-gguf-type and timed there on the CPU; needs llama-cpp-python)",
+    )
+    parser.add_argument(
+        "--speed-gguf-type",
+        default=None,
+        choices=list(GGUF_TYPES),
+        help="with --speed-runtime llama.cpp: the GGUF type the candidates are timed in (default q8_0)",
+    )
+    parser.add_argument(
+        "--speed-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --speed-runtime llama.cpp: its threads (default one per core; on a machine busier than its cores, "
+        "1 times far more steadily)",
+    )
     parser.add_argument("--plot", metavar="PNG", default=None, help="with --speedup: write the candidates' plot here")
+    parser.add_argument(
+        "--multiple-of",
+        type=int,
+        default=None,
+        metavar="N",
+        help="round each kept width (MLP hidden units; heads x head_dim) to a multiple of N, so GGUF q8_0/q4_0 "
+        "blocks (32) hold its rows; default: 32 where the dense width is a multiple of 32, else as asked; 1: as asked",
+    )
     parser.add_argument(
         "--method",
         default="wanda-sp",
@@ -69,8 +100,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_calibration_arguments(parser, samples=128, seqlen=512, batch_size=8)
     add_data_arguments(parser)
+    add_gguf_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _speed_target(args: argparse.Namespace) -> float | SpeedTarget | None:
+    """``--speedup`` with where it is timed (a plain number in PyTorch eager, as before)."""
+    llama_cpp = {"--speed-gguf-type": args.speed_gguf_type, "--speed-threads": args.speed_threads}
+    if args.speed_runtime == "torch" and all(value is None for value in llama_cpp.values()):
+        return cast("float | None", args.speedup)
+    if args.speedup is None:
+        raise ValueError("--speed-runtime, --speed-gguf-type and --speed-threads say how --speedup is timed; give it")
+    if args.speed_runtime == "torch":
+        flag, value = next((flag, value) for flag, value in llama_cpp.items() if value is not None)
+        raise ValueError(f"{flag} {value} needs --speed-runtime llama.cpp")
+    return SpeedTarget(
+        args.speedup, args.speed_on, runtime=args.speed_runtime, dtype=args.speed_gguf_type, threads=args.speed_threads
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
         options=CalibrationOptions(num_samples=None),
         layers=args.layers,
         layer_score=args.layer_score,
-        speedup=args.speedup,
+        speedup=_speed_target(args),
         speed_on=args.speed_on,
+        multiple_of=args.multiple_of,
     )
     if args.plot is not None and config.speed_target is None:
         raise ValueError("--plot draws the --speedup candidates; give --speedup too")
@@ -106,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     if found is None or found[1] != "":
         raise ValueError(f"MODEL {args.model!r} is not a transformers model: `shrink` writes transformers folders")
     model = found[0]
+    gguf_source = gguf_tokenizer(args.model, args.tokenizer, loaded)
+    if args.gguf is not None:  # fail before the slow part
+        check_gguf_arguments(args.gguf, args.overwrite, loaded, gguf_source, "--gguf")
     batches: list[Any] = []
     if config.layers or config.speed_target is not None or config.method.needs_data:
         windows = calibration_windows(loaded, args.data, args.split, args.samples, args.seqlen)
@@ -121,13 +172,21 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    gguf_summary = None
+    if args.gguf is not None:  # after the folder: a GGUF error leaves the shrunk model saved
+        gguf_summary = write_gguf(model, args.gguf, args.gguf_type, gguf_source, args.overwrite)
     if args.plot is not None:
         report.plot(args.plot)
     if args.json:
-        print(json.dumps({"model": args.model, "out": str(target), "report": report.to_dict()}, indent=2))
+        result = {"model": args.model, "out": str(target), "report": report.to_dict()}
+        if gguf_summary is not None:
+            result["gguf"] = gguf_summary.to_dict()
+        print(json.dumps(result, indent=2))
     else:
         print(report)
         if report.candidates:
             print(f"\n{report.candidates_table()}")
         print(f"\nwrote {target} (AutoModelForCausalLM.from_pretrained loads it)")
+        if gguf_summary is not None:
+            print(gguf_summary)
     return 0

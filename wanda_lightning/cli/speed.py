@@ -4,6 +4,11 @@ Time each MODEL where you run it: greedy decoding with the key/value cache (--ne
 sequences) and one prefill pass (--prefill-batch x --prefill-length tokens), best of --repeats runs. The first model is
 the baseline. A 2:4-pruned model is also timed with PyTorch's 2:4 kernels on a GPU that has them. Unstructured masks run
 at the dense speed; shrunk models run faster everywhere.
+
+With --runtime llama.cpp (the optional llama-cpp-python: pip install wanda-lightning[llamacpp]) each MODEL is written to
+a temporary GGUF of --gguf-type (default q8_0) and timed where users run small models: on the CPU, one thread per core,
+batch 1 (a 64-token prompt, then --new-tokens single-token evaluations; one prefill of --prefill-length tokens), all
+models in turns, best of --repeats. A .gguf MODEL is timed as stored unless --gguf-type is given.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -28,10 +35,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("others", nargs="*", metavar="OTHER", help="more models to compare with the first")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
-    parser.add_argument("--prefill-batch", type=int, default=4, help="sequences in the prefill pass (default 4)")
+    parser.add_argument(
+        "--prefill-batch", type=int, default=None, help="sequences in the prefill pass (default 4; llama.cpp: 1 only)"
+    )
     parser.add_argument("--prefill-length", type=int, default=256, help="tokens per prefill sequence (default 256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, best kept (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "llama.cpp"],
+        default="torch",
+        help="torch: PyTorch eager, generate() (default); llama.cpp: each model as a GGUF in llama.cpp (CPU, batch 1)",
+    )
+    parser.add_argument(
+        "--gguf-type",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+        default=None,
+        help="with --runtime llama.cpp: the GGUF type models are written in (default q8_0; a .gguf MODEL as stored)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="with --runtime llama.cpp: its threads (default one per core; on a machine busier than its cores, 1)",
+    )
 
 
 def verdicts(results: list[dict[str, Any]]) -> list[str]:
@@ -68,7 +95,15 @@ def run(args: argparse.Namespace) -> int:
     from ..core.speed import measure_speed
     from ..export.runtime import is_2_4_sparse, to_semi_structured
 
-    check_positive_arguments(args, "batch_size", "new_tokens", "prefill_batch", "prefill_length", "repeats")
+    check_positive_arguments(args, "batch_size", "new_tokens", "prefill_length", "repeats")
+    if args.prefill_batch is not None:
+        check_positive_arguments(args, "prefill_batch")
+    if args.runtime == "llama.cpp":
+        return _run_llama_cpp(args)
+    for flag, value in (("--gguf-type", args.gguf_type), ("--threads", args.threads)):
+        if value is not None:
+            raise ValueError(f"{flag} {value} needs --runtime llama.cpp (got --runtime {args.runtime})")
+    args.prefill_batch = 4 if args.prefill_batch is None else args.prefill_batch
     device = as_device(args.device, "--device", must_exist=True) or torch.device("cpu")
     results: list[dict[str, Any]] = []
     options = dict(
@@ -93,9 +128,68 @@ def run(args: argparse.Namespace) -> int:
             results.append({**semi, "note": f"{len(summary.converted)} layers on 2:4 kernels"})
         del model, loaded
         gc.collect()
+    footer = (
+        f"\n{device}, batch {args.batch_size} x {args.new_tokens} new tokens (KV cache), prefill "
+        f"{args.prefill_batch} x {args.prefill_length}, best of {args.repeats}"
+    )
+    _print_results(args, results, footer)
+    if device.type != "cuda" and not args.json:
+        print("(2:4 sparse kernels need an NVIDIA GPU with compute capability 8.0 or newer)")
+    return 0
+
+
+def _run_llama_cpp(args: argparse.Namespace) -> int:
+    """``--runtime llama.cpp``: every model as a GGUF, timed in turns."""
+    from ..llamacpp import default_threads, import_llama_cpp, temporary_gguf, time_in_turns
+
+    if args.batch_size != 1 or args.prefill_batch not in (None, 1):
+        raise ValueError(
+            f"--runtime llama.cpp times batch 1: --batch-size and --prefill-batch must be 1, got {args.batch_size} "
+            f"and {args.prefill_batch}"
+        )
+    if args.device not in (None, "cpu"):
+        raise ValueError(f"--runtime llama.cpp runs on the CPU: --device must be cpu, got {args.device}")
+    if args.threads is not None:
+        check_positive_arguments(args, "threads")
+    version = getattr(import_llama_cpp(), "__version__", "?")  # before anything is loaded or written
+    notes: dict[str, str] = {}
+    with ExitStack() as stack:
+        paths: dict[str, Path] = {}
+        for spec in [args.model, *args.others]:
+            name = spec if spec not in paths else f"{spec} ({sum(n.startswith(spec) for n in paths) + 1})"
+            if args.gguf_type is None and spec.endswith(".gguf") and Path(spec).is_file():
+                paths[name], notes[name] = Path(spec), "GGUF as stored"
+                continue
+            loaded = load_model(spec, module=args.module, tokenizer=args.tokenizer, dtype=args.dtype)
+            notes[name] = _sparsity_note(loaded.model)
+            paths[name] = stack.enter_context(temporary_gguf(loaded.model, args.gguf_type or "q8_0"))
+            del loaded
+            gc.collect()
+        timed = time_in_turns(
+            paths,
+            repeats=args.repeats,
+            new_tokens=args.new_tokens,
+            prefill_length=args.prefill_length,
+            threads=args.threads,
+        )
+    results = []
+    for name, result in timed.items():
+        size = f"{result.dtype or '?'}, {(result.file_bytes or 0) / 2**20:.1f} MiB file"
+        results.append({**result.to_dict(), "note": ", ".join(n for n in (size, notes[name]) if n)})
+    threads = args.threads or default_threads()
+    footer = (
+        f"\nllama.cpp (llama-cpp-python {version}), CPU, {threads} thread{'s' if threads > 1 else ''}, batch 1: a "
+        f"64-token prompt then {args.new_tokens} single-token evaluations (KV cache); prefill 1 x "
+        f"{args.prefill_length}; best of {args.repeats}, timed in turns"
+    )
+    _print_results(args, results, footer)
+    return 0
+
+
+def _print_results(args: argparse.Namespace, results: list[dict[str, Any]], footer: str) -> None:
     if args.json:
         print(json.dumps({"results": results, "verdicts": verdicts(results)}, indent=2))
-        return 0
+        return
     header = ("model", "params", "weights MiB", "decode tok/s", "prefill tok/s", "peak MiB", "note")
     rows = [header]
     for result in results:
@@ -120,12 +214,6 @@ def run(args: argparse.Namespace) -> int:
         )
         if index == 0:
             print("  ".join("-" * w for w in widths))
-    print(
-        f"\n{device}, batch {args.batch_size} x {args.new_tokens} new tokens (KV cache), prefill "
-        f"{args.prefill_batch} x {args.prefill_length}, best of {args.repeats}"
-    )
+    print(footer)
     for line in verdicts(results):
         print(line)
-    if device.type != "cuda":
-        print("(2:4 sparse kernels need an NVIDIA GPU with compute capability 8.0 or newer)")
-    return 0

@@ -38,6 +38,11 @@ class SpeedResult:
         batch_size: Sequences decoded together.
         new_tokens: Tokens generated per sequence.
         prefill_shape: ``(batch, length)`` of the prefill pass.
+        runtime: What ran it: ``"torch"`` (PyTorch eager, this module) or ``"llama.cpp"``
+            (:mod:`wanda_lightning.llamacpp.speed`).
+        dtype: The weights' type as run: a torch dtype name (``"float32"``) or a GGUF type (``"q8_0"``); ``None`` where
+            unknown.
+        file_bytes: Size of the file that ran (a GGUF), or ``None`` for an in-memory model.
     """
 
     name: str
@@ -50,6 +55,9 @@ class SpeedResult:
     batch_size: int
     new_tokens: int
     prefill_shape: tuple[int, int]
+    runtime: str = "torch"
+    dtype: str | None = None
+    file_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -196,4 +204,5 @@ def measure_speed(
         batch_size=batch_size,
         new_tokens=new_tokens,
         prefill_shape=(prefill_batch, prefill_length),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )

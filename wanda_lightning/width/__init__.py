@@ -24,9 +24,9 @@ from .methods import (
     register_width_method,
 )
 from .report import GroupReport, ShrinkReport
+from .saving import save_plain_pretrained
 from .speed_target import SpeedTarget
 from .speedup import Candidate, calibration_loss, search_speedup
-from .saving import save_plain_pretrained
 from .surgery import fit_to_state_dict
 
 __all__ = [

@@ -258,8 +258,8 @@ class ShrinkConfig:
         return replace(self, options=self.options.with_batches_as_given())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready description: the fractions, the method by its :meth:`~wanda_lightning.WidthMethod.describe` name, the widths and the
-        calibration options.
+        """JSON-ready description: the fractions, the method by its :meth:`~wanda_lightning.WidthMethod.describe` name,
+        the widths and the calibration options.
 
         Example::
 

@@ -1,19 +1,29 @@
 """The speed target: ``shrink(model, calibration, speedup=1.5)`` finds the shape (blocks, MLP width, heads) that runs
 that much faster where the user runs it, at the least loss, instead of asking for fractions.
 
-1. **Timing.** Candidate shapes are timed on the compute device: each is a model of the same class built from the
-   planned config with throw-away weights (nothing is shrunk to time it), decode at batch 1 with the KV cache and one
-   prefill pass (:func:`~wanda_lightning.core.speed.measure_speed`), against the dense config built the same way.
-   For every MLP and head fraction of the grid, depth fractions are tried in increasing order until one meets the
-   target (speed grows with each fraction, so the deeper ones would meet it too and lose more). A cost model fitted
-   robustly to every one of these runs (:func:`~wanda_lightning.width.cost_model.fit_token_cost`: time per token
-   linear in the blocks and parameters kept) then says which shapes meet the target or miss it by less than the
-   timing noise (:data:`NEAR_MISS`), by their own run or by the fit; those are timed again in turns with the dense
-   config, the lightest first (a heavier one only where no lighter one met the target in turns). Each keeps its
-   better run, against the better of the dense runs it was paired with (the first, and the one in its own turn), so
-   one disturbed run decides nothing: neither that a shape is fast enough nor that it is not. Pairing keeps the
-   count of runs equal on both sides of every ratio: the best of every dense run of the search would be faster than
-   the best of a shape's two by chance alone (on SmolLM2 a shape read 1.39x that way and 1.53x in turns).
+1. **Timing.** Candidate shapes are timed where the model will run (``SpeedTarget.runtime``): each is a model of the
+   same class built from the planned config with throw-away weights (nothing is shrunk to time it), against the dense
+   config built the same way. In PyTorch (``"torch"``) it runs on the compute device, decode at batch 1 with the KV
+   cache and one prefill pass (:func:`~wanda_lightning.core.speed.measure_speed`); in llama.cpp (``"llama.cpp"``) it is
+   written as a GGUF of the target's type with a placeholder vocabulary (:func:`~wanda_lightning.gguf.save_gguf`) and
+   timed there on the CPU (:func:`~wanda_lightning.llamacpp.speed.time_in_turns`). Each timing keeps the best of
+   ``repeats`` runs. For every MLP and head fraction of the grid, depth fractions are tried in increasing order until
+   one meets the target (speed grows with each fraction, so the deeper ones would meet it too and lose more). A cost
+   model fitted robustly to every one of these runs (:func:`~wanda_lightning.width.cost_model.fit_token_cost`: time
+   per token linear in the blocks and parameters kept) then says which shapes meet the target or miss it by less than
+   the timing noise (:data:`NEAR_MISS`), by their own run or by the fit; those are timed again in ``rounds`` turns
+   with the dense config (a dense timing right before each of theirs; in llama.cpp the two alternate run by run), the
+   lightest first (a heavier one only where no lighter one met the target in turns). A shape's speed-up is the median
+   of its paired ratios, so one disturbed run decides nothing: neither that a shape is fast enough nor that it is
+   not. Pairing keeps the count of runs equal on both sides of every ratio: the best of every dense run of the search
+   would be faster than the best of a shape's few by chance alone (on SmolLM2 a shape read 1.39x that way and 1.53x
+   in turns).
+   **Noise.** The spread of one paired ratio is measured from the turns themselves (pooled over every shape timed
+   in turns, on the log scale), and a shape meets the target only when its median clears it by ``margin`` standard
+   errors (spread / sqrt(turns)): the search keeps the lightest shape that meets the target, which without a margin
+   favours shapes whose readings were lucky. Each candidate also says how sure the turns make it that the shape
+   reaches the target (``confidence``: the normal probability of the median's distance to the target in standard
+   errors).
 2. **Quality.** Among the candidates that meet the target, those not pruned at least as much as another that meets
    it in every dimension are shrunk one at a time, one-shot, on a copy of the model, and scored by their mean
    next-token loss on the calibration batches (lower is better: the estimate costs one ``shrink()`` and one forward
@@ -26,24 +36,28 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import statistics
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.layers import find_pretrained
-from ..core.speed import measure_speed
+from ..core.speed import SpeedResult, measure_speed
 from ..core.validation import units_to_remove
 from .config import ShrinkConfig
 from .cost_model import fit_token_cost
 from .report import describe_shape
 from .speed_target import SpeedTarget
 
-__all__ = ["BROKEN", "NEAR_MISS", "Candidate", "calibration_loss", "search_speedup"]
+__all__ = ["BROKEN", "NEAR_MISS", "Candidate", "calibration_loss", "search_speedup", "speed_target_record"]
 
 
 @dataclass
@@ -64,7 +78,15 @@ class Candidate:
         fitted_speedup: The target's speed-up (decode or prefill) the cost model fitted to every first run puts this
             shape at, or ``None`` where too few shapes were timed to fit it. It only decides which shapes are timed
             again; ``meets`` comes from the measured runs.
-        runs: How many times the shape was timed (2: timed again in turns with the dense model, as a near miss).
+        runs: How many times the shape was timed (1 + ``rounds`` where it was timed again in turns with the dense
+            model, as a possible match).
+        paired_speedups: The target's speed-up (decode or prefill) in each turn, against the dense run of that turn;
+            empty where the shape was timed once. ``decode_speedup`` and ``prefill_speedup`` are their medians then.
+        confidence: How likely the shape reaches the target given its turns and the spread measured over every
+            shape's turns (0.5: its median is exactly the target), or ``None`` where the spread was not measured (one
+            turn per shape) or the shape was timed once.
+        config: The config entries of the shape timed (``num_hidden_layers``, ``intermediate_size``, ...): the widths
+            kept, rounded as ``multiple_of`` asks.
     """
 
     layers: float
@@ -78,6 +100,9 @@ class Candidate:
     chosen: bool = False
     fitted_speedup: float | None = None
     runs: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+    paired_speedups: list[float] = field(default_factory=list)
+    confidence: float | None = None
 
     @property
     def shape(self) -> str:
@@ -194,90 +219,34 @@ def search_speedup(
     parameter = next(pretrained.parameters())
     where = device if device is not None else parameter.device
 
-    def timed(updates: dict[str, Any]) -> tuple[float, float, int]:
+    def build(updates: dict[str, Any]) -> nn.Module:
         shaped = copy.deepcopy(pretrained.config)
         for name, value in updates.items():
             setattr(shaped, name, value)
-        throwaway = type(pretrained)(shaped).to(device=where, dtype=parameter.dtype).eval()
-        result = measure_speed(
-            throwaway,
-            new_tokens=target.new_tokens,
-            prefill_batch=target.prefill_batch,
-            prefill_length=target.prefill_length,
-            repeats=target.repeats,
-        )
-        return result.decode_tokens_per_second, result.prefill_tokens_per_second, result.parameters
+        on_device = where if target.runtime == "torch" else torch.device("cpu")  # llama.cpp only reads the file
+        return type(pretrained)(shaped).to(device=on_device, dtype=parameter.dtype).eval()
 
-    dense = timed({})
-    on = 0 if target.on == "decode" else 1  # index of the target's speed in a timing
-    candidates: list[Candidate] = []
-    speeds: list[tuple[float, float]] = []
-    shapes: list[dict[str, Any]] = []  # the config updates each candidate was timed with
-    for heads in target.heads:
-        for mlp in target.mlp:
-            try:
-                widths = plan_widths(replace(config, mlp=mlp, heads=heads)) if mlp or heads else {}
-            except ValueError:
-                continue  # a shape the config cannot hold is no candidate
-            for layers in target.layers:
-                if not (layers or mlp or heads):
-                    continue
-                try:
-                    depth = _depth_updates(pretrained.config, layers, num_blocks)
-                except ValueError:
-                    continue
-                decode, prefill, parameters = timed({**widths, **depth})
-                candidates.append(Candidate(layers, mlp, heads, parameters, 0.0, 0.0))
-                speeds.append((decode, prefill))
-                shapes.append({**widths, **depth})
-                if (decode, prefill)[on] / dense[on] >= target.speedup:
-                    break
-    # Shapes are timed again, in turns with the dense model, where either their first run or the cost model fitted to
-    # every run says they meet the target or miss it by less than the noise: each keeps its better run, against the
-    # better of its two dense runs, so that one disturbed run neither makes a shape look fast enough nor too slow.
-    # The lightest such shapes go first; a heavier one is timed again only where no lighter one timed again met it.
-    blocks = [num_blocks - _removed_blocks(c.layers, num_blocks) for c in candidates]
-    fitted = _fitted_speedups(blocks, candidates, speeds, num_blocks, dense, on)
-    if fitted is not None:
-        for candidate, speedup in zip(candidates, fitted, strict=True):
-            candidate.fitted_speedup = speedup
-    worth = [
-        i
-        for i, speed in enumerate(speeds)
-        if max(speed[on] / dense[on], fitted[i] if fitted is not None else 0.0) >= target.speedup * NEAR_MISS
-    ]
-    paired_dense = [dense[:2] for _ in candidates]  # per shape, the best of the dense runs it was paired with
-    timed_again: set[int] = set()
-    while True:
-        met = [i for i in timed_again if speeds[i][on] >= paired_dense[i][on] * target.speedup]
-        pending = [
-            i for i in worth if i not in timed_again and not any(candidates[j].at_most(candidates[i]) for j in met)
-        ]
-        first_in_line = [
-            i for i in pending if not any(j != i and candidates[j].at_most(candidates[i]) for j in pending)
-        ]
-        if not first_in_line:
-            break
-        for index in first_in_line:
-            dense_decode, dense_prefill, _ = timed({})
-            decode, prefill, _ = timed(shapes[index])
-            speeds[index] = (max(speeds[index][0], decode), max(speeds[index][1], prefill))
-            paired = paired_dense[index]
-            paired_dense[index] = (max(paired[0], dense_decode), max(paired[1], dense_prefill))
-            candidates[index].runs += 1
-            timed_again.add(index)
-    for candidate, (decode, prefill), (dense_decode, dense_prefill) in zip(
-        candidates, speeds, paired_dense, strict=True
-    ):
-        candidate.decode_speedup, candidate.prefill_speedup = decode / dense_decode, prefill / dense_prefill
-        candidate.meets = _speedup_of(candidate, target) >= target.speedup
+    timings: _Timings = _TorchTimings(build, target) if target.runtime == "torch" else _LlamaCppTimings(build, target)
+    load, cores = _load(), _cores()
+    if target.runtime == "llama.cpp" and target.threads != 1 and load is not None and load > cores:
+        warnings.warn(
+            f"`speedup`: this machine's load average ({load:.1f}) exceeds its {cores} cores, and llama.cpp's threads "
+            "wait for each other at every operation, so each waits for the others to be scheduled (SmolLM2-135M "
+            "decoded 2.5 tokens/s on two threads at a load of 10 on 2 cores, 34 on one): the timings will be slow "
+            "and spread widely; pass SpeedTarget(threads=1), or time on a quieter machine",
+            stacklevel=3,
+        )
+    try:
+        candidates = _time_candidates(timings, pretrained.config, config, target, plan_widths, num_blocks)
+    finally:
+        timings.close()
     meeting = [c for c in candidates if c.meets]
     if not meeting:
         fastest = max(candidates, key=lambda c: _speedup_of(c, target), default=None)
         what = f"the fastest, {fastest.shape}, measured {_speedup_of(fastest, target):.2f}x" if fastest else "none fit"
         raise ValueError(
-            f"`speedup`={target.speedup:g} ({target.on}): no candidate reaches it on {where}; {what}; ask for less, "
-            "or widen the grid with a SpeedTarget"
+            f"`speedup`={target.speedup:g} ({target.on}): no candidate reaches it {_where(target, where)}; {what}; "
+            "ask for less, or widen the grid with a SpeedTarget"
         )
     lightest = [c for c in meeting if not any(o is not c and o.at_most(c) for o in meeting)]
     for candidate in lightest:
@@ -302,6 +271,295 @@ def search_speedup(
     return candidates
 
 
+Speeds = tuple[float, float]
+"""Decode and prefill tokens per second of one timing."""
+
+
+class _Timings(Protocol):
+    """How a search times shapes, given by their config updates (``{}``: the dense config)."""
+
+    def single(self, updates: dict[str, Any]) -> tuple[Speeds, int]:
+        """One timing of a shape on its own: its speeds and its parameters."""
+
+    def paired(self, updates: dict[str, Any]) -> Speeds:
+        """One turn: the shape's decode and prefill speed-ups over the dense config, timed side by side."""
+
+    def close(self) -> None:
+        """Frees what the timings hold."""
+
+
+class _TorchTimings:
+    """PyTorch eager: each timing builds the shape with throw-away weights and measures it; a turn is a dense
+    timing, then the shape's."""
+
+    def __init__(self, build: Callable[[dict[str, Any]], nn.Module], target: SpeedTarget) -> None:
+        self.build, self.target = build, target
+
+    def single(self, updates: dict[str, Any]) -> tuple[Speeds, int]:
+        throwaway = self.build(updates)
+        result = measure_speed(
+            throwaway,
+            new_tokens=cast(int, self.target.new_tokens),
+            prefill_batch=self.target.prefill_batch,
+            prefill_length=cast(int, self.target.prefill_length),
+            repeats=cast(int, self.target.repeats),
+        )
+        return (result.decode_tokens_per_second, result.prefill_tokens_per_second), result.parameters
+
+    def paired(self, updates: dict[str, Any]) -> Speeds:
+        dense, _ = self.single({})
+        shape, _ = self.single(updates)
+        return shape[0] / dense[0], shape[1] / dense[1]
+
+    def close(self) -> None:
+        pass
+
+
+class _LlamaCppTimings:
+    """llama.cpp: each shape is built with throw-away weights once and written as a GGUF of the target's type (kept
+    in a temporary folder until the search ends); a turn times the dense file and the shape's file run by run, in
+    turns (:func:`~wanda_lightning.llamacpp.speed.time_in_turns`)."""
+
+    def __init__(self, build: Callable[[dict[str, Any]], nn.Module], target: SpeedTarget) -> None:
+        from ..llamacpp.runtime import import_llama_cpp
+
+        import_llama_cpp()  # fails with the install hint before anything is written
+        self.build, self.target = build, target
+        self.folder = tempfile.TemporaryDirectory(prefix="wanda-speed-target-")
+        self.files: dict[str, tuple[Path, int]] = {}
+
+    def file(self, updates: dict[str, Any]) -> tuple[Path, int]:
+        """The shape's GGUF and its parameters, written on first use."""
+        from ..gguf import GGUFType, save_gguf
+
+        key = repr(sorted(updates.items()))
+        if key not in self.files:
+            throwaway = self.build(updates)
+            path = Path(self.folder.name) / f"shape-{len(self.files)}.gguf"
+            save_gguf(
+                throwaway, path, dtype=cast(GGUFType, self.target.dtype), tokenizer="placeholder", modelfile=False
+            )
+            self.files[key] = (path, sum(p.numel() for p in throwaway.parameters()))
+            del throwaway
+        return self.files[key]
+
+    def time(self, paths: dict[str, Path]) -> dict[str, SpeedResult]:
+        from ..llamacpp import speed
+
+        return speed.time_in_turns(
+            paths,
+            repeats=cast(int, self.target.repeats),
+            new_tokens=cast(int, self.target.new_tokens),
+            prefill_length=cast(int, self.target.prefill_length),
+            threads=self.target.threads,
+        )
+
+    def single(self, updates: dict[str, Any]) -> tuple[Speeds, int]:
+        path, parameters = self.file(updates)
+        result = self.time({"shape": path})["shape"]
+        return (result.decode_tokens_per_second, result.prefill_tokens_per_second), parameters
+
+    def paired(self, updates: dict[str, Any]) -> Speeds:
+        """``repeats`` runs of each file, alternating (dense first in every other pair); the turn's speed-ups are the
+        medians of the ratios of each pair of neighbouring runs, so a burst of other work spoils one pair, not the
+        turn (on a busy 2-core machine the best run of each of two files read 2.4x for a shape measured at 1.6x)."""
+        from ..llamacpp import speed
+
+        def timer(path: Path) -> speed.GGUFTimer:
+            return speed.GGUFTimer(
+                path,
+                new_tokens=cast(int, self.target.new_tokens),
+                prefill_length=cast(int, self.target.prefill_length),
+                threads=self.target.threads,
+            )
+
+        ratios: list[Speeds] = []
+        with timer(self.file({})[0]) as dense, timer(self.file(updates)[0]) as shape:
+            for run in range(cast(int, self.target.repeats)):
+                if run % 2:
+                    shape_speeds, dense_speeds = shape.run(), dense.run()
+                else:
+                    dense_speeds, shape_speeds = dense.run(), shape.run()
+                ratios.append((shape_speeds[0] / dense_speeds[0], shape_speeds[1] / dense_speeds[1]))
+        return statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
+
+    def close(self) -> None:
+        self.folder.cleanup()
+
+
+@dataclass
+class _Row:
+    """One MLP and head fraction of the grid: its widths, and the depth fractions not scanned yet."""
+
+    widths: dict[str, Any]
+    depths: list[float]
+    last: int | None = None  # the candidate its scan stopped at
+
+
+def _time_candidates(
+    timings: _Timings,
+    pretrained_config: Any,
+    config: ShrinkConfig,
+    target: SpeedTarget,
+    plan_widths: Callable[[ShrinkConfig], dict[str, Any]],
+    num_blocks: int,
+) -> list[Candidate]:
+    """The scan over the grid, then the turns (see the module docstring); sets every timing field of the
+    candidates."""
+    dense, dense_parameters = timings.single({})
+    on = 0 if target.on == "decode" else 1  # index of the target's speed in a timing
+    candidates: list[Candidate] = []
+    speeds: list[Speeds] = []
+    shapes: list[dict[str, Any]] = []  # the config updates each candidate was timed with
+    rows: list[tuple[float, float, _Row]] = []
+    for heads in target.heads:
+        for mlp in target.mlp:
+            try:
+                widths = plan_widths(replace(config, mlp=mlp, heads=heads)) if mlp or heads else {}
+            except ValueError:
+                continue  # a shape the config cannot hold is no candidate
+            rows.append((heads, mlp, _Row(widths, [f for f in target.layers if f or mlp or heads])))
+
+    def scan(heads: float, mlp: float, row: _Row) -> None:
+        """Times the row's next depths until one reads as reaching the target (the deeper ones would too)."""
+        while row.depths:
+            layers = row.depths.pop(0)
+            try:
+                depth = _depth_updates(pretrained_config, layers, num_blocks)
+            except ValueError:
+                continue
+            if {**row.widths, **depth} in shapes:
+                continue  # fractions that round to a shape already timed (``multiple_of``)
+            speed, parameters = timings.single({**row.widths, **depth})
+            kept = _kept(row.widths, depth)
+            candidates.append(Candidate(layers, mlp, heads, parameters, 0.0, 0.0, config=kept))
+            speeds.append(speed)
+            shapes.append({**row.widths, **depth})
+            row.last = len(candidates) - 1
+            if speed[on] / dense[on] >= target.speedup:
+                return
+
+    for heads, mlp, row in rows:
+        scan(heads, mlp, row)
+    # Shapes are timed again, in turns with the dense model, where either their first run or the cost model fitted to
+    # every run says they meet the target or miss it by less than the noise. The lightest such shapes go first; a
+    # heavier one is timed again only where no lighter one timed again met it (with the margin the noise asks). Where
+    # the shape a row's scan stopped at fails in turns, the row's scan goes on to its next depth.
+    turns: list[list[Speeds]] = []  # per shape, its (decode, prefill) ratios in turns
+    while True:
+        turns += [[] for _ in range(len(candidates) - len(turns))]
+        blocks = [num_blocks - _removed_blocks(c.layers, num_blocks) for c in candidates]
+        fitted = _fitted_speedups(blocks, candidates, speeds, num_blocks, (*dense, dense_parameters), on)
+        worth = [
+            i
+            for i, speed in enumerate(speeds)
+            if max(speed[on] / dense[on], fitted[i] if fitted is not None else 0.0) >= target.speedup * NEAR_MISS
+        ]
+        spread = _spread([[t[on] for t in ratios] for ratios in turns])
+        met = [i for i, ratios in enumerate(turns) if ratios and _clears([t[on] for t in ratios], spread, target)]
+        pending = [i for i in worth if not turns[i] and not any(candidates[j].at_most(candidates[i]) for j in met)]
+        first_in_line = [
+            i for i in pending if not any(j != i and candidates[j].at_most(candidates[i]) for j in pending)
+        ]
+        if first_in_line:
+            for index in first_in_line:
+                for _ in range(target.rounds):
+                    turns[index].append(timings.paired(shapes[index]))
+                candidates[index].runs += target.rounds
+            continue
+        stalled = [
+            (heads, mlp, row)
+            for heads, mlp, row in rows
+            if row.depths
+            and row.last is not None
+            and turns[row.last]
+            and row.last not in met
+            and not any(candidates[j].at_most(candidates[row.last]) for j in met)
+        ]
+        if not stalled:
+            break
+        for heads, mlp, row in stalled:
+            scan(heads, mlp, row)
+    for index, candidate in enumerate(candidates):
+        candidate.fitted_speedup = fitted[index] if fitted is not None else None
+        speed, ratios = speeds[index], turns[index]
+        if not ratios:
+            candidate.decode_speedup, candidate.prefill_speedup = speed[0] / dense[0], speed[1] / dense[1]
+            candidate.meets = _speedup_of(candidate, target) >= target.speedup
+            continue
+        candidate.decode_speedup = statistics.median(t[0] for t in ratios)
+        candidate.prefill_speedup = statistics.median(t[1] for t in ratios)
+        candidate.paired_speedups = [t[on] for t in ratios]
+        candidate.meets = _clears(candidate.paired_speedups, spread, target)
+        if spread is not None and spread > 0:
+            error = spread / math.sqrt(len(ratios))
+            distance = math.log(_speedup_of(candidate, target) / target.speedup) / error
+            candidate.confidence = 0.5 * (1.0 + math.erf(distance / math.sqrt(2.0)))
+        elif spread is not None:
+            candidate.confidence = 1.0 if candidate.meets else 0.0
+    return candidates
+
+
+def _spread(ratios: list[list[float]]) -> float | None:
+    """The standard deviation of one paired ratio on the log scale, pooled over every shape timed in more than one
+    turn (each about its own mean), or ``None`` where none was."""
+    squares, freedom = 0.0, 0
+    for readings in ratios:
+        if len(readings) > 1:
+            logs = [math.log(r) for r in readings]
+            mean = sum(logs) / len(logs)
+            squares += sum((x - mean) ** 2 for x in logs)
+            freedom += len(logs) - 1
+    return math.sqrt(squares / freedom) if freedom else None
+
+
+def _clears(ratios: list[float], spread: float | None, target: SpeedTarget) -> bool:
+    """Whether the median of a shape's paired ratios reaches the target with ``target.margin`` standard errors to
+    spare (the median alone where the spread is unknown)."""
+    error = spread / math.sqrt(len(ratios)) if spread is not None else 0.0
+    return statistics.median(ratios) >= target.speedup * math.exp(target.margin * error)
+
+
+def _load() -> float | None:
+    """The one-minute load average, where the system reports one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _where(target: SpeedTarget, device: Any) -> str:
+    return f"in llama.cpp ({target.dtype}, CPU)" if target.runtime == "llama.cpp" else f"on {device}"
+
+
+def speed_target_record(target: SpeedTarget, candidates: list[Candidate], device: Any) -> dict[str, Any]:
+    """What the report keeps of a speed target: ``speedup``, ``on``, ``device`` (where the candidates ran),
+    ``runtime``, ``dtype`` (the GGUF type in llama.cpp, else ``None``), ``threads`` (llama.cpp's; ``None``: one per
+    core), ``rounds``, ``margin`` and ``spread`` (the measured standard deviation of one paired ratio on the log
+    scale, or ``None``).
+
+    Example::
+
+        >>> speed_target_record(SpeedTarget(1.5), [], "cpu")["device"]
+        'cpu'
+    """
+    spread = _spread([c.paired_speedups for c in candidates])
+    threads = f"{target.threads} thread{'s' if target.threads != 1 else ''}" if target.threads else "a thread per core"
+    where = f"llama.cpp {target.dtype} (CPU, {threads})" if target.runtime == "llama.cpp" else str(device)
+    return {
+        "speedup": target.speedup,
+        "on": target.on,
+        "device": where,
+        "runtime": target.runtime,
+        "dtype": target.dtype,
+        "threads": target.threads,
+        "rounds": target.rounds,
+        "margin": target.margin,
+        "spread": spread,
+    }
+
+
 def _fitted_speedups(
     blocks: list[int],
     candidates: list[Candidate],
@@ -320,6 +578,11 @@ def _fitted_speedups(
     )
     dense_cost = cost(num_blocks, dense[2])
     return [dense_cost / max(cost(b, c.parameters), 1e-12) for b, c in zip(blocks, candidates, strict=True)]
+
+
+def _kept(widths: dict[str, Any], depth: dict[str, Any]) -> dict[str, Any]:
+    """The shape's config entries that count (``layer_types`` and ``head_dim`` follow from them)."""
+    return {k: v for k, v in {**widths, **depth}.items() if k not in ("layer_types", "head_dim")}
 
 
 def _removed_blocks(fraction: float, num_blocks: int) -> int:
