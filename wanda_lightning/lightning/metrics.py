@@ -14,14 +14,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ..core import (
-    perplexity,
-    perplexity_compute,
-    perplexity_update,
-    sparsity,
-    sparsity_compute,
-    sparsity_update,
-)
+from ..core import measures
+
+perplexity = measures.perplexity
+sparsity = measures.sparsity
 
 __all__ = ["Perplexity", "Sparsity", "measure_sparsity", "perplexity", "sparsity"]
 
@@ -59,13 +55,13 @@ class Sparsity(Metric):
 
     def update(self, value: Tensor | nn.Module) -> None:
         """Adds the zeros and elements of ``value`` (a tensor, or a module's linear weights)."""
-        zeros, total = sparsity_update(value)
+        zeros, total = measures.sparsity_update(value)
         self.zeros += zeros.to(self.zeros.device)
         self.total += total.to(self.total.device)
 
     def compute(self) -> Tensor:
         """The fraction of zeros among everything counted (float64 scalar)."""
-        return sparsity_compute(self.zeros, self.total)
+        return measures.sparsity_compute(self.zeros, self.total)
 
 
 class Perplexity(Metric):
@@ -118,13 +114,13 @@ class Perplexity(Metric):
 
     def update(self, logits: Tensor, target: Tensor, attention_mask: Tensor | None = None) -> None:
         """Adds the next-token NLL of one batch (see the class docstring for shapes and the shift)."""
-        total, count = perplexity_update(logits.detach(), target, attention_mask, self.ignore_index)
+        total, count = measures.perplexity_update(logits.detach(), target, attention_mask, self.ignore_index)
         self.total_nll += total.to(self.total_nll.device)
         self.count += count.to(self.count.device)
 
     def compute(self) -> Tensor:
         """``exp(total NLL / tokens)`` as a float64 scalar (``nan`` before any token)."""
-        return perplexity_compute(self.total_nll, self.count)
+        return measures.perplexity_compute(self.total_nll, self.count)
 
 
 def measure_sparsity(weights: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:

@@ -249,11 +249,9 @@ def plan_shrink(model: nn.Module, config: ShrinkConfig, options: CalibrationOpti
     Example::
 
         >>> from torch import nn
-        >>> class MLP(nn.Module):
-        ...     def __init__(self) -> None:
-        ...         super().__init__()
-        ...         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
-        >>> plan = plan_shrink(MLP(), ShrinkConfig.create(mlp=0.5, multiple_of=1))
+        >>> layers = {"gate_proj": nn.Linear(4, 8), "up_proj": nn.Linear(4, 8), "down_proj": nn.Linear(8, 4)}
+        >>> block = nn.ModuleDict(layers)
+        >>> plan = plan_shrink(block, ShrinkConfig.create(mlp=0.5, multiple_of=1))
         >>> plan.keep, plan.depth is None
         ({'down_proj': 4}, True)
     """
