@@ -109,6 +109,7 @@ def test_shrink_config_to_dict_and_batches_as_given():
         "speed_on": None,
         "method": "flap",
         "widths": "uniform",
+        "multiple_of": None,
         **CalibrationOptions(num_samples=8, device="cpu").to_dict(),
     }
     assert config.with_batches_as_given().options == CalibrationOptions(num_samples=None, device="cpu")
