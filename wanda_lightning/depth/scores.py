@@ -16,7 +16,7 @@ Example::
     >>> scorer.observe(0, [x], [x], [None])        # block 0 leaves its input as it is
     >>> scorer.observe(1, [x], [-x], [None])       # block 1 flips it
     >>> scorer.observe(2, [-x], [x + 1], [None])
-    >>> [round(score, 4) for score in scorer.scores()[:2].tolist()]
+    >>> [round(score, 4) + 0.0 for score in scorer.scores()[:2].tolist()]  # + 0.0: no -0.0 from rounding
     [0.0, 2.0]
     >>> choose_blocks(scorer.scores(), 1, "influence")
     [0]
