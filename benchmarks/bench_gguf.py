@@ -45,6 +45,7 @@ from wanda_lightning.data.evaluation import perplexity
 from wanda_lightning.data.smollm2 import GGUF_FILE, load_smollm2, smollm2_path
 from wanda_lightning.gguf import save_gguf
 from wanda_lightning.llamacpp import default_threads, gguf_perplexity, import_llama_cpp, time_in_turns
+from wanda_lightning.width.report import describe_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,9 +91,14 @@ def build_models(args: argparse.Namespace, model: torch.nn.Module, batches: list
                 print(f"skipping {name}: SpeedTarget has no `runtime` here (the llama.cpp speed target is missing)")
                 continue
             report = shrink(small, batches, speedup=target, **shrink_options)
-            chosen = next(c for c in report.candidates if c.chosen)
-            note = f"speedup={args.speedup:g} in llama.cpp q8_0: {chosen.shape}, {chosen.decode_speedup:.2f}x searched"
-            built[name] = {"model": small, "note": note, "candidates": [c.to_dict() for c in report.candidates]}
+            candidates = [dict(c) for c in report.candidates]
+            chosen = next(c for c in candidates if c.get("chosen"))
+            shape = describe_shape(chosen)
+            note = f"speedup={args.speedup:g} in llama.cpp q8_0: {shape}, {chosen['decode_speedup']:.2f}x searched"
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.out_dir) / "speed15_candidates.json").write_text(json.dumps(candidates, indent=2))
+            print(report.candidates_table(), flush=True)
+            built[name] = {"model": small, "note": note, "candidates": candidates}
             print(f"{name}: {note} ({time.perf_counter() - start:.0f} s)", flush=True)
             continue
         built[name] = {"model": small, "note": note}
