@@ -19,6 +19,7 @@ eager fp32 (``generate`` with the KV cache, batch 1, 128 new tokens; prefill 4 x
 
     python benchmarks/bench_gguf.py [--models dense masked layers20 mlp50 speed15] [--types f32 f16 q8_0 q4_0]
         [--windows 32] [--repeats 5] [--json benchmarks/results/gguf.json] [--plot benchmarks/results/gguf.png]
+    python benchmarks/bench_gguf.py --speed15-from benchmarks/results/speed_target_llamacpp.json  # no new search
     python benchmarks/bench_gguf.py --retime    # time the files of the last run again, at a quieter moment
 
 On a machine busier than its cores, llama.cpp's threads wait for each other at every operation and run far slower
@@ -85,6 +86,16 @@ def build_models(args: argparse.Namespace, model: torch.nn.Module, batches: list
         elif name == "mlp50":
             shrink(small, batches, mlp=0.5, **shrink_options)
             note = "mlp=0.5"
+        elif args.speed15_from:
+            # The choice a bench_speed_target run made (and timed again on its own), applied with the same method and
+            # update instead of searching again.
+            chosen = json.loads(Path(args.speed15_from).read_text())["chosen"]
+            fractions = {key: chosen[key] for key in ("layers", "mlp", "heads")}
+            shrink(small, batches, **fractions, **shrink_options)
+            note = (
+                f"speedup={args.speedup:g} in llama.cpp q8_0: {describe_shape(chosen)}, "
+                f"{chosen['decode_speedup']:.2f}x searched ({args.speed15_from})"
+            )
         else:
             target = speed_target(args.speedup, args.threads)
             if target is None:
@@ -192,6 +203,11 @@ def main() -> None:
     parser.add_argument("--method", default="flap", help="width method for the shrunk models (default flap)")
     parser.add_argument("--update", default="least-squares", help="update after shrinking (default least-squares)")
     parser.add_argument("--speedup", type=float, default=1.5, help="the speed15 model's target (default 1.5)")
+    parser.add_argument(
+        "--speed15-from",
+        default=None,
+        help="a bench_speed_target.py JSON: speed15 is its choice (same method and update) instead of a new search",
+    )
     parser.add_argument("--out-dir", default="/tmp/wanda_gguf_bench", help="where the GGUF files are written")
     parser.add_argument("--json", default="benchmarks/results/gguf.json", help="results JSON ('' to skip)")
     parser.add_argument("--plot", default="benchmarks/results/gguf.png", help="perplexity against decode PNG")

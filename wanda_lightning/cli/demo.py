@@ -78,6 +78,8 @@ class DemoResult:
         gguf: The q8_0 GGUF files by model (the shrunk one written by the callback), for llama.cpp and Ollama.
         llama_cpp: Decode and prefill tokens per second in llama.cpp by model (q8_0, timed in turns), or empty when
             ``llama-cpp-python`` is not installed.
+        llama_cpp_perplexity: Held-out perplexity of each q8_0 GGUF computed in llama.cpp from its own logits (the
+            same windows as ``perplexity``; ``"shrunk"`` is the recovered model), or empty without the runtime.
         timing_runs: How many runs each speed is the best of.
     """
 
@@ -94,6 +96,7 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     gguf: dict[str, Path] = field(default_factory=dict)
     llama_cpp: dict[str, tuple[float, float]] = field(default_factory=dict)
+    llama_cpp_perplexity: dict[str, float] = field(default_factory=dict)
     timing_runs: int = 1
 
 
@@ -203,7 +206,7 @@ def run_demo(
     from ..data.smollm2 import GGUF_FILE, load_smollm2, smollm2_path
     from ..gguf import GGUFExport, save_gguf
     from ..lightning import CausalLMModule, Distillation, WandaPruningCallback, WandaShrinkCallback
-    from ..llamacpp import is_available, time_in_turns
+    from ..llamacpp import gguf_perplexity, is_available, time_in_turns
 
     for value, name in (
         (steps, "steps"),
@@ -342,9 +345,11 @@ def run_demo(
     for name in ("dense", "masked"):
         save_gguf(models[name], ggufs[name], dtype="q8_0", tokenizer=source_gguf, overwrite=True, modelfile=False)
     llama_cpp: dict[str, tuple[float, float]] = {}
+    llama_cpp_ppl: dict[str, float] = {}
     if is_available():
         timed = time_in_turns({name: str(path) for name, path in ggufs.items()}, repeats=timing_runs)
         llama_cpp = {n: (r.decode_tokens_per_second, r.prefill_tokens_per_second) for n, r in timed.items()}
+        llama_cpp_ppl = {name: gguf_perplexity(path, validation) for name, path in ggufs.items()}
     seconds["evaluate and time"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - start
     summary = pruning.export_summary
@@ -366,6 +371,7 @@ def run_demo(
         seconds=seconds,
         gguf=ggufs,
         llama_cpp=llama_cpp,
+        llama_cpp_perplexity=llama_cpp_ppl,
         timing_runs=timing_runs,
     )
 
@@ -383,6 +389,16 @@ def format_result(result: DemoResult) -> str:
             f"{masked:.2f} ({masked / dense:.2f}x dense)",
             f"{recovered:.2f} ({recovered / dense:.2f}x dense; {shrunk / dense:.2f}x before recovery)",
         ),
+        *[
+            (
+                "perplexity in llama.cpp q8_0",
+                *(
+                    f"{in_llama_cpp[name]:.2f} ({in_llama_cpp[name] / in_torch - 1:+.1%} vs PyTorch fp32)"
+                    for name, in_torch in (("dense", dense), ("masked", masked), ("shrunk", recovered))
+                ),
+            )
+            for in_llama_cpp in ([result.llama_cpp_perplexity] if result.llama_cpp_perplexity else [])
+        ],
         ("parameters", *(f"{result.parameters[k] / 1e6:.1f}M" for k in ("dense", "masked", "shrunk"))),
         (
             "on disk",
