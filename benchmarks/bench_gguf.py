@@ -89,11 +89,12 @@ def build_models(args: argparse.Namespace, model: torch.nn.Module, batches: list
         elif args.speed15_from:
             # The choice a bench_speed_target run made (and timed again on its own), applied with the same method and
             # update instead of searching again.
-            chosen = json.loads(Path(args.speed15_from).read_text())["chosen"]
+            searched = json.loads(Path(args.speed15_from).read_text())
+            chosen, target = searched["chosen"], searched["target"]
             fractions = {key: chosen[key] for key in ("layers", "mlp", "heads")}
             shrink(small, batches, **fractions, **shrink_options)
             note = (
-                f"speedup={args.speedup:g} in llama.cpp q8_0: {describe_shape(chosen)}, "
+                f"speedup={target['speedup']:g} in llama.cpp {target['dtype']}: {describe_shape(chosen)}, "
                 f"{chosen['decode_speedup']:.2f}x searched ({args.speed15_from})"
             )
         else:
