@@ -363,35 +363,20 @@ def plot(rows: list[dict[str, Any]], eager: dict[str, dict[str, Any]], path: str
     for row in rows:
         if "decode_tokens_per_second" in row:
             groups.setdefault(row["dtype"], []).append(row)
+
+    def points(members: list[dict[str, Any]], perplexity: str, **style: Any) -> None:
+        """One named marker per model at (decode tokens/s, ``perplexity``)."""
+        xs = [m["decode_tokens_per_second"] for m in members]
+        ys = [m[perplexity] for m in members]
+        axes.scatter(xs, ys, **style)
+        for m, x, y in zip(members, xs, ys, strict=True):
+            axes.annotate(m["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
     for dtype, members in groups.items():
-        xs = [r["decode_tokens_per_second"] for r in members]
-        ys = [r["perplexity"] for r in members]
-        axes.scatter(xs, ys, label=f"llama.cpp {dtype}")
-        for r in members:
-            axes.annotate(
-                r["name"],
-                (r["decode_tokens_per_second"], r["perplexity"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        points(members, "perplexity", label=f"llama.cpp {dtype}")
     timed = [e for e in eager.values() if "decode_tokens_per_second" in e]
     if timed:
-        axes.scatter(
-            [e["decode_tokens_per_second"] for e in timed],
-            [e["torch_perplexity"] for e in timed],
-            marker="x",
-            color="black",
-            label="PyTorch eager fp32",
-        )
-        for e in timed:
-            axes.annotate(
-                e["name"],
-                (e["decode_tokens_per_second"], e["torch_perplexity"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        points(timed, "torch_perplexity", marker="x", color="black", label="PyTorch eager fp32")
     axes.set_xscale("log")
     axes.set_yscale("log")
     for axis in (axes.xaxis, axes.yaxis):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.cli import PRUNE_FAST, char_tokenizer, run_cli
+from helpers.models import tiny_llama
 
 from wanda_lightning.cli import main
 
@@ -40,18 +41,7 @@ def byte_level_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def bpe_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (vocab 300) with a byte-level BPE tokenizer, saved as a transformers folder."""
     folder = tmp_path_factory.mktemp("tiny") / "llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        eos_token_id=0,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(vocab_size=VOCAB, tie_word_embeddings=True, eos_token_id=0).save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     return folder
 
@@ -170,8 +160,6 @@ def test_prune_and_shrink_check_the_gguf_target_before_the_slow_part(bpe_dir, tm
 
 def test_adapters_are_merged_into_a_copy_before_writing(tmp_path):
     peft = pytest.importorskip("peft")
-    from helpers.models import tiny_llama
-
     from wanda_lightning.cli.gguf import write_gguf
 
     base = tiny_llama()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.models import tiny_llama
 
 from wanda_lightning import save_plain_pretrained, shrink
 from wanda_lightning.gguf import save_gguf
@@ -35,19 +36,7 @@ def converter() -> Path:
 
 
 def tiny_llama_with_smollm2_vocabulary(flap: bool) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     if flap:  # every shrink shape at once, with FLAP's biases on all seven projections
         batches = [{"input_ids": torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))}]
         shrink(model, batches, mlp=0.5, heads=0.5, layers=0.5, method="flap")
